@@ -1,0 +1,166 @@
+"""Per-layer attention controls: how a guidance branch perturbs a denoiser's attention.
+
+One control carries, for every attention layer of a model (leading axis = layer), the
+perturbations the guiders of DESIGN.md need, all as traced data:
+
+- ``energy`` and ``steps``: I-ERG (Energy per layer; ``steps`` energy updates, 1 = one);
+- ``identity``: PAG (Ahn et al. 2024), the attention output replaced by the values;
+- ``blur``: SEG (Hong 2024), queries blurred by a Gaussian of this sigma over the token
+  grid (0 = off, inf = the mean of all queries);
+- ``skip``: SLG, the whole block skipped (its output is its input).
+
+A field set to None is compiled out, so a guider pays only for what it uses (CFG's
+controls are all None: plain attention). Layers that a guider leaves alone hold the
+neutral value (Energy(), steps 1, identity 0, blur 0, skip 0), which reproduces the
+plain layer exactly; choosing layers is a select on data, not a recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from erg_jax.energy import Energy, energy_attention
+
+Array = jax.Array
+
+
+@struct.dataclass
+class AttentionControl:
+    """Attention perturbations for every layer of a model (or, indexed, for one layer).
+
+    Attributes (each (layers,) for a whole model, scalar after ``layer(i)``; None when
+    the perturbation is compiled out):
+      energy: Energy with per-layer tau, alpha, gamma.
+      steps: int32 number of energy updates of each layer, 1 <= steps <= max_steps.
+      identity: 1.0 where the attention is replaced by identity attention (PAG).
+      blur: Gaussian sigma (in tokens) of the query blur (SEG); 0 off, inf the mean.
+      skip: 1.0 where the block is skipped (SLG).
+      max_steps: static bound of ``steps``; the energy loop runs this many times.
+    """
+
+    energy: Energy | None = None
+    steps: Any = None
+    identity: Any = None
+    blur: Any = None
+    skip: Any = None
+    max_steps: int = struct.field(pytree_node=False, default=1)
+
+    @classmethod
+    def neutral(
+        cls,
+        num_layers: int,
+        *,
+        energy: bool = False,
+        identity: bool = False,
+        blur: bool = False,
+        skip: bool = False,
+        max_steps: int = 1,
+    ) -> AttentionControl:
+        """A control with the chosen perturbations compiled in and switched off."""
+        ones = jnp.ones((num_layers,), jnp.float32)
+        zeros = jnp.zeros((num_layers,), jnp.float32)
+        return cls(
+            energy=Energy(ones, ones, ones) if energy else None,
+            steps=jnp.ones((num_layers,), jnp.int32) if energy and max_steps > 1 else None,
+            identity=zeros if identity else None,
+            blur=zeros if blur else None,
+            skip=zeros if skip else None,
+            max_steps=max_steps,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        leaves = jax.tree_util.tree_leaves(self)
+        return int(leaves[0].shape[0]) if leaves else 0
+
+    def layer(self, i: int | Array) -> AttentionControl:
+        """The control of layer i (fields become scalars)."""
+        return jax.tree_util.tree_map(lambda a: a[i], self)
+
+
+def blur_queries(q: Array, grid: tuple[int, int], sigma: Array) -> Array:
+    """Gaussian blur of queries over their (height, width) token grid (SEG).
+
+    The kernel is applied as two dense (H, H) and (W, W) matrices whose rows are
+    normalised over the grid (no padding), so sigma is traced data: sigma -> inf gives
+    every query the mean of all queries, exactly; sigma <= 0 returns q unchanged.
+
+    Args:
+      q: (b, H*W, h, d) queries in row-major grid order.
+      grid: (H, W).
+      sigma: scalar blur width in tokens.
+    """
+    hgt, wid = grid
+    b, n, h, d = q.shape
+    if n != hgt * wid:
+        raise ValueError(f"blur grid {grid} does not cover the {n} query tokens")
+    sigma = jnp.asarray(sigma, jnp.float32)
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+
+    def kernel(size):
+        i = jnp.arange(size, dtype=jnp.float32)
+        w = jnp.exp(-jnp.square(i[:, None] - i[None, :]) / (2.0 * jnp.square(safe)))
+        return w / jnp.sum(w, axis=-1, keepdims=True)
+
+    x = q.reshape(b, hgt, wid, h, d).astype(jnp.float32)
+    x = jnp.einsum("ij,bjwhd->biwhd", kernel(hgt), x)
+    x = jnp.einsum("ij,bhjcd->bhicd", kernel(wid), x)
+    return jnp.where(sigma > 0, x.reshape(q.shape).astype(q.dtype), q)
+
+
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    control: AttentionControl | None = None,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Attention of one layer under its control (energy updates, identity attention).
+
+    SEG's query blur is applied by the model before this call (``blur_queries``), since
+    only the model knows which tokens lie on the image grid.
+
+    Args:
+      q, k, v: (b, n, h, d), (b, m, hk, d), (b, m, hk, d).
+      control: this layer's control (``AttentionControl.layer(i)``) or None (plain).
+
+    Returns:
+      (b, n, h, d) attention output.
+    """
+    kw = dict(bias=bias, mask=mask, scale=scale, implementation=implementation)
+    if control is None or control.energy is None:
+        out = energy_attention(q, k, v, **kw)
+    else:
+        out = energy_attention(q, k, v, control.energy, **kw)
+        for i in range(1, control.max_steps):
+            nxt = energy_attention(out, k, v, control.energy, **kw)
+            out = jnp.where(i < control.steps, nxt, out)
+    if control is not None and control.identity is not None:
+        groups = q.shape[2] // v.shape[2]
+        ident = jnp.repeat(v, groups, axis=2) if groups > 1 else v
+        if ident.shape[1] != q.shape[1]:
+            raise ValueError("identity attention (PAG) needs self-attention: kv length must equal q length")
+        out = jnp.where(control.identity > 0, ident.astype(out.dtype), out)
+    return out
+
+
+def skip_block(x_in: Array, x_out: Array, control: AttentionControl | None) -> Array:
+    """A block's output, or its input where the control skips the layer (SLG)."""
+    if control is None or control.skip is None:
+        return x_out
+    return jnp.where(control.skip > 0, x_in, x_out)
+
+
+def maybe_blur(q: Array, grid: tuple[int, int], control: AttentionControl | None) -> Array:
+    """Applies SEG's query blur where the control asks for one."""
+    if control is None or control.blur is None:
+        return q
+    return blur_queries(q, grid, control.blur)

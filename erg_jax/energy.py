@@ -1,0 +1,285 @@
+"""Energy attention: attention as a modern-Hopfield update with temperature.
+
+Follows DESIGN.md ("The method, exactly") and ERG (Berrada Ifriqi et al., 2025, eq. 4-6).
+For queries Q, keys K, values V, scale beta and additive bias B::
+
+    logits(Q) = tau * (beta * Q K^T + B)           (masked entries excluded)
+    Q_{i+1}   = (1 - gamma) * Q_i + gamma * alpha * softmax(logits(Q_i)) V
+
+which is ``Q_i - gamma * (Q_i - alpha * softmax(.) V)`` written so that Energy() with one
+step returns the attention output bit for bit. With V = K one step is a gradient step on
+
+    E(xi) = -(alpha / (tau * beta)) * logsumexp_j(tau * (beta * xi.k_j + B_j)) + |xi|^2 / 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+Implementation = Literal["einsum", "fused", "cudnn"]
+IMPLEMENTATIONS = ("einsum", "fused", "cudnn")
+
+
+@struct.dataclass
+class Energy:
+    """Hopfield energy settings of one attention (or a stack of them).
+
+    Fields are floats or arrays broadcastable to the query's (b, n, h) (for example one
+    value per head, shape (h,)), or carry leading axes that a vmap or scan strips (one
+    value per layer or per guidance branch). ``Energy()`` is standard attention.
+
+    Attributes:
+      tau: logit temperature; < 1 flattens the attention, > 1 sharpens it.
+      alpha: scale of the retrieved pattern.
+      gamma: step size of the update.
+    """
+
+    tau: Any = 1.0
+    alpha: Any = 1.0
+    gamma: Any = 1.0
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """The value of x as numpy when it is known before tracing, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_positive(value: Any, name: str) -> None:
+    """Raises ValueError when a concrete value is not a finite number > 0."""
+    v = _concrete(value)
+    if v is not None and not (np.all(v > 0) and np.all(np.isfinite(v))):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_energy(energy: Energy, name: str = "energy") -> None:
+    """Validates the concrete fields of an Energy (tracers are left alone)."""
+    if not isinstance(energy, Energy):
+        raise ValueError(f"{name} must be an erg_jax.Energy, got {type(energy).__name__}")
+    check_positive(energy.tau, f"{name}.tau")
+    check_positive(energy.gamma, f"{name}.gamma")
+    alpha = _concrete(energy.alpha)
+    if alpha is not None and not np.all(np.isfinite(alpha)):
+        raise ValueError(f"{name}.alpha must be finite, got {energy.alpha!r}")
+
+
+def default_implementation() -> Implementation:
+    """The faster attention path for the default backend.
+
+    On GPU, jax.nn.dot_product_attention dispatches to cuDNN flash attention and never
+    holds the attention matrix; on CPU and TPU the plain einsum path is as fast or faster
+    (see ``python -m launch.benchmark --only=attention``).
+    """
+    return "fused" if jax.default_backend() == "gpu" else "einsum"
+
+
+def _check_qkv(q: Array, k: Array, v: Array | None) -> None:
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(
+            "q and k must be (batch, length, heads, head_dim), got shapes "
+            f"q={tuple(q.shape)} k={tuple(k.shape)}"
+        )
+    b, _, h, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not fit q shape {tuple(q.shape)}: batch and "
+            "head_dim must match"
+        )
+    if k.shape[2] < 1 or h % k.shape[2]:
+        raise ValueError(
+            f"q heads ({h}) must be a multiple of k heads ({k.shape[2]}) (grouped-query)"
+        )
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise ValueError(
+            f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)} (the energy "
+            "update maps values back into query space)"
+        )
+
+
+def _per_query(x: Any, q: Array) -> Array:
+    """An Energy field broadcast to (b, n, h) in float32."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.broadcast_to(x, q.shape[:3])
+
+
+def _bhn(x: Array) -> Array:
+    """(b, n, h) -> (b, h, n, 1), the logit layout of one query row."""
+    return jnp.transpose(x, (0, 2, 1))[..., None]
+
+
+def _logits(q, k, tau, bias, mask, scale):
+    """Tempered, masked logits in float32, shape (b, h, n, m)."""
+    b, n, h, d = q.shape
+    hk = k.shape[2]
+    qs = q * (tau * scale)[..., None].astype(q.dtype)
+    qg = qs.reshape(b, n, hk, h // hk, d)
+    s = jnp.einsum("bnkgd,bmkd->bkgnm", qg, k, preferred_element_type=jnp.float32)
+    s = s.reshape(b, h, n, k.shape[1])
+    if bias is not None:
+        s = s + _bhn(tau) * bias.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    return s
+
+
+def _attend_einsum(q, k, v, tau, bias, mask, scale):
+    p = jax.nn.softmax(_logits(q, k, tau, bias, mask, scale), axis=-1)
+    b, n, h, d = q.shape
+    hk = k.shape[2]
+    p = p.reshape(b, hk, h // hk, n, k.shape[1]).astype(v.dtype)
+    out = jnp.einsum("bkgnm,bmkd->bnkgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h, d)
+
+
+def _attend_fused(q, k, v, tau, bias, mask, scale, implementation):
+    # The temperature goes into the query and the bias, so a fused kernel that only
+    # takes a static scale still computes tau * (beta * q.k + B).
+    qs = q * (tau * scale)[..., None].astype(q.dtype)
+    if bias is not None:
+        bias = (_bhn(tau) * bias.astype(jnp.float32)).astype(q.dtype)
+        bias = jnp.broadcast_to(bias, jnp.broadcast_shapes(bias.shape, (1, 1, 1, 1)))
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    impl = "cudnn" if implementation == "cudnn" else None
+    out = jax.nn.dot_product_attention(
+        qs, k, v, bias=bias, mask=mask, scale=1.0, implementation=impl
+    )
+    return out.astype(jnp.float32)
+
+
+def _as4d(x: Array | None, name: str) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"{name} must broadcast to (batch, heads, q_len, kv_len), got {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def energy_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    energy: Energy = Energy(),
+    *,
+    steps: int = 1,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+    implementation: Implementation | None = None,
+) -> Array:
+    """Multi-step Hopfield attention update (DESIGN.md, "The method, exactly").
+
+    Args:
+      q: queries (b, n, h, d).
+      k: keys (b, m, hk, d) with h a multiple of hk (grouped-query attention).
+      v: values (b, m, hk, d).
+      energy: tau, alpha, gamma; floats or arrays broadcastable to (b, n, h). Traced.
+      steps: number of updates K (static); 1 with Energy() is standard attention.
+      bias: additive logit bias broadcastable to (b, h, n, m); it is tempered too.
+      mask: boolean, broadcastable to (b, h, n, m); True attends. Masked entries stay
+        masked at any temperature.
+      scale: beta; defaults to 1 / sqrt(d). T5 passes 1.
+      implementation: "einsum" (plain XLA), "fused" (jax.nn.dot_product_attention) or
+        "cudnn" (its cuDNN flash kernel); None picks the faster for the backend.
+
+    Returns:
+      The updated queries Q_steps, shaped and typed like q.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_energy(energy)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    bias, mask = _as4d(bias, "bias"), _as4d(mask, "mask")
+    if mask is not None:
+        mask = mask.astype(bool)
+
+    tau = _per_query(energy.tau, q)
+    alpha = _per_query(energy.alpha, q)[..., None]
+    gamma = _per_query(energy.gamma, q)[..., None]
+    x = q
+    for _ in range(steps):
+        if implementation == "einsum":
+            retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale)
+        else:
+            retrieved = _attend_fused(x, k, v, tau, bias, mask, scale, implementation)
+        x = ((1.0 - gamma) * x + gamma * alpha * retrieved).astype(q.dtype)
+    return x
+
+
+def attention_weights(
+    q: Array,
+    k: Array,
+    energy: Energy = Energy(),
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Softmax attention weights (b, h, n, m) at the energy's temperature, in float32."""
+    _check_qkv(q, k, None)
+    check_energy(energy)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    logits = _logits(q, k, _per_query(energy.tau, q), _as4d(bias, "bias"),
+                     _as4d(mask, "mask"), scale)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def hopfield_energy(
+    q: Array,
+    k: Array,
+    energy: Energy = Energy(),
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """The energy E(xi) of every query (DESIGN.md), shape (b, n, h), float32.
+
+    Its gradient in q is ``q - alpha * softmax(logits) K`` (keys repeated over query
+    groups), so with v = k one ``energy_attention`` step is ``q - gamma * grad E``.
+    """
+    _check_qkv(q, k, None)
+    check_energy(energy)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    tau = _per_query(energy.tau, q)
+    alpha = _per_query(energy.alpha, q)
+    logits = _logits(q, k, tau, _as4d(bias, "bias"), _as4d(mask, "mask"), scale)
+    lse = jnp.transpose(jax.nn.logsumexp(logits, axis=-1), (0, 2, 1))
+    sq = 0.5 * jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1)
+    return -(alpha / (tau * scale)) * lse + sq
+
+
+def attention_entropy(
+    q: Array,
+    k: Array,
+    energy: Energy = Energy(),
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Shannon entropy (nats) of each query's attention distribution, (b, n, h).
+
+    Masked keys carry zero weight. A uniform distribution over m keys gives log(m).
+    """
+    p = attention_weights(q, k, energy, bias=bias, mask=mask, scale=scale)
+    plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+    return jnp.transpose(-jnp.sum(plogp, axis=-1), (0, 2, 1))
