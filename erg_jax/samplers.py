@@ -1,0 +1,261 @@
+"""Samplers: a time grid and a solver under one lax.scan, branches in one vmap per step.
+
+Flow matching (x_t = (1 - t) x0 + t eps): Euler and Heun (Karras et al. 2022, Alg. 1,
+the last step Euler), on the SD3-shifted grid. Diffusion (DDPM-trained): DDIM with eta
+(Song et al. 2021, eq. 12) and DDPM ancestral sampling (Ho et al. 2020) with the fixed
+posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15).
+
+One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
+to an x0 estimate -> ``guider.combine`` -> the solver's update. Randomness comes only
+from the per-sample keys (DDPM noise: fold_in(key_i, step)), so a sample does not depend
+on the batch it is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from erg_jax import predictions as P
+from erg_jax.guidance import Guider
+
+Array = jax.Array
+Denoiser = Callable[..., Array]
+FLOW_SOLVERS = ("euler", "heun")
+DIFFUSION_SOLVERS = ("ddim", "ddpm")
+TIMES = ("unit", "sd3", "sit", "ddpm")
+
+
+@struct.dataclass
+class Sampler:
+    """How to integrate: solver, grid and the model's parameterisation.
+
+    Static (they shape the program): solver, steps, prediction, learned_sigma, time,
+    beta_schedule, num_train_steps. Traced: shift (flow grid), eta (DDIM).
+
+    Attributes:
+      solver: "euler" or "heun" (flow), "ddim" or "ddpm" (diffusion).
+      steps: number of solver steps.
+      prediction: what the model outputs: "velocity" (flow), "eps", "v" or "x0".
+      learned_sigma: the output has 2C channels, the last C DiT's variance interpolation.
+      time: the model's native timestep: "unit" (t), "sd3" (1000 t), "sit" (1 - t, SiT's
+        data-at-1 convention, whose velocity is negated), "ddpm" (the integer step).
+    """
+
+    solver: str = struct.field(pytree_node=False, default="euler")
+    steps: int = struct.field(pytree_node=False, default=28)
+    prediction: str = struct.field(pytree_node=False, default="velocity")
+    learned_sigma: bool = struct.field(pytree_node=False, default=False)
+    time: str = struct.field(pytree_node=False, default="unit")
+    beta_schedule: str = struct.field(pytree_node=False, default="linear")
+    num_train_steps: int = struct.field(pytree_node=False, default=1000)
+    shift: Any = 1.0
+    eta: Any = 0.0
+
+    @property
+    def is_flow(self) -> bool:
+        return self.solver in FLOW_SOLVERS
+
+    @property
+    def nfe_per_step(self) -> int:
+        return 2 if self.solver == "heun" else 1
+
+
+def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
+    """A checked Sampler; every error names the field and its allowed values."""
+    if solver not in FLOW_SOLVERS + DIFFUSION_SOLVERS:
+        raise ValueError(f"solver must be one of {FLOW_SOLVERS + DIFFUSION_SOLVERS}, got {solver!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    flow = solver in FLOW_SOLVERS
+    s = Sampler(solver, steps, **{"prediction": "velocity" if flow else "eps",
+                                  "time": "unit" if flow else "ddpm", **kw})
+    if s.prediction not in P.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {P.PREDICTIONS}, got {s.prediction!r}")
+    if s.time not in TIMES:
+        raise ValueError(f"time must be one of {TIMES}, got {s.time!r}")
+    if flow and (s.time == "ddpm" or s.prediction in ("eps", "v")):
+        raise ValueError(f"solver {solver!r} is a flow solver: prediction must be 'velocity' "
+                         f"or 'x0' and time one of unit/sd3/sit, got {s.prediction}/{s.time}")
+    if not flow:
+        if s.time != "ddpm" or s.prediction == "velocity":
+            raise ValueError(f"solver {solver!r} is a diffusion solver: time must be 'ddpm' and "
+                             f"prediction eps/v/x0, got {s.prediction}/{s.time}")
+        P.beta_schedule(s.beta_schedule, s.num_train_steps)
+        if steps > s.num_train_steps:
+            raise ValueError(f"steps must be in [1, {s.num_train_steps}], got {steps}")
+    if float(jnp.asarray(s.shift)) <= 0:
+        raise ValueError(f"shift must be > 0, got {s.shift!r}")
+    if not 0.0 <= float(jnp.asarray(s.eta)) <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {s.eta!r}")
+    return s
+
+
+@struct.dataclass
+class _Point:
+    """Where a step evaluates the model. Legend: t noise level in [0, 1] (guiders' clock);
+    a, s the signal and noise coefficients of x_t; native the model's timestep; k the
+    diffusion step's index into the tables (flow: unused)."""
+
+    t: Array
+    a: Array
+    s: Array
+    native: Array
+
+
+def _flow_point(sampler: Sampler, t) -> _Point:
+    native = {"unit": t, "sd3": 1000.0 * t, "sit": 1.0 - t}[sampler.time]
+    return _Point(t, 1.0 - t, t, native)
+
+
+def evaluate(denoisers: Sequence[Denoiser], x, point: _Point, guider: Guider, conds,
+             sampler: Sampler, keys, step, num_layers: int):
+    """x0 estimates of every branch (strong first) and the strong branch's variance
+    channels (DiT's learned sigma; None otherwise)."""
+    b = x.shape[0]
+    native = jnp.broadcast_to(point.native, (b,))
+    branch_conds = guider.conditions(conds, point.t, keys, step)
+    controls = guider.controls(point.t, num_layers)
+    raw = [None] * guider.num_branches
+    for m in sorted(set(guider.models)):
+        idx = [i for i, mi in enumerate(guider.models) if mi == m]
+        den = denoisers[m]
+        if len(idx) == 1:
+            raw[idx[0]] = den(x, native, branch_conds[idx[0]], controls[idx[0]])
+            continue
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        cs = jax.tree_util.tree_map(stack, *[branch_conds[i] for i in idx])
+        ctl = controls[idx[0]]
+        if ctl is not None:
+            ctl = jax.tree_util.tree_map(stack, *[controls[i] for i in idx])
+        out = jax.vmap(lambda c, a: den(x, native, c, a))(cs, ctl)
+        for j, i in enumerate(idx):
+            raw[i] = out[j]
+    c = x.shape[-1]
+    var = raw[0][..., c:] if sampler.learned_sigma else None
+    sign = -1.0 if sampler.time == "sit" else 1.0
+    x0s = [P.to_x0(sign * r[..., :c].astype(jnp.float32), x, point.a, point.s,
+                   sampler.prediction) for r in raw]
+    return x0s, var
+
+
+def _denoisers(denoiser) -> tuple:
+    return tuple(denoiser) if isinstance(denoiser, list | tuple) else (denoiser,)
+
+
+def make_step(denoiser: Denoiser | Sequence[Denoiser], conds: Mapping[str, Any],
+              guider: Guider, sampler: Sampler, keys: Array, num_layers: int):
+    """The solver step ``(carry, i) -> (carry, None)``; carry = (x, guider state)."""
+    dens = _denoisers(denoiser)
+    if max(guider.models) >= len(dens):
+        raise ValueError(f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "
+                         f"(AutoGuidance takes (model, weak_model)), got {len(dens)}")
+
+    def guided(x, point, state, step):
+        x0s, var = evaluate(dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        x0, state = guider.combine(x0s, point.t, state)
+        return x0, var, state
+
+    if sampler.is_flow:
+        grid = P.flow_grid(sampler.steps, sampler.shift)
+
+        def step(carry, i):
+            x, state = carry
+            t, t_next = grid[i], grid[i + 1]
+            x0, _, state = guided(x, _flow_point(sampler, t), state, 2 * i)
+            u = P.velocity_from_x0(x0, x, t)
+            x_euler = x + (t_next - t) * u
+            if sampler.solver == "euler":
+                return (x_euler.astype(x.dtype), state), None
+
+            def heun(state):
+                x0b, _, state = guided(x_euler, _flow_point(sampler, t_next), state, 2 * i + 1)
+                u2 = P.velocity_from_x0(x0b, x_euler, t_next)
+                return x + (t_next - t) * 0.5 * (u + u2), state
+
+            x_new, state = jax.lax.cond(t_next > 0, heun, lambda s: (x_euler, s), state)
+            return (x_new.astype(x.dtype), state), None
+
+        return step
+
+    tables = P.diffusion_tables(sampler.beta_schedule, sampler.steps, sampler.num_train_steps)
+    t_max = sampler.num_train_steps - 1
+
+    def step(carry, i):
+        x, state = carry
+        k, abar, abar_prev = tables["k"][i], tables["abar"][i], tables["abar_prev"][i]
+        a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        point = _Point(k.astype(jnp.float32) / max(t_max, 1), a, s, k)
+        x0, var, state = guided(x, point, state, i)
+        eps = P.eps_from_x0(x0, x, a, s)
+        beta = 1.0 - abar / abar_prev
+        post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
+        noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, i), x.shape[1:]))(
+            keys).astype(jnp.float32)
+        if sampler.solver == "ddim":
+            sigma2 = jnp.square(sampler.eta) * post_var
+            x_new = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0))
+                     * eps + jnp.sqrt(sigma2) * noise)
+        else:
+            mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (
+                jnp.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)) * x
+            if var is not None:
+                # The last step adds no noise, so its zero posterior variance is only floored.
+                log_small = jnp.log(jnp.maximum(post_var, 1e-20))
+                frac = (var.astype(jnp.float32) + 1.0) / 2.0
+                log_var = frac * jnp.log(beta) + (1.0 - frac) * log_small
+                std = jnp.exp(0.5 * log_var)
+            else:
+                std = jnp.sqrt(post_var)
+            x_new = mean + jnp.where(i < sampler.steps - 1, std, 0.0) * noise
+        return (x_new.astype(x.dtype), state), None
+
+    return step
+
+
+def sample(
+    denoiser: Denoiser | Sequence[Denoiser],
+    noise: Array,
+    conds: Mapping[str, Any],
+    guider: Guider,
+    sampler: Sampler,
+    *,
+    keys: Array,
+    num_layers: int,
+) -> Array:
+    """Draws x0 from x_T = noise with guidance, one lax.scan over the steps.
+
+    Args:
+      denoiser: ``(x, t_native, cond, attention) -> raw output`` (NHWC), or a tuple
+        (model, weak_model) for AutoGuidance.
+      noise: (b, H, W, C) the starting noise x_T.
+      conds: condition slots: "cond" (required), "null" (CFG/APG), "tempered" (C-ERG);
+        each a pytree with leading axis b.
+      guider: from erg_jax.guidance.
+      sampler: from ``make_sampler``.
+      keys: (b,) per-sample PRNG keys (DDPM and CADS noise).
+      num_layers: attention layers of the denoiser (length of its AttentionControl).
+
+    Returns:
+      (b, H, W, C) samples x0, dtype of noise.
+    """
+    step = make_step(denoiser, conds, guider, sampler, keys, num_layers)
+    carry = (noise, guider.init_state(noise.astype(jnp.float32)))
+    (x, _), _ = jax.lax.scan(step, carry, jnp.arange(sampler.steps))
+    return x
+
+
+def sample_keys(seed: int, indices: Array) -> Array:
+    """Per-sample keys fold_in(key(seed), i) for the global sample indices (b,)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def initial_noise(keys: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """x_T for each sample key: (b,) + shape standard normal, independent of the batch."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), shape,
+                                                dtype))(keys)

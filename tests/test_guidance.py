@@ -1,0 +1,231 @@
+"""Guiders: neutral settings, identities between methods, controls, trace counts, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toys import make_toy_transformer
+
+from erg_jax import Energy
+from erg_jax import guidance as G
+from erg_jax import samplers as S
+
+B, SIZE, C, W, L = 3, 4, 2, 16, 3
+
+
+def _setup(seed=0):
+    den, inputs = make_toy_transformer(L, SIZE, C, W, seed=seed)
+    keys = S.sample_keys(seed, jnp.arange(B))
+    noise = S.initial_noise(keys, (SIZE, SIZE, C))
+    cond = jax.random.normal(jax.random.key(seed + 1), (B, W))
+    conds = {"cond": cond, "null": jnp.zeros_like(cond), "tempered": 0.5 * cond}
+    return den, inputs, keys, noise, conds
+
+
+ALL = {
+    "cfg": lambda s: G.cfg(s),
+    "apg": lambda s: G.apg(s, momentum=-0.5, norm_threshold=2.0),
+    "erg": lambda s: G.erg(s, energy=Energy(0.3), layers=[1, 2], kappa=0.2),
+    "erg3": lambda s: G.erg(s, energy=Energy(0.3, 1.2, 0.7), steps=3),
+    "pag": lambda s: G.pag(s, layers=[0]),
+    "seg": lambda s: G.seg(s, sigma=2.0),
+    "slg": lambda s: G.slg(s, layers=[1]),
+    "auto": lambda s: G.autoguidance(s),
+    "erg+apg": lambda s: G.with_apg(G.erg(s), momentum=-0.3, eta=0.5),
+    "erg+cads": lambda s: G.with_cads(G.erg(s), tau1=0.5, tau2=0.9),
+    "cfg+pag": lambda s: G.compose(G.cfg(s), G.pag(s, layers=[2])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_neutral_weight_returns_the_strong_prediction(name):
+    den, _, keys, noise, conds = _setup()
+    weak_den, _ = make_toy_transformer(L, SIZE, C, W, seed=9)
+    smp = S.make_sampler("euler", 4)
+    dens = (den, weak_den)
+    guided = S.sample(dens, noise, conds, ALL[name](1.0), smp, keys=keys, num_layers=L)
+    plain = S.sample(dens, noise, conds, G.none(), smp, keys=keys, num_layers=L)
+    if name == "erg+cads":  # CADS still anneals the condition itself
+        return
+    # equal up to the rounding of a batched (vmapped) against a single forward
+    np.testing.assert_allclose(guided, plain, atol=1e-5, rtol=1e-5)
+    # and the combine rule alone, on random predictions
+    preds = [jax.random.normal(jax.random.key(i), (B, SIZE, SIZE, C)) for i in range(3)]
+    g = ALL[name](1.0)
+    out, _ = g.combine(preds[: g.num_branches], 0.5, g.init_state(preds[0]))
+    np.testing.assert_array_equal(out, preds[0])
+
+
+def test_guided_methods_differ_from_none():
+    den, _, keys, noise, conds = _setup()
+    weak_den, _ = make_toy_transformer(L, SIZE, C, W, seed=9)
+    smp = S.make_sampler("euler", 4)
+    plain = S.sample((den, weak_den), noise, conds, G.none(), smp, keys=keys, num_layers=L)
+    for name, make in ALL.items():
+        out = S.sample((den, weak_den), noise, conds, make(3.0), smp, keys=keys, num_layers=L)
+        assert float(jnp.max(jnp.abs(out - plain))) > 1e-3, name
+
+
+def test_cfg_formula_and_rescale():
+    preds = [jax.random.normal(jax.random.key(i), (B, 4, 4, 2)) for i in range(2)]
+    out, _ = G.cfg(4.0).combine(preds, 0.5, (None,))
+    np.testing.assert_allclose(out, preds[1] + 4.0 * (preds[0] - preds[1]), atol=1e-5)
+    out, _ = G.cfg(4.0, rescale=1.0).combine(preds, 0.5, (None,))
+    np.testing.assert_allclose(jnp.std(out, axis=(1, 2, 3)), jnp.std(preds[0], axis=(1, 2, 3)),
+                               rtol=1e-5)
+
+
+def test_apg_with_eta_one_no_cap_no_momentum_is_cfg():
+    preds = [jax.random.normal(jax.random.key(i), (B, 4, 4, 2)) for i in range(2)]
+    g = G.apg(5.0, momentum=0.0, norm_threshold=math.inf, eta=1.0)
+    out, _ = g.combine(preds, 0.3, g.init_state(preds[0]))
+    ref, _ = G.cfg(5.0).combine(preds, 0.3, (None,))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # eta = 0 drops exactly the component parallel to the strong prediction
+    g0 = G.apg(5.0, eta=0.0)
+    out0, _ = g0.combine(preds, 0.3, g0.init_state(preds[0]))
+    update = (out0 - preds[0]) / 4.0
+    dots = jnp.sum(update * preds[0], axis=(1, 2, 3))
+    np.testing.assert_allclose(dots, 0.0, atol=1e-4)
+
+
+def test_apg_norm_threshold_and_momentum():
+    strong = jax.random.normal(jax.random.key(0), (B, 4, 4, 2))
+    weak = strong - 10.0 * jax.random.normal(jax.random.key(1), (B, 4, 4, 2))
+    g = G.apg(2.0, norm_threshold=1.0, eta=1.0)
+    out, state = g.combine([strong, weak], 0.5, g.init_state(strong))
+    norms = jnp.sqrt(jnp.sum(jnp.square(out - strong), axis=(1, 2, 3)))
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    gm = G.apg(2.0, momentum=-0.5, eta=1.0)
+    _, st = gm.combine([strong, weak], 0.5, gm.init_state(strong))
+    out2, _ = gm.combine([strong, weak], 0.5, st)
+    np.testing.assert_allclose(out2 - strong, 0.5 * (strong - weak), atol=1e-4)
+    assert state[0] is not None
+
+
+def test_cads_with_tau1_at_one_leaves_the_condition_unchanged():
+    _, _, keys, _, conds = _setup()
+    g = G.with_cads(G.cfg(3.0), tau1=1.0, tau2=1.0)
+    for t in (0.0, 0.5, 1.0):
+        out = g.conditions(conds, t, keys, step=3)
+        np.testing.assert_array_equal(out[0], conds["cond"])
+        np.testing.assert_array_equal(out[1], conds["null"])
+    g2 = G.with_cads(G.cfg(3.0), tau1=0.2, tau2=0.6, psi=1.0)
+    noisy = g2.conditions(conds, 0.9, keys, step=3)[0]
+    assert float(jnp.max(jnp.abs(noisy - conds["cond"]))) > 0.1
+    # psi = 1 restores each sample's mean and std
+    np.testing.assert_allclose(jnp.std(noisy, axis=1), jnp.std(conds["cond"], axis=1), rtol=1e-4)
+    # per-sample noise: sample i's condition does not depend on the others in the batch
+    sub = g2.conditions({k: v[1:] for k, v in conds.items()}, 0.9, keys[1:], step=3)[0]
+    np.testing.assert_allclose(sub, noisy[1:], atol=1e-6)
+
+
+def test_erg_without_energy_on_the_null_condition_is_cfg():
+    den, _, keys, noise, conds = _setup()
+    smp = S.make_sampler("heun", 3)
+    a = S.sample(den, noise, conds, G.erg(4.0, energy=None, condition="null"), smp, keys=keys,
+                 num_layers=L)
+    b = S.sample(den, noise, conds, G.cfg(4.0), smp, keys=keys, num_layers=L)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ierg_controls_follow_layers_and_kickoff():
+    g = G.erg(2.0, energy=Energy(0.4, 1.1, 0.9), layers=[1, 3], kappa=0.3)
+    on = g.controls(0.5, 5)[1]
+    np.testing.assert_allclose(on.energy.tau, [1, 0.4, 1, 0.4, 1])
+    np.testing.assert_allclose(on.energy.alpha, [1, 1.1, 1, 1.1, 1])
+    off = g.controls(0.8, 5)[1]
+    np.testing.assert_array_equal(off.energy.tau, np.ones(5))
+    strong = g.controls(0.5, 5)[0]
+    np.testing.assert_array_equal(strong.energy.tau, np.ones(5))
+    mask = jnp.array([True, False, False, False, True])
+    g2 = G.erg(2.0, energy=Energy(0.4), layers=mask)
+    np.testing.assert_allclose(g2.controls(0.1, 5)[1].energy.tau, [0.4, 1, 1, 1, 0.4])
+
+
+def test_perturbations_reach_only_their_layers():
+    den, inputs, _, noise, conds = _setup()
+    t = jnp.full((B,), 0.5)
+    for g in (G.erg(2.0, energy=Energy(0.2), layers=[2]), G.pag(2.0, layers=[2]),
+              G.seg(2.0, layers=[2]), G.slg(2.0, layers=[2])):
+        strong_ctl, weak_ctl = g.controls(0.5, L)
+        plain = inputs(noise, t, conds["cond"], None)
+        weak = inputs(noise, t, conds["cond"], weak_ctl)
+        for i in range(3):
+            np.testing.assert_array_equal(weak[i], plain[i])
+        np.testing.assert_array_equal(den(noise, t, conds["cond"], strong_ctl),
+                                      den(noise, t, conds["cond"], None))
+        assert float(jnp.max(jnp.abs(den(noise, t, conds["cond"], weak_ctl)
+                                     - den(noise, t, conds["cond"], None)))) > 1e-4
+
+
+def test_vmapped_branches_equal_separate_calls():
+    den, _, keys, noise, conds = _setup()
+    g = G.compose(G.cfg(3.0), G.erg(2.0, energy=Energy(0.5), condition="tempered"))
+    smp = S.make_sampler("euler", 2)
+    point = S._flow_point(smp, jnp.float32(0.7))
+    x0s, _ = S.evaluate((den,), noise, point, g, conds, smp, keys, 0, L)
+    ctls = g.controls(0.7, L)
+    for x0, c, ctl in zip(x0s, ["cond", "null", "tempered"], ctls, strict=True):
+        u = den(noise, jnp.full((B,), 0.7), conds[c], ctl)
+        np.testing.assert_allclose(x0, noise - 0.7 * u, atol=1e-5)
+
+
+def test_a_sweep_of_settings_traces_once():
+    den, _, keys, noise, conds = _setup()
+    smp = S.make_sampler("euler", 3)
+    traces = []
+
+    @jax.jit
+    def run(guider):
+        traces.append(1)
+        return S.sample(den, noise, conds, guider, smp, keys=keys, num_layers=L)
+
+    outs = [run(G.erg(w, energy=Energy(tau), kappa=kappa))
+            for w, tau, kappa in [(1.5, 0.5, 0.0), (2.0, 0.3, 0.1), (3.0, 0.8, 0.5),
+                                  (4.0, 2.0, 0.2), (2.5, 0.1, 0.9)]]
+    assert len(traces) == 1
+    assert len({float(jnp.sum(o)) for o in outs}) == 5
+
+
+def test_weight_schedules_and_interval():
+    s = G.schedule(3.0, "linear", interval=(0.2, 0.8))
+    np.testing.assert_allclose([s(0.1), s(0.5), s(0.9)], [1.0, 3.0, 1.0])
+    c = G.schedule(3.0, "cosine")
+    np.testing.assert_allclose([c(0.0), c(0.5), c(1.0)], [5.0, 3.0, 1.0], atol=1e-6)
+    ts = jnp.linspace(0, 1, 10001)
+    for shape in ("linear", "cosine"):
+        np.testing.assert_allclose(jnp.mean(G.schedule(3.0, shape)(ts)), 3.0, atol=1e-3)
+    u = G.schedule(3.0, lambda t: t * t)
+    np.testing.assert_allclose(u(0.5), 1.5)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: G.erg(2.0, kappa=1.5), "kappa"),
+        (lambda: G.erg(2.0, kappa=-0.1), "kappa"),
+        (lambda: G.erg(2.0, energy=Energy(tau=0.0)), "tau"),
+        (lambda: G.erg(2.0, energy=Energy(gamma=-1.0)), "gamma"),
+        (lambda: G.erg(2.0, steps=0), "steps"),
+        (lambda: G.make_guider("cfgg"), "unknown guidance method"),
+        (lambda: G.make_guider("erg+foo"), "foo"),
+        (lambda: G.cfg(2.0, shape="square"), "shape"),
+        (lambda: G.cfg(2.0, rescale=2.0), "rescale"),
+        (lambda: G.seg(2.0, sigma=-1.0), "sigma"),
+        (lambda: G.with_cads(G.cfg(), tau1=0.9, tau2=0.5), "tau2"),
+        (lambda: G.pag(2.0, layers=[]), "layers"),
+    ],
+)
+def test_bad_settings_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_make_guider_names():
+    assert G.make_guider("erg+apg", erg={"scale": 2.0}).terms[0].apg is not None
+    assert G.make_guider("erg+cads").cads is not None
+    assert G.make_guider("cfg+pag").num_branches == 3
+    assert G.make_guider("none").num_branches == 1
