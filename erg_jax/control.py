@@ -122,6 +122,7 @@ def attend(
     mask: Array | None = None,
     scale: float | None = None,
     implementation: str | None = None,
+    precision: str | jax.lax.Precision | None = None,
 ) -> Array:
     """Attention of one layer under its control (energy updates, identity attention).
 
@@ -135,7 +136,7 @@ def attend(
     Returns:
       (b, n, h, d) attention output.
     """
-    kw = dict(bias=bias, mask=mask, scale=scale, implementation=implementation)
+    kw = dict(bias=bias, mask=mask, scale=scale, implementation=implementation, precision=precision)
     if control is None or control.energy is None:
         out = energy_attention(q, k, v, **kw)
     else:
@@ -147,7 +148,9 @@ def attend(
         groups = q.shape[2] // v.shape[2]
         ident = jnp.repeat(v, groups, axis=2) if groups > 1 else v
         if ident.shape[1] != q.shape[1]:
-            raise ValueError("identity attention (PAG) needs self-attention: kv length must equal q length")
+            raise ValueError(
+                "identity attention (PAG) needs self-attention: kv length must equal q length"
+            )
         out = jnp.where(control.identity > 0, ident.astype(out.dtype), out)
     return out
 

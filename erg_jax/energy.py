@@ -118,14 +118,21 @@ def _bhn(x: Array) -> Array:
     return jnp.transpose(x, (0, 2, 1))[..., None]
 
 
-def _logits(q, k, tau, bias, mask, scale):
+def _logits(q, k, tau, bias, mask, scale, precision=None):
     """Tempered, masked logits in float32, shape (b, h, n, m)."""
     b, n, h, d = q.shape
     hk = k.shape[2]
     qs = q * (tau * scale)[..., None].astype(q.dtype)
-    qg = qs.reshape(b, n, hk, h // hk, d)
-    s = jnp.einsum("bnkgd,bmkd->bkgnm", qg, k, preferred_element_type=jnp.float32)
-    s = s.reshape(b, h, n, k.shape[1])
+    if hk == h:  # the common case: no group axis, which XLA lays out best
+        s = jnp.einsum(
+            "bnhd,bmhd->bhnm", qs, k, preferred_element_type=jnp.float32, precision=precision
+        )
+    else:
+        qg = qs.reshape(b, n, hk, h // hk, d)
+        s = jnp.einsum(
+            "bnkgd,bmkd->bkgnm", qg, k, preferred_element_type=jnp.float32, precision=precision
+        )
+        s = s.reshape(b, h, n, k.shape[1])
     if bias is not None:
         s = s + _bhn(tau) * bias.astype(jnp.float32)
     if mask is not None:
@@ -133,16 +140,23 @@ def _logits(q, k, tau, bias, mask, scale):
     return s
 
 
-def _attend_einsum(q, k, v, tau, bias, mask, scale):
-    p = jax.nn.softmax(_logits(q, k, tau, bias, mask, scale), axis=-1)
+def _attend_einsum(q, k, v, tau, bias, mask, scale, precision=None):
+    p = jax.nn.softmax(_logits(q, k, tau, bias, mask, scale, precision), axis=-1)
     b, n, h, d = q.shape
     hk = k.shape[2]
-    p = p.reshape(b, hk, h // hk, n, k.shape[1]).astype(v.dtype)
-    out = jnp.einsum("bkgnm,bmkd->bnkgd", p, v, preferred_element_type=jnp.float32)
+    p = p.astype(v.dtype)
+    if hk == h:
+        return jnp.einsum(
+            "bhnm,bmhd->bnhd", p, v, preferred_element_type=jnp.float32, precision=precision
+        )
+    p = p.reshape(b, hk, h // hk, n, k.shape[1])
+    out = jnp.einsum(
+        "bkgnm,bmkd->bnkgd", p, v, preferred_element_type=jnp.float32, precision=precision
+    )
     return out.reshape(b, n, h, d)
 
 
-def _attend_fused(q, k, v, tau, bias, mask, scale, implementation):
+def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=None):
     # The temperature goes into the query and the bias, so a fused kernel that only
     # takes a static scale still computes tau * (beta * q.k + B).
     qs = q * (tau * scale)[..., None].astype(q.dtype)
@@ -153,10 +167,19 @@ def _attend_fused(q, k, v, tau, bias, mask, scale, implementation):
         mask = jnp.asarray(mask, bool)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     impl = "cudnn" if implementation == "cudnn" else None
-    out = jax.nn.dot_product_attention(
-        qs, k, v, bias=bias, mask=mask, scale=1.0, implementation=impl
-    )
+    with jax.default_matmul_precision(_precision_name(precision)):
+        out = jax.nn.dot_product_attention(
+            qs, k, v, bias=bias, mask=mask, scale=1.0, implementation=impl
+        )
     return out.astype(jnp.float32)
+
+
+def _precision_name(precision) -> str | None:
+    if precision is None or isinstance(precision, str):
+        return precision
+    if isinstance(precision, jax.lax.Precision):
+        return {"DEFAULT": "default", "HIGH": "high", "HIGHEST": "highest"}[precision.name]
+    return None
 
 
 def _as4d(x: Array | None, name: str) -> Array | None:
@@ -179,6 +202,7 @@ def energy_attention(
     mask: Array | None = None,
     scale: float | None = None,
     implementation: Implementation | None = None,
+    precision: str | jax.lax.Precision | None = None,
 ) -> Array:
     """Multi-step Hopfield attention update (DESIGN.md, "The method, exactly").
 
@@ -194,6 +218,8 @@ def energy_attention(
       scale: beta; defaults to 1 / sqrt(d). T5 passes 1.
       implementation: "einsum" (plain XLA), "fused" (jax.nn.dot_product_attention) or
         "cudnn" (its cuDNN flash kernel); None picks the faster for the backend.
+      precision: matmul precision ("default", "high", "highest" or a lax.Precision);
+        None follows jax's default.
 
     Returns:
       The updated queries Q_steps, shaped and typed like q.
@@ -217,9 +243,9 @@ def energy_attention(
     x = q
     for _ in range(steps):
         if implementation == "einsum":
-            retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale)
+            retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale, precision)
         else:
-            retrieved = _attend_fused(x, k, v, tau, bias, mask, scale, implementation)
+            retrieved = _attend_fused(x, k, v, tau, bias, mask, scale, implementation, precision)
         x = ((1.0 - gamma) * x + gamma * alpha * retrieved).astype(q.dtype)
     return x
 
@@ -237,8 +263,9 @@ def attention_weights(
     _check_qkv(q, k, None)
     check_energy(energy)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    logits = _logits(q, k, _per_query(energy.tau, q), _as4d(bias, "bias"),
-                     _as4d(mask, "mask"), scale)
+    logits = _logits(
+        q, k, _per_query(energy.tau, q), _as4d(bias, "bias"), _as4d(mask, "mask"), scale
+    )
     return jax.nn.softmax(logits, axis=-1)
 
 

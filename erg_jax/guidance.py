@@ -241,11 +241,15 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int):
             return jnp.where(on, value, one)
 
         e = neutral.energy
-        energy = Energy(pick(term.energy.tau, e.tau), pick(term.energy.alpha, e.alpha),
-                        pick(term.energy.gamma, e.gamma))
+        energy = Energy(
+            pick(term.energy.tau, e.tau),
+            pick(term.energy.alpha, e.alpha),
+            pick(term.energy.gamma, e.gamma),
+        )
         steps = None if ctl.steps is None else jnp.where(on, term.energy_steps, 1)
-        ctl = ctl.replace(energy=energy, steps=steps.astype(jnp.int32) if steps is not None
-                          else None)
+        ctl = ctl.replace(
+            energy=energy, steps=steps.astype(jnp.int32) if steps is not None else None
+        )
     if term.uses_identity:
         ctl = ctl.replace(identity=_mask(term.identity_layers, num_layers).astype(jnp.float32))
     if term.uses_blur:
@@ -335,8 +339,15 @@ def cfg(scale=4.0, *, rescale=0.0, shape="constant", interval=(0.0, 1.0)) -> Gui
     return Guider((Term(_weight(scale, shape, interval), "null"),), rescale, name="cfg")
 
 
-def apg(scale=4.0, *, momentum=0.0, norm_threshold=math.inf, eta=0.0, shape="constant",
-        interval=(0.0, 1.0)) -> Guider:
+def apg(
+    scale=4.0,
+    *,
+    momentum=0.0,
+    norm_threshold=math.inf,
+    eta=0.0,
+    shape="constant",
+    interval=(0.0, 1.0),
+) -> Guider:
     """Adaptive projected guidance against the null condition (Sadat et al. 2025)."""
     settings = _apg_settings(momentum, norm_threshold, eta)
     return Guider((Term(_weight(scale, shape, interval), "null", apg=settings),), name="apg")
@@ -348,9 +359,17 @@ def _apg_settings(momentum, norm_threshold, eta) -> APG:
     return APG(momentum, norm_threshold, eta)
 
 
-def erg(scale=3.0, *, energy: Energy | None = Energy(tau=0.5), layers=None, kappa=0.0,
-        steps: int = 1, condition: str = "auto", shape="constant",
-        interval=(0.0, 1.0)) -> Guider:
+def erg(
+    scale=3.0,
+    *,
+    energy: Energy | None = Energy(tau=0.5),
+    layers=None,
+    kappa=0.0,
+    steps: int = 1,
+    condition: str = "auto",
+    shape="constant",
+    interval=(0.0, 1.0),
+) -> Guider:
     """Entropy Rectifying Guidance (Berrada Ifriqi et al. 2025).
 
     Args:
@@ -369,38 +388,55 @@ def erg(scale=3.0, *, energy: Energy | None = Energy(tau=0.5), layers=None, kapp
     _check_range(kappa, "kappa", 0.0, 1.0)
     if energy is not None:
         check_energy(energy)
-    term = Term(_weight(scale, shape, interval), condition, energy=energy,
-                energy_layers=_layers(layers, "layers"), kappa=kappa, energy_steps=steps)
+    term = Term(
+        _weight(scale, shape, interval),
+        condition,
+        energy=energy,
+        energy_layers=_layers(layers, "layers"),
+        kappa=kappa,
+        energy_steps=steps,
+    )
     return Guider((term,), name="erg")
 
 
 def pag(scale=3.0, *, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Perturbed-attention guidance: identity attention in the layers (Ahn et al. 2024)."""
-    term = Term(_weight(scale, shape, interval), "cond",
-                identity_layers=_layers(layers, "layers"), uses_identity=True)
+    term = Term(
+        _weight(scale, shape, interval),
+        "cond",
+        identity_layers=_layers(layers, "layers"),
+        uses_identity=True,
+    )
     return Guider((term,), name="pag")
 
 
-def seg(scale=3.0, *, sigma=math.inf, layers=None, shape="constant",
-        interval=(0.0, 1.0)) -> Guider:
+def seg(scale=3.0, *, sigma=math.inf, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Smoothed energy guidance: queries blurred over the token grid (Hong 2024)."""
     check_positive(1.0 if sigma == math.inf else sigma, "sigma")
-    term = Term(_weight(scale, shape, interval), "cond", blur_sigma=sigma,
-                blur_layers=_layers(layers, "layers"), uses_blur=True)
+    term = Term(
+        _weight(scale, shape, interval),
+        "cond",
+        blur_sigma=sigma,
+        blur_layers=_layers(layers, "layers"),
+        uses_blur=True,
+    )
     return Guider((term,), name="seg")
 
 
 def slg(scale=3.0, *, layers=(0,), shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Skip-layer guidance: the weak branch skips the layers."""
-    term = Term(_weight(scale, shape, interval), "cond", skip_layers=_layers(layers, "layers"),
-                uses_skip=True)
+    term = Term(
+        _weight(scale, shape, interval),
+        "cond",
+        skip_layers=_layers(layers, "layers"),
+        uses_skip=True,
+    )
     return Guider((term,), name="slg")
 
 
 def autoguidance(scale=2.0, *, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """AutoGuidance (Karras et al. 2024): the weak branch is model 1, a weaker network."""
-    return Guider((Term(_weight(scale, shape, interval), "cond", model=1),),
-                  name="autoguidance")
+    return Guider((Term(_weight(scale, shape, interval), "cond", model=1),), name="autoguidance")
 
 
 def with_apg(guider: Guider, *, momentum=0.0, norm_threshold=math.inf, eta=0.0) -> Guider:
@@ -428,8 +464,16 @@ def compose(*guiders: Guider, rescale=0.0) -> Guider:
     return Guider(terms, rescale, name="+".join(g.name for g in guiders))
 
 
-BUILDERS = {"none": none, "cfg": cfg, "apg": apg, "erg": erg, "pag": pag, "seg": seg,
-            "slg": slg, "autoguidance": autoguidance}
+BUILDERS = {
+    "none": none,
+    "cfg": cfg,
+    "apg": apg,
+    "erg": erg,
+    "pag": pag,
+    "seg": seg,
+    "slg": slg,
+    "autoguidance": autoguidance,
+}
 MODIFIERS = {"apg": with_apg, "cads": with_cads}
 
 
@@ -443,8 +487,10 @@ def make_guider(method: str, **settings: Mapping[str, Any]) -> Guider:
     """
     parts = [p.strip() for p in method.split("+") if p.strip()]
     if not parts or parts[0] not in BUILDERS:
-        raise ValueError(f"unknown guidance method {method!r}; names: {sorted(BUILDERS)}, "
-                         f"modifiers: {sorted(MODIFIERS)}")
+        raise ValueError(
+            f"unknown guidance method {method!r}; names: {sorted(BUILDERS)}, "
+            f"modifiers: {sorted(MODIFIERS)}"
+        )
     unknown = set(settings) - set(BUILDERS) - set(MODIFIERS)
     if unknown:
         raise ValueError(f"settings for unknown methods {sorted(unknown)} in {method!r}")
@@ -455,8 +501,10 @@ def make_guider(method: str, **settings: Mapping[str, Any]) -> Guider:
         elif p in BUILDERS and not mods:
             bases.append(BUILDERS[p](**settings.get(p, {})))
         else:
-            raise ValueError(f"unknown or misplaced guidance method {p!r} in {method!r}; "
-                             f"names: {sorted(BUILDERS)}, modifiers (last): {sorted(MODIFIERS)}")
+            raise ValueError(
+                f"unknown or misplaced guidance method {p!r} in {method!r}; "
+                f"names: {sorted(BUILDERS)}, modifiers (last): {sorted(MODIFIERS)}"
+            )
     guider = bases[0] if len(bases) == 1 else compose(*bases)
     for m in mods:
         guider = MODIFIERS[m](guider, **settings.get(m, {}))

@@ -68,23 +68,32 @@ class Sampler:
 def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
     """A checked Sampler; every error names the field and its allowed values."""
     if solver not in FLOW_SOLVERS + DIFFUSION_SOLVERS:
-        raise ValueError(f"solver must be one of {FLOW_SOLVERS + DIFFUSION_SOLVERS}, got {solver!r}")
+        raise ValueError(
+            f"solver must be one of {FLOW_SOLVERS + DIFFUSION_SOLVERS}, got {solver!r}"
+        )
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     flow = solver in FLOW_SOLVERS
-    s = Sampler(solver, steps, **{"prediction": "velocity" if flow else "eps",
-                                  "time": "unit" if flow else "ddpm", **kw})
+    s = Sampler(
+        solver,
+        steps,
+        **{"prediction": "velocity" if flow else "eps", "time": "unit" if flow else "ddpm", **kw},
+    )
     if s.prediction not in P.PREDICTIONS:
         raise ValueError(f"prediction must be one of {P.PREDICTIONS}, got {s.prediction!r}")
     if s.time not in TIMES:
         raise ValueError(f"time must be one of {TIMES}, got {s.time!r}")
     if flow and (s.time == "ddpm" or s.prediction in ("eps", "v")):
-        raise ValueError(f"solver {solver!r} is a flow solver: prediction must be 'velocity' "
-                         f"or 'x0' and time one of unit/sd3/sit, got {s.prediction}/{s.time}")
+        raise ValueError(
+            f"solver {solver!r} is a flow solver: prediction must be 'velocity' "
+            f"or 'x0' and time one of unit/sd3/sit, got {s.prediction}/{s.time}"
+        )
     if not flow:
         if s.time != "ddpm" or s.prediction == "velocity":
-            raise ValueError(f"solver {solver!r} is a diffusion solver: time must be 'ddpm' and "
-                             f"prediction eps/v/x0, got {s.prediction}/{s.time}")
+            raise ValueError(
+                f"solver {solver!r} is a diffusion solver: time must be 'ddpm' and "
+                f"prediction eps/v/x0, got {s.prediction}/{s.time}"
+            )
         P.beta_schedule(s.beta_schedule, s.num_train_steps)
         if steps > s.num_train_steps:
             raise ValueError(f"steps must be in [1, {s.num_train_steps}], got {steps}")
@@ -112,8 +121,17 @@ def _flow_point(sampler: Sampler, t) -> _Point:
     return _Point(t, 1.0 - t, t, native)
 
 
-def evaluate(denoisers: Sequence[Denoiser], x, point: _Point, guider: Guider, conds,
-             sampler: Sampler, keys, step, num_layers: int):
+def evaluate(
+    denoisers: Sequence[Denoiser],
+    x,
+    point: _Point,
+    guider: Guider,
+    conds,
+    sampler: Sampler,
+    keys,
+    step,
+    num_layers: int,
+):
     """x0 estimates of every branch (strong first) and the strong branch's variance
     channels (DiT's learned sigma; None otherwise)."""
     b = x.shape[0]
@@ -132,14 +150,16 @@ def evaluate(denoisers: Sequence[Denoiser], x, point: _Point, guider: Guider, co
         ctl = controls[idx[0]]
         if ctl is not None:
             ctl = jax.tree_util.tree_map(stack, *[controls[i] for i in idx])
-        out = jax.vmap(lambda c, a: den(x, native, c, a))(cs, ctl)
+        out = jax.vmap(lambda c, a, den=den: den(x, native, c, a))(cs, ctl)
         for j, i in enumerate(idx):
             raw[i] = out[j]
     c = x.shape[-1]
     var = raw[0][..., c:] if sampler.learned_sigma else None
     sign = -1.0 if sampler.time == "sit" else 1.0
-    x0s = [P.to_x0(sign * r[..., :c].astype(jnp.float32), x, point.a, point.s,
-                   sampler.prediction) for r in raw]
+    x0s = [
+        P.to_x0(sign * r[..., :c].astype(jnp.float32), x, point.a, point.s, sampler.prediction)
+        for r in raw
+    ]
     return x0s, var
 
 
@@ -147,13 +167,21 @@ def _denoisers(denoiser) -> tuple:
     return tuple(denoiser) if isinstance(denoiser, list | tuple) else (denoiser,)
 
 
-def make_step(denoiser: Denoiser | Sequence[Denoiser], conds: Mapping[str, Any],
-              guider: Guider, sampler: Sampler, keys: Array, num_layers: int):
+def make_step(
+    denoiser: Denoiser | Sequence[Denoiser],
+    conds: Mapping[str, Any],
+    guider: Guider,
+    sampler: Sampler,
+    keys: Array,
+    num_layers: int,
+):
     """The solver step ``(carry, i) -> (carry, None)``; carry = (x, guider state)."""
     dens = _denoisers(denoiser)
     if max(guider.models) >= len(dens):
-        raise ValueError(f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "
-                         f"(AutoGuidance takes (model, weak_model)), got {len(dens)}")
+        raise ValueError(
+            f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "
+            f"(AutoGuidance takes (model, weak_model)), got {len(dens)}"
+        )
 
     def guided(x, point, state, step):
         x0s, var = evaluate(dens, x, point, guider, conds, sampler, keys, step, num_layers)
@@ -195,14 +223,19 @@ def make_step(denoiser: Denoiser | Sequence[Denoiser], conds: Mapping[str, Any],
         beta = 1.0 - abar / abar_prev
         post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
         noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, i), x.shape[1:]))(
-            keys).astype(jnp.float32)
+            keys
+        ).astype(jnp.float32)
         if sampler.solver == "ddim":
             sigma2 = jnp.square(sampler.eta) * post_var
-            x_new = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0))
-                     * eps + jnp.sqrt(sigma2) * noise)
+            x_new = (
+                jnp.sqrt(abar_prev) * x0
+                + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0)) * eps
+                + jnp.sqrt(sigma2) * noise
+            )
         else:
             mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (
-                jnp.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)) * x
+                jnp.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
+            ) * x
             if var is not None:
                 # The last step adds no noise, so its zero posterior variance is only floored.
                 log_small = jnp.log(jnp.maximum(post_var, 1e-20))
@@ -257,5 +290,6 @@ def sample_keys(seed: int, indices: Array) -> Array:
 
 def initial_noise(keys: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """x_T for each sample key: (b,) + shape standard normal, independent of the batch."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), shape,
-                                                dtype))(keys)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x7FFFFFFF), shape, dtype))(
+        keys
+    )

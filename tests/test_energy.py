@@ -49,7 +49,7 @@ def test_one_step_is_a_gradient_step_on_the_energy(impl, use_bias):
     rng = np.random.default_rng(0)
     for _ in range(3):
         e = Energy(*[float(x) for x in rng.uniform(0.2, 3.0, 3)])
-        grad = jax.grad(lambda x: jnp.sum(hopfield_energy(x, k, e, bias=bias, mask=mask)))(q)
+        grad = jax.grad(lambda x, e=e: jnp.sum(hopfield_energy(x, k, e, bias=bias, mask=mask)))(q)
         step = energy_attention(q, k, k, e, bias=bias, mask=mask, implementation=impl)
         np.testing.assert_allclose(step, q - e.gamma * grad, atol=2e-5, rtol=1e-4)
 
@@ -64,8 +64,11 @@ def test_k_steps_equal_k_explicit_updates(impl):
     out = energy_attention(q, k, v, e, steps=3, bias=bias, mask=mask, implementation=impl)
     np.testing.assert_allclose(out, x, atol=1e-6)
     # the update rule itself, written out
-    p = jax.nn.softmax(0.7 * (jnp.einsum("bnhd,bmhd->bhnm", q, k) / q.shape[-1] ** 0.5 + bias)
-                       + jnp.where(mask, 0.0, -jnp.inf), axis=-1)
+    p = jax.nn.softmax(
+        0.7 * (jnp.einsum("bnhd,bmhd->bhnm", q, k) / q.shape[-1] ** 0.5 + bias)
+        + jnp.where(mask, 0.0, -jnp.inf),
+        axis=-1,
+    )
     manual = 0.4 * q + 0.6 * 1.3 * jnp.einsum("bhnm,bmhd->bnhd", p, v)
     one = energy_attention(q, k, v, e, bias=bias, mask=mask, implementation=impl)
     np.testing.assert_allclose(one, manual, atol=1e-5)
@@ -92,8 +95,7 @@ def test_extreme_temperatures_are_finite(impl, dtype):
     q, k, v, bias, mask = _qkv(seed=5, hk=2, dtype=dtype)
     q = q * 30  # large logits
     for tau in (0.01, 100.0):
-        out = energy_attention(q, k, v, Energy(tau=tau), bias=bias, mask=mask,
-                               implementation=impl)
+        out = energy_attention(q, k, v, Energy(tau=tau), bias=bias, mask=mask, implementation=impl)
         assert out.dtype == dtype
         assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
         assert bool(jnp.all(jnp.isfinite(hopfield_energy(q, k, Energy(tau=tau), mask=mask))))
@@ -105,8 +107,9 @@ def test_vmap_over_stacked_energy_equals_separate_calls():
     stacked = jax.tree_util.tree_map(lambda *x: jnp.asarray(x), *es)
     out = jax.vmap(lambda e: energy_attention(q, k, v, e, bias=bias, mask=mask))(stacked)
     for i, e in enumerate(es):
-        np.testing.assert_allclose(out[i], energy_attention(q, k, v, e, bias=bias, mask=mask),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            out[i], energy_attention(q, k, v, e, bias=bias, mask=mask), atol=1e-6
+        )
 
 
 def test_per_head_energy_broadcasts():

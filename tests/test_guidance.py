@@ -73,8 +73,9 @@ def test_cfg_formula_and_rescale():
     out, _ = G.cfg(4.0).combine(preds, 0.5, (None,))
     np.testing.assert_allclose(out, preds[1] + 4.0 * (preds[0] - preds[1]), atol=1e-5)
     out, _ = G.cfg(4.0, rescale=1.0).combine(preds, 0.5, (None,))
-    np.testing.assert_allclose(jnp.std(out, axis=(1, 2, 3)), jnp.std(preds[0], axis=(1, 2, 3)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.std(out, axis=(1, 2, 3)), jnp.std(preds[0], axis=(1, 2, 3)), rtol=1e-5
+    )
 
 
 def test_apg_with_eta_one_no_cap_no_momentum_is_cfg():
@@ -125,8 +126,9 @@ def test_cads_with_tau1_at_one_leaves_the_condition_unchanged():
 def test_erg_without_energy_on_the_null_condition_is_cfg():
     den, _, keys, noise, conds = _setup()
     smp = S.make_sampler("heun", 3)
-    a = S.sample(den, noise, conds, G.erg(4.0, energy=None, condition="null"), smp, keys=keys,
-                 num_layers=L)
+    a = S.sample(
+        den, noise, conds, G.erg(4.0, energy=None, condition="null"), smp, keys=keys, num_layers=L
+    )
     b = S.sample(den, noise, conds, G.cfg(4.0), smp, keys=keys, num_layers=L)
     np.testing.assert_array_equal(a, b)
 
@@ -148,17 +150,30 @@ def test_ierg_controls_follow_layers_and_kickoff():
 def test_perturbations_reach_only_their_layers():
     den, inputs, _, noise, conds = _setup()
     t = jnp.full((B,), 0.5)
-    for g in (G.erg(2.0, energy=Energy(0.2), layers=[2]), G.pag(2.0, layers=[2]),
-              G.seg(2.0, layers=[2]), G.slg(2.0, layers=[2])):
+    for g in (
+        G.erg(2.0, energy=Energy(0.2), layers=[2]),
+        G.pag(2.0, layers=[2]),
+        G.seg(2.0, layers=[2]),
+        G.slg(2.0, layers=[2]),
+    ):
         strong_ctl, weak_ctl = g.controls(0.5, L)
         plain = inputs(noise, t, conds["cond"], None)
         weak = inputs(noise, t, conds["cond"], weak_ctl)
         for i in range(3):
             np.testing.assert_array_equal(weak[i], plain[i])
-        np.testing.assert_array_equal(den(noise, t, conds["cond"], strong_ctl),
-                                      den(noise, t, conds["cond"], None))
-        assert float(jnp.max(jnp.abs(den(noise, t, conds["cond"], weak_ctl)
-                                     - den(noise, t, conds["cond"], None)))) > 1e-4
+        np.testing.assert_array_equal(
+            den(noise, t, conds["cond"], strong_ctl), den(noise, t, conds["cond"], None)
+        )
+        assert (
+            float(
+                jnp.max(
+                    jnp.abs(
+                        den(noise, t, conds["cond"], weak_ctl) - den(noise, t, conds["cond"], None)
+                    )
+                )
+            )
+            > 1e-4
+        )
 
 
 def test_vmapped_branches_equal_separate_calls():
@@ -183,9 +198,16 @@ def test_a_sweep_of_settings_traces_once():
         traces.append(1)
         return S.sample(den, noise, conds, guider, smp, keys=keys, num_layers=L)
 
-    outs = [run(G.erg(w, energy=Energy(tau), kappa=kappa))
-            for w, tau, kappa in [(1.5, 0.5, 0.0), (2.0, 0.3, 0.1), (3.0, 0.8, 0.5),
-                                  (4.0, 2.0, 0.2), (2.5, 0.1, 0.9)]]
+    outs = [
+        run(G.erg(w, energy=Energy(tau), kappa=kappa))
+        for w, tau, kappa in [
+            (1.5, 0.5, 0.0),
+            (2.0, 0.3, 0.1),
+            (3.0, 0.8, 0.5),
+            (4.0, 2.0, 0.2),
+            (2.5, 0.1, 0.9),
+        ]
+    ]
     assert len(traces) == 1
     assert len({float(jnp.sum(o)) for o in outs}) == 5
 

@@ -51,8 +51,11 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in obj.items() if hasattr(v, "numpy")}
+    return {
+        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in obj.items()
+        if hasattr(v, "numpy")
+    }
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -79,8 +82,14 @@ def find_weights(folder: str, stem: str = "diffusion_pytorch_model") -> str:
     """The weights file of a Hugging Face / diffusers folder (single or sharded)."""
     if not os.path.isdir(folder):
         raise ValueError(f"model folder not found: {folder}")
-    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin",
-                 "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+    for name in (
+        f"{stem}.safetensors",
+        f"{stem}.safetensors.index.json",
+        f"{stem}.bin",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             return path
@@ -154,8 +163,11 @@ def linear(sd: StateDict, prefix: str, d_in: int, d_out: int, bias: bool = True)
 
 def conv2d(sd: StateDict, prefix: str, c_in: int, c_out: int, k: int, bias: bool = True) -> dict:
     """A torch Conv2d (out, in, kh, kw) as a flax Conv {'kernel': (kh, kw, in, out)}."""
-    out = {"kernel": sd.take(f"{prefix}.weight", (k, k, c_in, c_out),
-                             lambda w: np.transpose(w, (2, 3, 1, 0)))}
+    out = {
+        "kernel": sd.take(
+            f"{prefix}.weight", (k, k, c_in, c_out), lambda w: np.transpose(w, (2, 3, 1, 0))
+        )
+    }
     if bias:
         out["bias"] = sd.take(f"{prefix}.bias", (c_out,))
     return out

@@ -70,8 +70,9 @@ def shape_patterns(num_classes: int = 4, per_class: int = 8, size: int = 16, see
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    colours = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1],
-                        [-1, 1, 1]], np.float32)
+    colours = np.array(
+        [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1]], np.float32
+    )
     out, labels = [], []
     for c in range(num_classes):
         for _ in range(per_class):
@@ -84,7 +85,8 @@ def shape_patterns(num_classes: int = 4, per_class: int = 8, size: int = 16, see
                 m = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
             elif kind == 2:
                 m = ((np.abs(yy - cy) < r / 3) & (np.abs(xx - cx) < r)) | (
-                    (np.abs(xx - cx) < r / 3) & (np.abs(yy - cy) < r))
+                    (np.abs(xx - cx) < r / 3) & (np.abs(yy - cy) < r)
+                )
             else:
                 m = (np.abs(yy - cy) < r / 3) & (np.abs(xx - cx) < r * 1.3)
             img = np.full((size, size, 3), -0.8, np.float32)
@@ -92,5 +94,3 @@ def shape_patterns(num_classes: int = 4, per_class: int = 8, size: int = 16, see
             out.append(img)
             labels.append(c)
     return np.stack(out), np.array(labels, np.int32)
-
-

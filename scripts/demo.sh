@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed, then runs the main job on its built-in default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m launch.demo --config=configs/toy.py --workdir="${WORKDIR:-out/demo}" "$@"
