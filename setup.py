@@ -22,7 +22,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
         "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc"],
         "notebook": ["nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
