@@ -1,0 +1,488 @@
+"""The MMDiT of Stable Diffusion 3 / 3.5: a joint-attention text-to-image flow transformer.
+
+Follows Esser et al. 2024 (Scaling Rectified Flow Transformers for High-Resolution Image
+Synthesis, sec. 4 and fig. 2) as laid out in diffusers' ``SD3Transformer2DModel``, so its
+checkpoints convert key by key (``erg_jax.convert.sd3``). Per block i, with the image
+tokens x (b, N, D), the text tokens c (b, L, D) and y = silu(timestep emb + pooled emb):
+
+    (shift, scale, gate) = Linear(y)                         adaLN-Zero, one set per use
+    [q; k; v] = [W_x LN(x)*(1+s)+m ; W_c LN(c)*(1+s')+m']    image tokens first, then text
+    a_x, a_c  = attention over the N + L tokens, split back   (QK RMSNorm in SD3.5)
+    x += g * W_o a_x;   c += g' * W_o' a_c;   then gated GELU MLPs on each stream
+
+SD3.5's dual-attention layers add a second, image-only self-attention ``attn2`` with its
+own modulation; the last block keeps only the image stream (``context_pre_only``). The
+velocity comes out of a final adaLN + linear, unpatchified to NHWC.
+
+Every attention runs through ``erg_jax.control``: the block's control blurs the image
+tokens' queries (SEG; text queries are never blurred), drives ``attend`` (energy / PAG) in
+the joint attention and, with the same control, in attn2, and can skip the whole block for
+both streams (SLG). Blocks are a Python loop (optionally rematerialised), not
+an ``nn.scan``: the last block and the dual-attention blocks have different parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+
+Array = jax.Array
+
+_SD3 = dict(
+    kind="mmdit",
+    prediction="velocity",
+    learned_sigma=False,
+    time="sd3",
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    dual_attention_layers=(),
+    qk_norm=None,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+    precision="default",
+    attention_implementation=None,
+    remat=False,
+)
+PRESETS: dict[str, dict] = {
+    # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json.
+    "sd3-medium": _SD3,
+    # stabilityai/stable-diffusion-3.5-medium: QK RMSNorm, attn2 in blocks 0..12.
+    "sd3.5-medium": dict(
+        _SD3, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
+    ),
+    # stabilityai/stable-diffusion-3.5-large (and -large-turbo).
+    "sd3.5-large": dict(
+        _SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
+    ),
+    # Tiny sizes for tests, float32 with exact matmuls.
+    "tiny": dict(
+        _SD3,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        pos_embed_max_size=8,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+        dtype="float32",
+        param_dtype="float32",
+        precision="highest",
+    ),
+}
+QK_NORMS = (None, "rms_norm", "layer_norm")
+
+
+def mmdit_config(name: str = "sd3.5-medium", **overrides: Any) -> dict:
+    """The config dict (kind='mmdit') of a preset: 'sd3-medium', 'sd3.5-medium',
+    'sd3.5-large' or 'tiny'. Overrides replace fields; an unknown field is a ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown MMDiT preset {name!r}; choose from {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - set(PRESETS[name]))
+    if unknown:
+        raise ValueError(f"unknown MMDiT config field(s) {unknown}")
+    config = dict(PRESETS[name], **overrides)
+    config["dual_attention_layers"] = tuple(int(i) for i in config["dual_attention_layers"])
+    Spec.from_config(config)  # validates
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static settings every layer shares (hashable, built from a config dict)."""
+
+    num_layers: int
+    patch_size: int
+    out_channels: int
+    heads: int
+    head_dim: int
+    base_size: int  # sample_size // patch_size: the grid the position table is scaled to
+    pos_max: int  # pos_embed_max_size
+    dual_layers: tuple[int, ...]
+    qk_norm: str | None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    precision: str | None = None
+    implementation: str | None = None
+    remat: bool = False
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: dict) -> Spec:
+        heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+        if int(config["caption_projection_dim"]) != heads * head_dim:
+            raise ValueError(
+                f"caption_projection_dim ({config['caption_projection_dim']}) must "
+                f"equal num_attention_heads * attention_head_dim ({heads * head_dim})"
+            )
+        if config.get("qk_norm") not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {config.get('qk_norm')!r}")
+        if not config.get("pos_embed_max_size"):
+            raise ValueError("pos_embed_max_size must be set (SD3 crops its position table)")
+        precision = config.get("precision")
+        out_channels = config.get("out_channels") or config["in_channels"]
+        return cls(
+            num_layers=int(config["num_layers"]),
+            patch_size=int(config["patch_size"]),
+            out_channels=int(out_channels),
+            heads=heads,
+            head_dim=head_dim,
+            base_size=int(config["sample_size"]) // int(config["patch_size"]),
+            pos_max=int(config["pos_embed_max_size"]),
+            dual_layers=tuple(int(i) for i in config.get("dual_attention_layers", ())),
+            qk_norm=config.get("qk_norm"),
+            dtype=jnp.dtype(config.get("dtype", "float32")),
+            param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
+            precision=None if precision in (None, "default") else str(precision),
+            implementation=config.get("attention_implementation"),
+            remat=bool(config.get("remat", False)),
+        )
+
+
+def _dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
+    init = nn.initializers.xavier_uniform()
+    return nn.Dense(
+        features,
+        dtype=s.dtype,
+        param_dtype=s.param_dtype,
+        precision=s.precision,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        name=name,
+    )
+
+
+def _layer_norm(x: Array, eps: float = 1e-6) -> Array:
+    """LayerNorm without affine over the last axis, two-pass statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """x (b, n, D) * (1 + scale) + shift, with shift, scale (b, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+    """Sinusoidal features [cos, sin] of t (b,) -> (b, dim), float32 (DDPM / diffusers)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def pos_table(dim: int, grid: int, base_size: int) -> Array:
+    """The 2-D sin-cos position table (grid * grid, dim), rows in row-major grid order.
+
+    Positions are arange(grid) * base_size / grid; the first dim/2 channels encode the
+    column, the last dim/2 the row, each as [sin, cos] at frequencies 10000^(-4i/dim).
+    Computed with jnp (float32), so ``jax.eval_shape`` of an init never builds it.
+    """
+    pos = jnp.arange(grid, dtype=jnp.float32) * (base_size / grid)
+    omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim / 4))
+    ang = pos[:, None] * omega[None]
+    emb = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=1)  # (grid, dim/2)
+    col = jnp.broadcast_to(emb[None, :, :], (grid, grid, dim // 2))
+    row = jnp.broadcast_to(emb[:, None, :], (grid, grid, dim // 2))
+    return jnp.concatenate([col, row], axis=-1).reshape(grid * grid, dim)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm or LayerNorm (eps 1e-6, affine) over head_dim of (b, n, h, d) q or k."""
+
+    s: Spec
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        if self.s.qk_norm == "layer_norm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+        init = nn.with_logical_partitioning(nn.initializers.ones, (None,))
+        y = y * self.param("scale", init, (d,), self.s.param_dtype).astype(jnp.float32)
+        if self.s.qk_norm == "layer_norm":
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
+            y = y + self.param("bias", zeros, (d,), self.s.param_dtype).astype(jnp.float32)
+        return y.astype(self.s.dtype)
+
+
+class Attention(nn.Module):
+    """Joint attention of image and text tokens, or image-only self-attention.
+
+    Attributes:
+      s: shared settings.
+      grid: (H/p, W/p), the image token grid (for SEG's query blur).
+      joint: whether a text stream takes part (add_q/k/v_proj, norm_added_q/k).
+      context_out: whether the text stream gets an output projection (to_add_out).
+    """
+
+    s: Spec
+    grid: tuple[int, int]
+    joint: bool = True
+    context_out: bool = True
+
+    def _qkv(self, x: Array, added: bool) -> tuple[Array, Array, Array]:
+        """(b, n, D) tokens -> q, k, v (b, n, h, d), QK-normed; added: the text stream."""
+        s = self.s
+        names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
+        norm = "added_" if added else ""
+        q, k, v = (
+            _dense(s, s.dim, ("embed", "heads"), n)(x).reshape(x.shape[:2] + (s.heads, s.head_dim))
+            for n in names
+        )
+        if s.qk_norm is not None:
+            q = QKNorm(s, name=f"norm_{norm}q")(q)
+            k = QKNorm(s, name=f"norm_{norm}k")(k)
+        return q, k, v
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array | None, control: AttentionControl | None):
+        """x (b, N, D) image tokens, c (b, L, D) text tokens or None.
+
+        Returns:
+          (image output (b, N, D), text output (b, L, D) or None).
+        """
+        s, n = self.s, x.shape[1]
+        q, k, v = self._qkv(x, added=False)
+        q = maybe_blur(q, self.grid, control)
+        if self.joint:
+            cq, ck, cv = self._qkv(c, added=True)
+            q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
+        out = attend(q, k, v, control, implementation=s.implementation)
+        out = out.reshape(out.shape[:2] + (s.dim,))
+        img = _dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
+        txt = None
+        if self.joint and self.context_out:
+            txt = _dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, n:])
+        return img, txt
+
+
+class MLP(nn.Module):
+    """linear_2(act(linear_1(x))): the feed-forward (GELU-tanh, 4x) and the embedders."""
+
+    s: Spec
+    hidden: int
+    out: int
+    act: str = "gelu"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = _dense(self.s, self.hidden, ("embed", "mlp"), "linear_1")(x)
+        h = nn.gelu(h, approximate=True) if self.act == "gelu" else nn.silu(h)
+        return _dense(self.s, self.out, ("mlp", "embed"), "linear_2")(h)
+
+
+class JointBlock(nn.Module):
+    """One MMDiT block (image and text streams); see the module docstring."""
+
+    s: Spec
+    index: int
+    grid: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, x: Array, c: Array, y: Array, control: AttentionControl | None):
+        """x (b, N, D), c (b, L, D), y (b, D) silu'd conditioning -> new (x, c).
+
+        In the last block (context_pre_only) c is returned unchanged: nothing reads it.
+        """
+        s, d = self.s, self.s.dim
+        pre_only = self.index == s.num_layers - 1
+        dual = self.index in s.dual_layers
+        m = jnp.split(
+            _dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y),
+            9 if dual else 6,
+            axis=-1,
+        )
+        xn = _layer_norm(x)
+        if pre_only:
+            scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm1_context")(y), 2, -1)
+            cm = None
+        else:
+            cm = jnp.split(_dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
+            shift, scale = cm[0], cm[1]
+        a_x, a_c = Attention(s, self.grid, context_out=not pre_only, name="attn")(
+            _modulate(xn, m[0], m[1]), _modulate(_layer_norm(c), shift, scale), control
+        )
+        out = x + m[2][:, None] * a_x
+        if dual:
+            a2, _ = Attention(s, self.grid, joint=False, name="attn2")(
+                _modulate(xn, m[6], m[7]), None, control
+            )
+            out = out + m[8][:, None] * a2
+        ff = MLP(s, 4 * d, d, name="ff")(_modulate(_layer_norm(out), m[3], m[4]))
+        out = out + m[5][:, None] * ff
+        c_out = c
+        if not pre_only:
+            c_out = c + cm[2][:, None] * a_c
+            ff_c = MLP(s, 4 * d, d, name="ff_context")(_modulate(_layer_norm(c_out), cm[3], cm[4]))
+            c_out = c_out + cm[5][:, None] * ff_c
+        return skip_block(x, out, control), skip_block(c, c_out, control)
+
+
+class MMDiT(nn.Module):
+    """SD3 / SD3.5 transformer: NHWC latents, timesteps and text -> NHWC velocity."""
+
+    s: Spec
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        context: Array,
+        pooled: Array,
+        attention: AttentionControl | None = None,
+    ) -> Array:
+        """Velocity prediction.
+
+        Args:
+          x: (b, H, W, in_channels) latents; H/p and W/p at most pos_embed_max_size.
+          t: (b,) timesteps, 1000 * sigma.
+          context: (b, L, joint_attention_dim) text-encoder tokens.
+          pooled: (b, pooled_projection_dim) pooled text embedding.
+          attention: AttentionControl with one entry per block, or None.
+
+        Returns:
+          (b, H, W, out_channels) in the activation dtype.
+        """
+        s, p, d = self.s, self.s.patch_size, self.s.dim
+        b, hgt, wid, _ = x.shape
+        grid = (hgt // p, wid // p)
+        if hgt % p or wid % p or max(grid) > s.pos_max:
+            raise ValueError(
+                f"latent size {(hgt, wid)} must be multiples of patch_size={p} "
+                f"with at most pos_embed_max_size={s.pos_max} patches a side"
+            )
+        if attention is not None and attention.num_layers not in (0, s.num_layers):
+            raise ValueError(
+                f"attention control has {attention.num_layers} layers, the model {s.num_layers}"
+            )
+        h = nn.Conv(
+            d,
+            (p, p),
+            strides=p,
+            padding="VALID",
+            dtype=s.dtype,
+            param_dtype=s.param_dtype,
+            precision=s.precision,
+            name="patch_embed",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )(x)
+        table = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(
+                lambda *_: pos_table(d, s.pos_max, s.base_size).astype(s.param_dtype),
+                (None, "embed"),
+            ),
+        )
+        top, left = (s.pos_max - grid[0]) // 2, (s.pos_max - grid[1]) // 2
+        pos = table.reshape(s.pos_max, s.pos_max, d)[top : top + grid[0], left : left + grid[1]]
+        h = (h.astype(jnp.float32) + pos.astype(jnp.float32)).astype(s.dtype).reshape(b, -1, d)
+
+        y = MLP(s, d, d, act="silu", name="time_embed")(timestep_features(t).astype(s.dtype))
+        y = y + MLP(s, d, d, act="silu", name="text_embed")(pooled.astype(s.dtype))
+        y = nn.silu(y)
+        c = _dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
+
+        block = nn.remat(JointBlock) if s.remat else JointBlock
+        for i in range(s.num_layers):
+            control = None if attention is None else attention.layer(i)
+            h, c = block(s, i, grid, name=f"blocks_{i}")(h, c, y, control)
+
+        scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
+        h = _modulate(_layer_norm(h), shift, scale)
+        h = _dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
+        h = h.reshape(b, grid[0], grid[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, hgt, wid, s.out_channels)
+
+
+def mmdit_module(config: dict) -> MMDiT:
+    """The Flax module a config dict describes."""
+    return MMDiT(Spec.from_config(config))
+
+
+def _dummy_inputs(config: dict, size: int | None = None, tokens: int = 1):
+    p = int(config["patch_size"])
+    size = size or p
+    x = jnp.zeros((1, size, size, int(config["in_channels"])), jnp.float32)
+    context = jnp.zeros((1, tokens, int(config["joint_attention_dim"])), jnp.float32)
+    pooled = jnp.zeros((1, int(config["pooled_projection_dim"])), jnp.float32)
+    return x, jnp.zeros((1,), jnp.float32), context, pooled
+
+
+def init_params(config: dict, rng: Array) -> dict:
+    """Random params (for tests), unboxed; the position table is the sin-cos one."""
+    variables = mmdit_module(config).init(rng, *_dummy_inputs(config))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: dict) -> dict:
+    """The params' shapes and dtypes (jax.ShapeDtypeStruct), without allocating them."""
+    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+
+
+def param_axes(config: dict) -> dict:
+    """The logical axis names (jax.sharding.PartitionSpec) of every param."""
+    boxed = jax.eval_shape(mmdit_module(config).init, jax.random.key(0), *_dummy_inputs(config))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(config: dict, *, buffers: bool = False) -> int:
+    """Number of parameters, from shapes alone (jax.eval_shape).
+
+    Args:
+      buffers: also count the fixed position table ``pos_embed``, which diffusers holds
+        as a buffer rather than a parameter.
+    """
+    shapes = abstract_params(config)
+    if not buffers:
+        shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
+
+
+def make_denoiser(config: dict, params: Any):
+    """``denoiser(x, t, cond, attention=None) -> velocity`` (docs/INTERFACES.md).
+
+    x (b, H, W, C) NHWC latents; t (b,) or scalar, 1000 * sigma; cond a dict with
+    'context' (b, L, joint_attention_dim) and 'pooled' (b, pooled_projection_dim);
+    attention an AttentionControl with ``num_layers`` entries or None. The velocity is
+    returned in float32, shaped like x with out_channels channels.
+    """
+    module = mmdit_module(config)
+
+    def denoiser(x: Array, t: Array, cond: dict, attention: AttentionControl | None = None):
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], attention)
+        return out.astype(jnp.float32)
+
+    return denoiser
