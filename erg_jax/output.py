@@ -1,0 +1,159 @@
+"""Preemption-safe output of a sampling job: PNGs, the manifest, grids, the fingerprint.
+
+Every file is written whole or not at all (a temporary file in the same folder, then
+``os.replace``), so a job killed at any moment leaves only complete files, and the set
+of PNGs on disk is the truth about what is done. The manifest records the config's
+fingerprint: the fields that change the images (not the number of samples, the batch
+size, the mesh or the method list), so a restarted or extended job may continue a
+workdir and a changed one is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+# Fields that do not change any image: a run may change them and keep its workdir.
+NEUTRAL_FIELDS = (
+    ("output", "num_samples"),
+    ("output", "progress"),
+    ("output", "grid_size"),
+    ("sampler", "batch_size"),
+    ("guidance", "methods"),
+    ("mesh",),
+)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """NHWC images in [-1, 1] to uint8 (round to nearest)."""
+    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One HWC uint8 image (1 or 3 channels; other counts show the first 3) as PNG."""
+    import io
+
+    from PIL import Image
+
+    if image.shape[-1] == 1:
+        pil = Image.fromarray(image[..., 0], mode="L")
+    else:
+        pil = Image.fromarray(
+            image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
+        )
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_path(workdir: str, method: str, index: int) -> str:
+    return os.path.join(workdir, method, f"{index:08d}.png")
+
+
+def write_samples(workdir: str, method: str, indices, images: np.ndarray) -> None:
+    """Writes each sample's PNG atomically; images (b, H, W, C) in [-1, 1]."""
+    os.makedirs(os.path.join(workdir, method), exist_ok=True)
+    for i, img in zip(indices, to_uint8(images), strict=True):
+        atomic_write_bytes(sample_path(workdir, method, int(i)), png_bytes(img))
+
+
+def done_indices(workdir: str, method: str) -> set[int]:
+    """Indices whose PNG is on disk (complete by construction)."""
+    folder = os.path.join(workdir, method)
+    if not os.path.isdir(folder):
+        return set()
+    out = set()
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext == ".png" and stem.isdigit():
+            out.add(int(stem))
+    return out
+
+
+def read_png(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def write_grid(path: str, images: np.ndarray, columns: int = 8) -> None:
+    """A grid PNG of NHWC images in [-1, 1]."""
+    imgs = to_uint8(images)
+    if imgs.shape[-1] not in (1, 3):
+        imgs = imgs[..., :3] if imgs.shape[-1] > 3 else np.repeat(imgs[..., :1], 3, -1)
+    n, h, w, c = imgs.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, min(n, columns) * w, c), np.uint8)
+    for i, img in enumerate(imgs):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    atomic_write_bytes(path, png_bytes(grid))
+
+
+def fingerprint(config: dict) -> str:
+    """Hash of the config fields that change the images."""
+    pruned = json.loads(json.dumps(config, default=str))
+    for path in NEUTRAL_FIELDS:
+        node = pruned
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return hashlib.sha256(json.dumps(pruned, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_workdir(workdir: str, config: dict) -> None:
+    """Refuses a workdir whose manifest was made by a config that draws other images."""
+    path = os.path.join(workdir, "manifest.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        manifest = json.load(f)
+    old = manifest.get("fingerprint")
+    new = fingerprint(config)
+    if old != new:
+        diff = _config_diff(manifest.get("config", {}), config)
+        raise ValueError(
+            f"workdir {workdir} was made with another config (fingerprint {old}, this one "
+            f"{new}); differing fields: {diff or 'unknown'}. Use a new --workdir, or the "
+            "old config."
+        )
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, name + ".")
+        elif a != b and not any(
+            name == ".".join(p) or name.startswith(".".join(p) + ".") for p in NEUTRAL_FIELDS
+        ):
+            out.append(name)
+    return out
+
+
+def write_manifest(workdir: str, config: dict, methods: dict[str, int]) -> None:
+    """The manifest: fingerprint, config, and per method the samples on disk."""
+    atomic_write_json(
+        os.path.join(workdir, "manifest.json"),
+        {"fingerprint": fingerprint(config), "config": config, "samples": methods},
+    )

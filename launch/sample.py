@@ -1,0 +1,67 @@
+"""Samples a job config with one or several guidance methods, on every device given.
+
+    python -m launch.sample --config=configs/dit.py:tiny --workdir=out/tiny
+    python -m launch.sample --config=configs/sd3.py:medium --workdir=out/sd3 \
+        --config.guidance.methods=cfg,erg,erg+apg --config.guidance.scale=4
+
+On several hosts (a TPU pod: launch/tpu_pod.sh) every process runs the same command;
+jax.distributed is initialised from the environment.
+"""
+
+import json
+import logging
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from erg_jax.job import run_sampling
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "job config file[:variant]", lock_config=True)
+flags.DEFINE_string("workdir", None, "output folder (created; a rerun continues it)")
+flags.DEFINE_bool(
+    "distributed",
+    None,
+    "call jax.distributed.initialize() (default: when the environment names several processes)",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _several_processes() -> bool:
+    """True when the environment describes a multi-process job (TPU pod, SLURM, manual)."""
+    env = os.environ
+    return (
+        "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or bool(env.get("JAX_COORDINATOR_ADDRESS"))
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+    )
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    multi = _several_processes() if FLAGS.distributed is None else FLAGS.distributed
+    if multi:
+        jax.distributed.initialize()
+    summary = run_sampling(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        brief = {
+            m: {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}
+            for m, s in summary["methods"].items()
+        }
+        print(
+            json.dumps(
+                {
+                    "methods": brief,
+                    "compiles": summary["compiles"],
+                    "seconds_to_first_image": summary["seconds_to_first_image"],
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

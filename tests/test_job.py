@@ -1,0 +1,240 @@
+"""The sampling job end to end: device counts, batch sizes, preemption, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from erg_jax import output
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def _cmd(config: str, workdir: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "launch.sample",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        "--config.output.progress=False",
+        *overrides,
+    ]
+
+
+def _run(config, workdir, *overrides, devices=1):
+    res = subprocess.run(
+        _cmd(config, workdir, *overrides),
+        cwd=ROOT,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _images(workdir: str, method: str) -> np.ndarray:
+    done = sorted(output.done_indices(workdir, method))
+    return np.stack([output.read_png(output.sample_path(workdir, method, i)) for i in done])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/dit.py:tiny", "configs/sd3.py:tiny"])
+def test_same_images_on_1_and_8_devices_and_any_batch(config, tmp_path):
+    methods = "--config.guidance.methods=cfg,erg"
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    _run(config, a, methods, "--config.sampler.batch_size=8", devices=1)
+    _run(config, b, methods, "--config.sampler.batch_size=8", devices=8)
+    _run(config, c, methods, "--config.sampler.batch_size=4", devices=1)
+    for method in ("cfg", "erg"):
+        ref = _images(a, method).astype(int)
+        assert ref.shape[0] == 8
+        for other in (b, c):
+            assert np.max(np.abs(_images(other, method).astype(int) - ref)) <= 1
+    assert np.mean(np.abs(_images(a, "cfg").astype(int) - _images(a, "erg"))) > 1.0
+    summary = json.load(open(os.path.join(b, "summary.json")))
+    assert summary["device_count"] == 8 and summary["mesh"]["data"] == 8
+    assert os.path.exists(os.path.join(a, "erg_grid.png"))
+    manifest = json.load(open(os.path.join(a, "manifest.json")))
+    assert manifest["samples"] == {"cfg": 8, "erg": 8}
+
+
+def _wait_for_png(workdir, method, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if output.done_indices(workdir, method):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError("no image written in time")
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_job_equals_an_uninterrupted_one(tmp_path):
+    cfg = "configs/dit.py:tiny"
+    args = (
+        "--config.guidance.methods=cfg,erg",
+        "--config.output.num_samples=24",
+        "--config.sampler.batch_size=4",
+    )
+    full, killed, termed = (str(tmp_path / x) for x in ("full", "killed", "termed"))
+    _run(cfg, full, *args)
+
+    proc = subprocess.Popen(
+        _cmd(cfg, killed, *args),
+        cwd=ROOT,
+        env=_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_png(killed, "cfg", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(output.done_indices(killed, "erg")) < 24
+    _run(cfg, killed, *args)
+    for method in ("cfg", "erg"):
+        names = sorted(os.listdir(os.path.join(full, method)))
+        assert names == sorted(os.listdir(os.path.join(killed, method)))
+        assert len(names) == 24
+        for name in names:
+            with (
+                open(os.path.join(full, method, name), "rb") as f1,
+                open(os.path.join(killed, method, name), "rb") as f2,
+            ):
+                assert f1.read() == f2.read(), name
+
+    proc = subprocess.Popen(
+        _cmd(cfg, termed, *args),
+        cwd=ROOT,
+        env=_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_png(termed, "cfg", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    summary = json.load(open(os.path.join(termed, "summary.json")))
+    assert summary["stopped_by_signal"]
+    done = output.done_indices(termed, "cfg")
+    assert 0 < len(done) < 24 and len(done) % 4 == 0  # whole batches only
+    assert not [n for n in os.listdir(os.path.join(termed, "cfg")) if not n.endswith(".png")]
+    for i in done:
+        output.read_png(output.sample_path(termed, "cfg", i))  # every file is whole
+
+
+# ---- in-process: config checks, sharding, overrides ---------------------------------
+
+
+def _tiny(**changes):
+    from configs import dit
+
+    c = dit.get_config("tiny")
+    c.output.progress = False
+    for path, value in changes.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _sample(workdir, **changes):
+    from erg_jax.job import run_sampling
+
+    summary = run_sampling(_tiny(**changes), str(workdir))
+    return summary
+
+
+def test_fsdp_sharded_params_give_the_same_images(tmp_path):
+    _sample(tmp_path / "rep", **{"guidance.methods": "erg", "output.num_samples": 8})
+    _sample(
+        tmp_path / "fsdp",
+        **{"guidance.methods": "erg", "output.num_samples": 8, "mesh.data": 2, "mesh.fsdp": 4},
+    )
+    a = _images(str(tmp_path / "rep"), "erg").astype(int)
+    b = _images(str(tmp_path / "fsdp"), "erg").astype(int)
+    assert np.max(np.abs(a - b)) <= 1
+
+
+def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
+    base = {"guidance.methods": "erg", "output.num_samples": 8}
+    _sample(tmp_path / "base", **base)
+    ref = _images(str(tmp_path / "base"), "erg").astype(int)
+    for field, value in (("guidance.scale", 8.0), ("guidance.tau", 0.1), ("guidance.kappa", 0.9)):
+        _sample(tmp_path / field, **base, **{field: value})
+        changed = np.abs(_images(str(tmp_path / field), "erg").astype(int) - ref) > 1
+        # the same job on the same devices is bit-exact, so any change is the override's
+        assert np.mean(changed) > 0.005, field
+    summary = _sample(
+        tmp_path / "sweep",
+        **{"guidance.methods": "erg", "output.num_samples": 8, "guidance.sweep": "scale=1.5,3,4.5"},
+    )
+    assert summary["compiles"] == 1
+    assert set(summary["methods"]) == {"erg_scale1.5", "erg_scale3", "erg_scale4.5"}
+    same = _images(str(tmp_path / "sweep"), "erg_scale3").astype(int)
+    assert np.max(np.abs(same - ref)) <= 1  # the tiny config's scale is 3
+
+
+def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
+    _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 4})
+    s = _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 8})
+    assert s["methods"]["cfg"]["written_now"] == 4
+    assert len(output.done_indices(str(tmp_path), "cfg")) == 8
+    with pytest.raises(ValueError, match="guidance.scale"):
+        _sample(tmp_path, **{"guidance.methods": "cfg", "guidance.scale": 7.0})
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"guidance.methods": "cfg,fancy"}, "guidance.methods"),
+        ({"model.random_init": False, "model.checkpoint": "/nonexistent"}, "model.checkpoint"),
+        ({"vae.random_init": False, "vae.checkpoint": ""}, "vae.checkpoint"),
+        ({"sampler.batch_size": 3}, "sampler.batch_size"),
+        ({"guidance.kappa": 2.0}, "kappa"),
+        ({"sampler.solver": "rk45"}, "solver"),
+        ({"conditioning.classes": "3,99"}, "conditioning.classes"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(tmp_path, changes, field, monkeypatch):
+    from erg_jax import job
+
+    def compiling(*a, **k):
+        raise AssertionError("the job reached compilation")
+
+    monkeypatch.setattr(job, "_generate_fn", compiling)
+    with pytest.raises(ValueError, match=field):
+        _sample(tmp_path, **changes)
+    assert not output.done_indices(str(tmp_path), "cfg")
+
+
+def test_unknown_config_field_is_refused_by_the_entry_point(tmp_path):
+    res = subprocess.run(
+        _cmd("configs/dit.py:tiny", str(tmp_path), "--config.guidance.scal=3"),
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0
+    assert "scal" in res.stderr
