@@ -9,4 +9,19 @@ __all__ = [
     "attention_entropy",
     "energy_attention",
     "hopfield_energy",
+    "load_denoiser",
+    "load_text_encoder",
 ]
+
+
+def __getattr__(name: str):
+    # Model loaders import their model code only when first used.
+    if name == "load_denoiser":
+        from erg_jax.models import load_denoiser
+
+        return load_denoiser
+    if name == "load_text_encoder":
+        from erg_jax.models.text import load_text_encoder
+
+        return load_text_encoder
+    raise AttributeError(f"module 'erg_jax' has no attribute {name!r}")
