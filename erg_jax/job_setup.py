@@ -188,17 +188,6 @@ def _check_path(path: str, field: str) -> None:
         )
 
 
-def _shardings(axes_tree, abstract, mesh):
-    def one(spec, leaf):
-        names = tuple(spec) if spec is not None else ()
-        names = names + (None,) * (len(leaf.shape) - len(names))
-        return NamedSharding(mesh, sharding.logical_spec(names, leaf.shape, mesh))
-
-    return jax.tree_util.tree_map(
-        one, axes_tree, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
-
-
 def _model_module(kind: str):
     if kind == "dit":
         from erg_jax.models import dit
@@ -237,7 +226,7 @@ def _load_model(mc, mesh, seed_key):
     else:
         mcfg = dict(checkpoint.read_config(mc.checkpoint), **runtime)
         host = None
-    shard = _shardings(mod.param_axes(mcfg), mod.abstract_params(mcfg), mesh)
+    shard = sharding.shardings_from_axes(mod.param_axes(mcfg), mod.abstract_params(mcfg), mesh)
     if host is not None:
         params = sharding.place(host, shard)
     else:

@@ -148,3 +148,18 @@ def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
         )
 
     return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def shardings_from_axes(axes: Any, abstract: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """NamedShardings from a tree of logical-name PartitionSpecs (``nn.get_partition_spec``)
+    and the matching abstract params; a missing or short spec leaves dimensions replicated.
+    """
+
+    def one(spec, leaf):
+        names = tuple(spec) if spec is not None else ()
+        names = names + (None,) * (len(leaf.shape) - len(names))
+        return NamedSharding(mesh, logical_spec(names, leaf.shape, mesh, rules))
+
+    return jax.tree_util.tree_map(
+        one, axes, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
