@@ -222,7 +222,9 @@ def _load_model(mc, mesh, seed_key):
     if mc.random_init:
         preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
         mcfg = preset(mc.preset, **runtime, **_overrides(mc.overrides))
-        host = jax.tree_util.tree_map(np.asarray, mod.init_params(mcfg, seed_key))
+        # one compiled init instead of hundreds of eagerly dispatched small ops
+        init = jax.jit(lambda k: mod.init_params(mcfg, k))
+        host = jax.tree_util.tree_map(np.asarray, init(seed_key))
     else:
         mcfg = dict(checkpoint.read_config(mc.checkpoint), **runtime)
         host = None
@@ -236,6 +238,23 @@ def _load_model(mc, mesh, seed_key):
     return mod, mcfg, params
 
 
+def host_random_params(abstract, seed: int):
+    """Random params drawn on the host for a test model (no init program to compile):
+    kernels and embeddings N(0, 1 / fan_in), norm scales 1, biases 0."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias" or len(leaf.shape) < 2:
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
 def _load_vae(vc, mesh, seed_key, latent_channels):
     if not vc.enabled:
         return None, None
@@ -243,7 +262,8 @@ def _load_vae(vc, mesh, seed_key, latent_channels):
 
     if vc.random_init:
         vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
-        params = vae.init_params(vcfg, seed_key)
+        abstract = jax.eval_shape(lambda k: vae.init_params(vcfg, k), seed_key)
+        params = host_random_params(abstract, int(jax.random.randint(seed_key, (), 0, 2**30)))
     else:
         params, vcfg = checkpoint.restore(vc.checkpoint, NamedSharding(mesh, PartitionSpec()))
     if int(vcfg["latent_channels"]) != latent_channels:
