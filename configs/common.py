@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
             hidden_layers="",  # per encoder, transformers' hidden_states index
             prompts="",  # "|"-separated prompts; empty and no file = unconditional
             prompts_file="",  # one prompt a line
+            max_length=0,  # tokens per prompt; 0 = the encoder's own (77 CLIP, 256 T5 in SD3)
             precision="",
         )
     )

@@ -60,6 +60,7 @@ def get_config(arg=None):
         c.text.layout = "single"
         c.text.encoders = "minilm"
         c.text.hidden_layers = "-1"
+        c.text.max_length = 16
         c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
         c.guidance.layers = ""
         c.sampler.steps = 4

@@ -300,7 +300,13 @@ def _text_conditions(config, mesh):
         _check_path(path, f"text.encoders[{i}]")
         layer = layers[i] if i < len(layers) else -1
         encoders.append(
-            load_text_encoder(path, hidden_layer=layer, mesh=mesh, precision=t.precision or None)
+            load_text_encoder(
+                path,
+                hidden_layer=layer,
+                mesh=mesh,
+                max_length=t.max_length or None,
+                precision=t.precision or None,
+            )
         )
     return TextConditions(encoders, prompts, config.guidance.tau_c, t.layout)
 
