@@ -144,3 +144,31 @@ def test_input_checks():
         den(jnp.zeros((1, 16, 16, 4)), t[:1], y[:1])
     with pytest.raises(ValueError, match="3 layers"):
         den(x, t, y, AttentionControl.neutral(3, energy=True))
+
+
+def test_checkpoint_restores_into_shardings_and_relayouts(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from erg_jax import checkpoint
+    from erg_jax.models import load_denoiser
+
+    config, params = make_test_model()
+    checkpoint.save(str(tmp_path), params, config)
+    x, t, y = _inputs()
+    want = dit.make_denoiser(config, params)(x, t, y)
+    scanned = load_denoiser(str(tmp_path), scan_blocks=True)
+    assert scanned.params["blocks"]["qkv"]["kernel"].shape == (4, 32, 3, 32)
+    np.testing.assert_allclose(scanned(x, t, y), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="can override only"):
+        load_denoiser(str(tmp_path), num_layers=3)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    shard = NamedSharding(mesh, PartitionSpec())
+    shardings = jax.tree_util.tree_map(lambda _: shard, params)
+    shardings["time_embed_1"]["kernel"] = NamedSharding(mesh, PartitionSpec("data"))
+    restored, stored = checkpoint.restore(str(tmp_path), shardings)
+    assert stored == config
+    kernel = restored["time_embed_1"]["kernel"]
+    assert kernel.sharding == shardings["time_embed_1"]["kernel"]
+    assert len(kernel.addressable_shards) == len(jax.devices())
+    np.testing.assert_array_equal(kernel, params["time_embed_1"]["kernel"])
