@@ -1,6 +1,7 @@
-"""Samples the toy job with several guidance methods from the same noise.
+"""The main job: several guidance methods from the same noise, side by side.
 
-    python -m launch.demo --config=configs/toy.py --workdir=out/demo
+    python -m launch.demo --config=configs/quickstart.py --workdir=out/demo   # shipped model
+    python -m launch.demo --config=configs/toy.py --workdir=out/toy           # exact toy
 
 Writes DIR/grid.png (one row of samples per method) and DIR/metrics.json.
 """
@@ -11,17 +12,20 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.demo import run_toy
+from erg_jax.demo import run_quickstart, run_toy
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/toy.py", "job config", lock_config=True)
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "job config", lock_config=True)
 flags.DEFINE_string("workdir", "out/demo", "where images and metrics are written")
 
 
 def main(argv):
     del argv
     os.makedirs(FLAGS.workdir, exist_ok=True)
-    metrics = run_toy(FLAGS.config, FLAGS.workdir)
+    if FLAGS.config.get("kind") == "quickstart":
+        metrics = run_quickstart(FLAGS.config, FLAGS.workdir)
+    else:
+        metrics = run_toy(FLAGS.config, FLAGS.workdir)
     print(json.dumps(metrics, indent=2))
 
 

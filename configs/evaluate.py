@@ -1,0 +1,52 @@
+"""The quality-diversity-consistency bench on the shipped demo models (docs/RESULTS.md).
+
+    python -m launch.evaluate --config=configs/evaluate.py:mmdit --workdir=out/eval_text
+    python -m launch.evaluate --config=configs/evaluate.py:dit --workdir=out/eval_class
+    python -m launch.evaluate --config=configs/evaluate.py:tiny --workdir=out/eval_tiny
+
+Writes results.json, results.md (FD, density, coverage, consistency, NFE, seconds per
+method and weight) and pareto.png (consistency against coverage).
+"""
+
+import math
+
+import ml_collections
+
+VARIANTS = ("mmdit", "dit", "tiny")
+
+
+def get_config(arg=None):
+    arg = arg or "mmdit"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/evaluate.py variant must be one of {VARIANTS}, got {arg!r}")
+    c = ml_collections.ConfigDict()
+    c.model = "mmdit" if arg == "mmdit" else "dit"
+    c.models_dir = "models"
+    c.classifier = "models/classifier"
+    c.seed = 0
+    c.num_samples = 256
+    c.num_real = 1000
+    c.steps = 20
+    c.nearest_k = 5
+    c.methods = "none,cfg,apg,erg,erg+apg,erg+cads,pag,seg"
+    c.uncond_methods = "none,seg,erg"
+    c.weights = (3.0, 6.0)
+    c.tau_c_values = (0.5, 2.0)  # C-ERG alone at weights[0], text model only
+    c.settings = ml_collections.ConfigDict(
+        dict(
+            tau=0.3,
+            tau_c=0.5,
+            kappa=0.0,
+            layers="",
+            apg_momentum=-0.5,
+            apg_eta=0.0,
+            apg_norm_threshold=math.inf,
+            cads_tau1=0.6,
+            cads_tau2=0.9,
+            cads_noise_scale=0.25,
+        )
+    )
+    if arg == "tiny":
+        c.num_samples, c.num_real, c.steps = 32, 64, 3
+        c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
+    return c

@@ -1,0 +1,25 @@
+"""The quality-diversity-consistency bench: a sweep of guidance methods and weights.
+
+python -m launch.evaluate --config=configs/evaluate.py:mmdit --workdir=out/eval_text
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from erg_jax.evaluate import run_config
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/evaluate.py", "bench config", lock_config=True)
+flags.DEFINE_string("workdir", "out/eval", "where results.json, results.md, pareto.png go")
+
+
+def main(argv):
+    del argv
+    rows = run_config(FLAGS.config, FLAGS.workdir)
+    with open(f"{FLAGS.workdir}/results.md") as f:
+        print(f.read())
+    del rows
+
+
+if __name__ == "__main__":
+    app.run(main)
