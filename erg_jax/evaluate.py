@@ -56,7 +56,8 @@ def load_demo(
     if kind == "dit":
         null = int(cfg["num_classes"])
 
-        def conditions(cond_set, unconditional=False):
+        def conditions(cond_set, unconditional=False, tau_c=None):
+            del tau_c  # class labels have no text encoder
             labels = np.asarray(cond_set["label"], np.int32)
             nulls = np.full_like(labels, null)
             return {"cond": nulls if unconditional else labels, "null": nulls}
@@ -70,13 +71,13 @@ def load_demo(
 
         cache = {}
 
-        def conditions(cond_set, unconditional=False):
+        def conditions(cond_set, unconditional=False, tau_c=tau_c):
             prompts = () if unconditional else tuple(cond_set["caption"])
-            if (prompts, len(cond_set["caption"])) not in cache:
+            key = (prompts, len(cond_set["caption"]), float(tau_c))
+            if key not in cache:
                 table = TextConditions([enc], list(prompts), tau_c, "single")
-                slots = table.slots(np.arange(len(cond_set["caption"])))
-                cache[prompts, len(cond_set["caption"])] = slots
-            return cache[prompts, len(cond_set["caption"])]
+                cache[key] = table.slots(np.arange(len(cond_set["caption"])))
+            return cache[key]
 
     return DemoModel(kind, den, int(cfg["num_layers"]), shape, cfg["time"], conditions)
 

@@ -485,4 +485,7 @@ def make_denoiser(config: dict, params: Any):
         out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], attention)
         return out.astype(jnp.float32)
 
+    denoiser.config = dict(config)
+    denoiser.params = params
+    denoiser.num_layers = int(config["num_layers"])
     return denoiser
