@@ -30,11 +30,11 @@ def get_config(arg=None):
     c.nearest_k = 5
     c.methods = "none,cfg,apg,erg,erg+apg,erg+cads,pag,seg"
     c.uncond_methods = "none,seg,erg"
-    c.weights = (3.0, 6.0)
+    c.weights = (2.0, 4.0)
     c.tau_c_values = (0.5, 2.0)  # C-ERG alone at weights[0], text model only
     c.settings = ml_collections.ConfigDict(
         dict(
-            tau=0.3,
+            tau=0.8,
             tau_c=0.5,
             kappa=0.0,
             layers="",

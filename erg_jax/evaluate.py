@@ -198,6 +198,12 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
             seconds=seconds,
         )
         rows.append(row)
+        print(
+            f"{row['method']:>14} w={row['weight']:<4g} fd {row['fd']:9.1f} density "
+            f"{row['density']:.3f} coverage {row['coverage']:.3f} consistency "
+            f"{row['consistency']:.3f} ({seconds:.1f}s)",
+            flush=True,
+        )
     write_results(rows, workdir)
     return rows
 
