@@ -24,8 +24,8 @@ def get_config(arg=None):
     )
     c.samples_per_prompt = 4
     c.steps = 20
-    c.methods = "none,cfg,erg"
-    c.guidance = ml_collections.ConfigDict(dict(scale=4.0, tau=0.3, tau_c=0.5, kappa=0.0))
+    c.methods = "none,cfg,erg,erg+apg"
+    c.guidance = ml_collections.ConfigDict(dict(scale=2.0, tau=0.8, tau_c=0.5, kappa=0.0))
     if arg == "runlocal":
         c.samples_per_prompt, c.steps = 1, 4
     return c

@@ -9,6 +9,7 @@ the mean RMS distance from a sample to its nearest pattern (0 = on the data).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -116,7 +117,14 @@ def run_quickstart(config, workdir: str) -> dict:
     keys = S.sample_keys(config.seed, jnp.arange(n))
     noise = S.initial_noise(keys, model.latent_shape)
     smp = S.make_sampler("euler", config.steps, time=model.time)
-    settings = dict(tau=g.tau, kappa=g.kappa, layers=None)
+    settings = dict(
+        tau=g.tau,
+        kappa=g.kappa,
+        layers=None,
+        apg_momentum=-0.5,
+        apg_eta=0.0,
+        apg_norm_threshold=math.inf,
+    )
     results, rows = {}, []
     for name in [m.strip() for m in config.methods.split(",") if m.strip()]:
         guider = method_guider(name, g.scale, settings)

@@ -43,7 +43,7 @@ def test_main_job_writes_grid_and_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     c = quickstart.get_config("runlocal")
     res = run_quickstart(c, str(tmp_path))
-    assert set(res) == {"none", "cfg", "erg"}
+    assert set(res) == {"none", "cfg", "erg", "erg+apg"}
     assert os.path.getsize(tmp_path / "grid.png") > 0
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert set(saved["methods"]) == {"none", "cfg", "erg"}
+    assert set(saved["methods"]) == {"none", "cfg", "erg", "erg+apg"}
