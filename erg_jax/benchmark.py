@@ -2,40 +2,23 @@
 
 Every comparison is taken in one run on one machine, the contenders interleaved round
 by round (this machine is shared and noisy), and reported as medians. Peak memory is
-XLA's own account of the compiled program (temporary buffers plus outputs).
+XLA's own account of the compiled program (temporary buffers plus outputs). This module
+holds the attention table and ``run``, which gathers every section (``erg_jax.bench``)
+and checks the targets of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
+import os
 
 import jax
 import jax.numpy as jnp
 
+from erg_jax.bench.timing import compiled_bytes, interleaved_medians
 from erg_jax.energy import Energy, energy_attention
 
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7) -> dict:
-    """Median seconds of each no-argument function, measured round-robin after a warm-up."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def compiled_bytes(fn, *args) -> int:
-    """Temporary plus output bytes of the compiled program (XLA's memory analysis)."""
-    mem = jax.jit(fn).lower(*args).compile().memory_analysis()
-    if mem is None:
-        return -1
-    return int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+__all__ = ["attention_table", "compiled_bytes", "interleaved_medians", "run", "targets"]
+SECTIONS = ("attention", "guidance", "sampler", "peer", "floor", "bf16")
 
 
 def reference_einsum_attention(q, k, v):
@@ -44,11 +27,24 @@ def reference_einsum_attention(q, k, v):
     return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(logits, axis=-1), v)
 
 
+def _memory_budget() -> int:
+    """Bytes a contender may use: half of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
 def attention_table(
-    lengths=(256, 1024, 4096), batch=1, heads=8, head_dim=64, repeats=7
+    lengths=(256, 1024, 4096, 16384), batch=1, heads=8, head_dim=64, repeats=7
 ) -> list[dict]:
-    """energy_attention (steps 1, traced tau) against the einsum and jax.nn references."""
+    """energy_attention (steps 1, traced tau) against the einsum and jax.nn references.
+
+    A contender whose compiled program would need more than half the machine's memory
+    is not run; its time is None and its memory the figure that excluded it.
+    """
     rows = []
+    budget = _memory_budget()
     for n in lengths:
         ks = jax.random.split(jax.random.key(n), 3)
         q, k, v = (jax.random.normal(kk, (batch, n, heads, head_dim)) for kk in ks)
@@ -60,18 +56,91 @@ def attention_table(
                 q * tau, k, v
             ),
         }
-        jitted = {name: jax.jit(fn) for name, fn in contenders.items()}
-        secs = interleaved_medians(
-            {name: (lambda f=f, a=(q, k, v, tau): f(*a)) for name, f in jitted.items()}, repeats
-        )
         mem = {name: compiled_bytes(fn, q, k, v, tau) for name, fn in contenders.items()}
-        best = min(secs["einsum"], secs["dot_product_attention"])
+        jitted = {name: jax.jit(fn) for name, fn in contenders.items() if mem[name] <= budget}
+        rounds = repeats if n <= 4096 else max(1, repeats // 3)
+        secs = interleaved_medians(
+            {name: (lambda f=f, a=(q, k, v, tau): f(*a)) for name, f in jitted.items()}, rounds
+        )
+        refs = [secs[r] for r in ("einsum", "dot_product_attention") if r in secs]
         rows.append(
             {
                 "tokens": n,
-                **{f"{name}_ms": 1e3 * s for name, s in secs.items()},
+                **{f"{name}_ms": 1e3 * secs[name] if name in secs else None for name in mem},
                 **{f"{name}_mib": b / 2**20 for name, b in mem.items()},
-                "ratio_to_faster_reference": secs["energy_attention"] / best,
+                "ratio_to_faster_reference": secs["energy_attention"] / min(refs) if refs else None,
             }
         )
     return rows
+
+
+def run(only=SECTIONS, *, small: bool = False, repeats: int = 5, lengths=None) -> dict:
+    """Every requested section's figures (see docs/BENCHMARKS.md) and the targets met."""
+    from erg_jax.bench import guidance, peer, sampler, setups
+
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown benchmarks {sorted(unknown)}; known: {SECTIONS}")
+    result = {
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "small": small,
+    }
+    if "attention" in only:
+        lengths = lengths or ((64, 256) if small else (256, 1024, 4096, 16384))
+        result["attention"] = attention_table(lengths, repeats=repeats)
+    batch = 2 if small else 8
+    if "guidance" in only:
+        result["guidance"] = [
+            guidance.guidance_costs(setups.dit_setup(small, batch), repeats),
+            guidance.guidance_costs(setups.mmdit_setup(small, batch), repeats),
+        ]
+    if "sampler" in only:
+        dit2 = setups.dit_setup(small, 2)
+        result["sampler"] = {
+            "scan_vs_loop": sampler.scan_vs_loop(dit2, 3 if small else 8, repeats),
+            "compile": sampler.compile_times(dit2, rounds=1 if small else 2),
+            "sweep": sampler.sweep_compiles(dit2),
+        }
+    if "peer" in only:
+        result["peer"] = peer.peer(small, batch, repeats)
+    if "floor" in only:
+        result["floor"] = guidance.floor(
+            setups.dit_setup(small, batch), repeats, 256 if small else 2048
+        )
+    if "bf16" in only:
+        result["bf16"] = guidance.bf16(small, batch, 2 if small else 6, repeats)
+    result["targets"] = targets(result)
+    return result
+
+
+def targets(r: dict) -> dict:
+    """Each target of issue 7 that the result measures: (value, bound, met)."""
+    out = {}
+
+    def check(name, value, bound):
+        if value is not None:
+            out[name] = {"value": value, "bound": bound, "met": bool(value <= bound)}
+
+    if "guidance" in r:
+        dit = r["guidance"][0]
+        check("erg_over_cfg", dit["ratio_to_cfg"]["erg"], 1.03)
+        check("erg_all_layers_over_cfg", dit["ratio_to_cfg"]["erg_all_layers"], 1.03)
+        check("cfg_over_none", dit["ratio_to_none"]["cfg"], 2.05)
+    if "sampler" in r:
+        s = r["sampler"]
+        check("scan_over_loop", s["scan_vs_loop"]["scan_over_loop"], 1.0)
+        check("compile_250_over_25", s["compile"]["ratio"], 1.2)
+        check("compiles_per_sweep", s["sweep"]["compiles"], 1)
+    if "attention" in r:
+        ratios = [row["ratio_to_faster_reference"] for row in r["attention"]]
+        ratios = [x for x in ratios if x is not None]
+        check("attention_over_faster_reference", max(ratios) if ratios else None, 1.05)
+    if "peer" in r:
+        check("ours_erg_over_diffusers_cfg", r["peer"]["ours_erg_over_diffusers_cfg"], 0.8)
+    if "floor" in r:
+        share = r["floor"]["cfg"]["share_of_matmul_rate"]
+        out["share_of_matmul_rate"] = {"value": share, "bound": 0.7, "met": share >= 0.7}
+    return out

@@ -23,8 +23,12 @@ import numpy as np
 from flax import struct
 
 Array = jax.Array
-Implementation = Literal["einsum", "fused", "cudnn"]
-IMPLEMENTATIONS = ("einsum", "fused", "cudnn")
+Implementation = Literal["einsum", "chunked", "fused", "cudnn"]
+IMPLEMENTATIONS = ("einsum", "chunked", "fused", "cudnn")
+# Above this many bytes of float32 logits (b * h * n * m * 4) the default einsum path
+# switches to query chunks, which bound the memory and run faster once the attention
+# matrix no longer fits the caches (``python -m launch.benchmark --only=attention``).
+CHUNK_BYTES = 64 * 2**20
 
 
 @struct.dataclass
@@ -82,6 +86,25 @@ def default_implementation() -> Implementation:
     (see ``python -m launch.benchmark --only=attention``).
     """
     return "fused" if jax.default_backend() == "gpu" else "einsum"
+
+
+def _pick_implementation(q: Array, k: Array) -> Implementation:
+    """The backend's default, with long sequences off the GPU split into query chunks."""
+    impl = default_implementation()
+    b, n, h, _ = q.shape
+    if impl == "einsum" and 4 * b * h * n * k.shape[1] > CHUNK_BYTES and _chunk_size(q, k) < n:
+        return "chunked"
+    return impl
+
+
+def _chunk_size(q: Array, k: Array) -> int:
+    """The largest divisor of n whose (b, h, chunk, m) logits fit in CHUNK_BYTES."""
+    b, n, h, _ = q.shape
+    target = max(1, CHUNK_BYTES // (4 * b * h * k.shape[1]))
+    for c in range(min(n, target), 0, -1):
+        if n % c == 0:
+            return c if c >= min(64, n) else n
+    return n
 
 
 def _check_qkv(q: Array, k: Array, v: Array | None) -> None:
@@ -156,6 +179,30 @@ def _attend_einsum(q, k, v, tau, bias, mask, scale, precision=None):
     return out.reshape(b, n, h, d)
 
 
+def _attend_chunked(q, k, v, tau, bias, mask, scale, precision=None):
+    """The einsum path over query chunks (lax.map): every row's softmax is the same, the
+    (b, h, n, m) logits never exist at once."""
+    b, n, h, d = q.shape
+    c = _chunk_size(q, k)
+    nc = n // c
+
+    def split(x, axis):
+        # x carries the query axis at `axis` (length n) or broadcasts over it (length 1).
+        if x is None or x.shape[axis] == 1:
+            return None
+        shape = x.shape[:axis] + (nc, c) + x.shape[axis + 1 :]
+        return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+    def one(args):
+        qi, ti, bi, mi = args
+        bi = bias if bi is None else bi
+        mi = mask if mi is None else mi
+        return _attend_einsum(qi, k, v, ti, bi, mi, scale, precision)
+
+    out = jax.lax.map(one, (split(q, 1), split(tau, 1), split(bias, 2), split(mask, 2)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n, h, d)
+
+
 def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=None):
     # The temperature goes into the query and the bias, so a fused kernel that only
     # takes a static scale still computes tau * (beta * q.k + B).
@@ -216,8 +263,9 @@ def energy_attention(
       mask: boolean, broadcastable to (b, h, n, m); True attends. Masked entries stay
         masked at any temperature.
       scale: beta; defaults to 1 / sqrt(d). T5 passes 1.
-      implementation: "einsum" (plain XLA), "fused" (jax.nn.dot_product_attention) or
-        "cudnn" (its cuDNN flash kernel); None picks the faster for the backend.
+      implementation: "einsum" (plain XLA), "chunked" (einsum over query chunks, bounded
+        memory), "fused" (jax.nn.dot_product_attention) or "cudnn" (its cuDNN flash
+        kernel); None picks the faster for the backend and the sequence length.
       precision: matmul precision ("default", "high", "highest" or a lax.Precision);
         None follows jax's default.
 
@@ -228,7 +276,7 @@ def energy_attention(
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if implementation is None:
-        implementation = default_implementation()
+        implementation = _pick_implementation(q, k)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     check_energy(energy)
@@ -240,14 +288,26 @@ def energy_attention(
     tau = _per_query(energy.tau, q)
     alpha = _per_query(energy.alpha, q)[..., None]
     gamma = _per_query(energy.gamma, q)[..., None]
+    # Known alpha = gamma = 1 (standard attention, or a temperature alone): the update is
+    # the retrieved pattern itself, so skip two passes over (b, n, h, d).
+    plain = _is_one(energy.alpha) and _is_one(energy.gamma)
     x = q
     for _ in range(steps):
         if implementation == "einsum":
             retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale, precision)
+        elif implementation == "chunked":
+            retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
         else:
             retrieved = _attend_fused(x, k, v, tau, bias, mask, scale, implementation, precision)
-        x = ((1.0 - gamma) * x + gamma * alpha * retrieved).astype(q.dtype)
+        x = retrieved if plain else (1.0 - gamma) * x + gamma * alpha * retrieved
+        x = x.astype(q.dtype)
     return x
+
+
+def _is_one(x: Any) -> bool:
+    """True when x is known before tracing to be 1 everywhere."""
+    v = _concrete(x)
+    return v is not None and bool(np.all(v == 1.0))
 
 
 def attention_weights(

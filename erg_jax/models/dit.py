@@ -461,6 +461,16 @@ class DiTDenoiser:
         table = self.params["class_embed"]["embedding"]
         return jnp.take(table, jnp.asarray(labels, jnp.int32), axis=0).astype(self.module.s.dtype)
 
+    def branched(
+        self, x: Array, t: Array, cond: Array | None, controls: AttentionControl | None
+    ) -> Array:
+        """Outputs (B, b, H, W, out) of B branches sharing x, t and cond, which differ
+        only in their stacked controls (leaves (B, L)); the layers before the first one a
+        control perturbs run once (``erg_jax.models.shared_prefix``)."""
+        from erg_jax.models.shared_prefix import dit_branched
+
+        return dit_branched(self.module, self.params, x, t, cond, controls)
+
 
 def make_denoiser(config: dict, params: Any) -> DiTDenoiser:
     """The DiT / SiT denoiser of a config dict and its params."""

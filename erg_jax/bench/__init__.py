@@ -1,0 +1,6 @@
+"""The pieces of ``python -m launch.benchmark`` beyond attention (``erg_jax.benchmark``).
+
+``setups`` builds the benchmarked models, conditions and guiders; ``guidance`` times a
+sampling step per guidance method, its FLOP floor and bfloat16; ``sampler`` the scan,
+its compile time and a sweep's compiles; ``peer`` the same DiT in diffusers (PyTorch).
+"""

@@ -1,0 +1,146 @@
+"""Shared-prefix evaluation of guidance branches: no work done twice on the branch axis.
+
+When every branch of a step has the same condition and input (class-conditional or
+unconditional ERG, PAG, SEG, SLG), the branches differ only from the first layer whose
+attention control differs between them. Everything before that layer is the same
+computation, so it runs once; only the rest is vmapped over the branches:
+
+    first  = min { i : control_j(i) != control_0(i) for some branch j }   (data)
+    h      = embed(x, t, c)                                                once
+    h_i+1  = block_i(h_i)              once, broadcast,   i < first
+    h_i+1  = map(block_i)(h_i, c_i)    per branch,        i >= first
+    out    = map(head)(h_L)
+
+(map: ``samplers.map_branches``, a vmap on accelerators, branch by branch on CPU).
+
+``first`` is found from the controls at run time: each block is a ``lax.cond`` between
+its shared and its per-branch form, so the layer choice, I-ERG's kickoff (before it no
+layer is perturbed and the whole network runs once) and every other number stay traced,
+and a sweep still compiles once. The result equals the plain ``vmap`` over the branches
+up to float rounding (``tests/test_shared_prefix.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from erg_jax.control import AttentionControl
+from erg_jax.models.dit import Block, _dense, _layer_norm, _modulate, timestep_features
+from erg_jax.samplers import map_branches
+
+Array = jax.Array
+
+
+def first_perturbed_layer(controls: AttentionControl | None, num_layers: int) -> Array:
+    """The first layer where some branch's control differs from branch 0's.
+
+    Args:
+      controls: stacked controls, every leaf (branches, layers, ...), or None.
+      num_layers: L, returned when no layer differs (all branches are the same network).
+
+    Returns:
+      int32 scalar in [0, L].
+    """
+    differs = jnp.zeros((num_layers,), bool)
+    for a in jax.tree_util.tree_leaves(controls):
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        differs = differs | jnp.any(a[1:] != a[:1], axis=(0, 2))
+    return jnp.where(jnp.any(differs), jnp.argmax(differs), num_layers).astype(jnp.int32)
+
+
+def _embed(s, params: dict, x: Array, t: Array, cond: Array | None):
+    """DiT's patch, position, timestep and class embedding (``DiT.__call__``'s prefix)."""
+    p, d = s.patch, s.hidden
+    b = x.shape[0]
+    conv = nn.Conv(
+        d,
+        (p, p),
+        strides=p,
+        padding="VALID",
+        dtype=s.dtype,
+        param_dtype=s.param_dtype,
+        precision=s.precision,
+    )
+    h = conv.apply({"params": params["patch_embed"]}, x.astype(s.dtype))
+    h = h.reshape(b, -1, d) + params["pos_embed"].astype(s.dtype)[None]
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    c = timestep_features(t, 256, s.time_freq_shift).astype(s.dtype)
+    c = _dense(s, d, (None, "mlp"), "t1").apply({"params": params["time_embed_1"]}, c)
+    c = _dense(s, d, ("mlp", "embed"), "t2").apply({"params": params["time_embed_2"]}, nn.silu(c))
+    if s.num_classes > 0:
+        cond = jnp.asarray(cond)
+        if jnp.issubdtype(cond.dtype, jnp.integer):
+            table = params["class_embed"]["embedding"]
+            cond = jnp.take(table, cond, axis=0)
+        c = c + cond.astype(s.dtype)
+    return h, nn.silu(c)
+
+
+def _head(s, params: dict, h: Array, y: Array, shape: tuple) -> Array:
+    """DiT's final adaLN, linear and unpatchify (``DiT.__call__``'s suffix)."""
+    p, d = s.patch, s.hidden
+    b, hgt, wid, _ = shape
+    mod = _dense(s, 2 * d, ("embed", "mlp"), "fm").apply({"params": params["final_modulation"]}, y)
+    shift, scale = jnp.split(mod, 2, -1)
+    h = _modulate(_layer_norm(h, 1e-6), shift, scale)
+    out = _dense(s, p * p * s.out_channels, ("embed", None), "fl")
+    h = out.apply({"params": params["final_linear"]}, h)
+    g = (hgt // p, wid // p)
+    h = h.reshape(b, g[0], g[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
+
+
+def _block_params(s, params: dict, i: int) -> dict:
+    if s.scan:
+        return jax.tree_util.tree_map(lambda a: a[i], params["blocks"])
+    return params[f"blocks_{i}"]
+
+
+def dit_branched(
+    module: Any, params: dict, x: Array, t: Array, cond: Any, controls: AttentionControl | None
+) -> Array:
+    """Every branch's DiT output, the prefix before the first perturbed layer run once.
+
+    Args:
+      module: the ``DiT`` Flax module (its ``s`` Spec); params: its params.
+      x: (b, H, W, C) latents, the same for every branch.
+      t: (b,) or scalar timestep.
+      cond: the one condition all branches share: (b,) labels or (b, D) embeddings.
+      controls: the branches' AttentionControls stacked (leaves (B, L)), or None when
+        no branch perturbs the attention (then the branches are one network).
+
+    Returns:
+      (B, b, H, W, out) raw outputs, B = branches (1 when controls is None).
+    """
+    s = module.s
+    grid = (x.shape[1] // s.patch, x.shape[2] // s.patch)
+    h, y = _embed(s, params, x, t, cond)
+    if controls is None:
+        for i in range(s.num_layers):
+            h, _ = Block(s, grid).apply({"params": _block_params(s, params, i)}, h, y, None)
+        return _head(s, params, h, y, x.shape)[None]
+    branches = jax.tree_util.tree_leaves(controls)[0].shape[0]
+    first = first_perturbed_layer(controls, s.num_layers)
+    hb = jnp.broadcast_to(h, (branches,) + h.shape)
+    for i in range(s.num_layers):
+        block = Block(s, grid)
+        p_i = _block_params(s, params, i)
+        ctl = jax.tree_util.tree_map(lambda a, i=i: a[:, i], controls)
+
+        def run(h, c, block=block, p_i=p_i):
+            return block.apply({"params": p_i}, h, y, c)[0]
+
+        def shared(hb, ctl=ctl, run=run):
+            # Before `first` every branch holds the same state and the same control.
+            out = run(hb[0], jax.tree_util.tree_map(lambda a: a[0], ctl))
+            return jnp.broadcast_to(out, hb.shape)
+
+        def split(hb, ctl=ctl, run=run):
+            return map_branches(run, hb, ctl)
+
+        hb = jax.lax.cond(i < first, shared, split, hb)
+    return map_branches(lambda h: _head(s, params, h, y, x.shape), hb)

@@ -1,0 +1,109 @@
+"""``python -m launch.benchmark --small`` end to end: its JSON has every figure, and the
+figures that are not times hold (one compile per sweep, parity with diffusers, bfloat16
+close to float32, the scan equal to the loop). No timing is asserted."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from erg_jax import Energy, energy_attention
+from erg_jax.bench import setups
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUIDERS = ("none", "cfg", "erg", "erg_k3", "erg_all_layers", "erg+apg", "pag", "seg")
+TARGETS = (
+    "erg_over_cfg",
+    "erg_all_layers_over_cfg",
+    "cfg_over_none",
+    "scan_over_loop",
+    "compile_250_over_25",
+    "compiles_per_sweep",
+    "attention_over_faster_reference",
+    "ours_erg_over_diffusers_cfg",
+    "share_of_matmul_rate",
+)
+
+
+def _number(x):
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    pytest.importorskip("torch", reason="the peer section needs the `parity` extra")
+    pytest.importorskip("diffusers", reason="the peer section needs the `parity` extra")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "launch.benchmark", "--small", "--repeats=1", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_every_section_has_every_figure(result):
+    for row in result["attention"]:
+        for name in ("energy_attention", "einsum", "dot_product_attention"):
+            assert _number(row[f"{name}_ms"]) and _number(row[f"{name}_mib"])
+        assert _number(row["ratio_to_faster_reference"])
+    for table in result["guidance"]:
+        for name in GUIDERS:
+            assert _number(table["step_ms"][name])
+            assert _number(table["ratio_to_cfg"][name]) and _number(table["ratio_to_none"][name])
+    dit_table, mmdit_table = result["guidance"]
+    assert set(dit_table["shared_prefix_saving"]) == {"erg", "pag", "seg"}
+    assert mmdit_table["shared_prefix_saving"] == {}  # the MMDiT offers no shared prefix
+    s = result["sampler"]
+    assert all(_number(s["scan_vs_loop"][k]) for k in ("scan_s", "loop_s", "scan_over_loop"))
+    assert all(_number(s["compile"][k]) for k in ("compile_s_25_steps", "compile_s_250_steps"))
+    for k in ("diffusers_cfg", "ours_cfg", "ours_erg"):
+        assert _number(result["peer"]["step_ms"][k])
+    for k in ("none", "cfg"):
+        f = result["floor"][k]
+        assert f["gflop"] > 0 and _number(f["floor_ms"]) and _number(f["share_of_matmul_rate"])
+    assert _number(result["bf16"]["bf16_over_f32_time"])
+    assert set(result["targets"]) == set(TARGETS)
+    assert all(isinstance(t["met"], bool) for t in result["targets"].values())
+
+
+@pytest.mark.slow
+def test_figures_that_are_not_times_hold(result):
+    assert result["sampler"]["sweep"] == {"settings": 8, "compiles": 1}
+    assert result["targets"]["compiles_per_sweep"]["met"]
+    assert result["sampler"]["scan_vs_loop"]["max_abs_difference"] < 1e-3
+    assert result["peer"]["output_relative_difference"] < 1e-4  # same weights, same network
+    assert 0 < result["bf16"]["relative_error"] < 0.1
+    # Twice the branches of an unguided step cost twice its FLOPs.
+    flops = result["floor"]
+    assert flops["cfg"]["gflop"] == pytest.approx(2 * flops["none"]["gflop"], rel=0.05)
+
+
+def test_chunked_attention_equals_the_einsum_path():
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (2, 96, 4, 8))
+    k = jax.random.normal(ks[1], (2, 80, 2, 8))
+    v = jax.random.normal(ks[2], (2, 80, 2, 8))
+    bias = jax.random.normal(ks[3], (2, 4, 96, 80))
+    mask = jnp.ones((1, 1, 96, 80), bool).at[:, :, ::3, 5:].set(False)
+    e = Energy(tau=jnp.linspace(0.3, 1.5, 4), alpha=0.9, gamma=0.7)
+    kw = dict(bias=bias, mask=mask, steps=2)
+    ref = energy_attention(q, k, v, e, implementation="einsum", **kw)
+    out = energy_attention(q, k, v, e, implementation="chunked", **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_stepper_walks_the_grid_and_starts_over():
+    setup = setups.dit_setup(small=True, batch=2)
+    fn, carry = setups.jitted_step(setup, setups.guiders(setup.num_layers)["cfg"])
+    stepper = setups.Stepper(fn, carry, 2)
+    first = [np.asarray(stepper()[0]) for _ in range(2)]
+    again = [np.asarray(stepper()[0]) for _ in range(2)]
+    np.testing.assert_array_equal(first[1], again[1])  # the donated start is intact
+    assert not np.array_equal(first[0], first[1])
