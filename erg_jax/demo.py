@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax import guidance as G
+from erg_jax import output
 from erg_jax import samplers as S
 from erg_jax.energy import Energy
 from erg_jax.models.toy import PatternDenoiser, shape_patterns
@@ -84,15 +85,9 @@ def run_toy(config, workdir: str) -> dict:
 
 def write_grid(path: str, rows: list) -> None:
     """Rows of NHWC images in [-1, 1] as one PNG, written atomically."""
-    from PIL import Image
-
     img = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    img = np.clip((img + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    tmp = path + ".tmp"
-    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(
-        tmp, format="PNG"
-    )
-    os.replace(tmp, path)
+    img = np.repeat(np.repeat(output.to_uint8(img), 4, axis=0), 4, axis=1)  # 4x, nearest
+    output.atomic_write_bytes(path, output.png_bytes(img))
 
 
 def run_quickstart(config, workdir: str) -> dict:

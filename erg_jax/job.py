@@ -159,6 +159,9 @@ def run_sampling(config, workdir: str) -> dict:
     first_image = None
     stopped = False
     compiled_cache: dict = {}
+    for folder in [workdir] + [os.path.join(workdir, m) for m in plan.methods]:
+        if removed := output.remove_partial(folder):
+            logger.info("removed %d unfinished file(s) of a killed run in %s", len(removed), folder)
     with _Stop() as stop:
         for method, guider in plan.methods.items():
             todo = sorted(set(range(n)) - output.done_indices(workdir, method))

@@ -1,11 +1,15 @@
 """Preemption-safe output of a sampling job: PNGs, the manifest, grids, the fingerprint.
 
-Every file is written whole or not at all (a temporary file in the same folder, then
-``os.replace``), so a job killed at any moment leaves only complete files, and the set
-of PNGs on disk is the truth about what is done. The manifest records the config's
-fingerprint: the fields that change the images (not the number of samples, the batch
-size, the mesh or the method list), so a restarted or extended job may continue a
-workdir and a changed one is refused.
+Every file is written whole or not at all (a hidden temporary file in the same folder,
+then ``os.replace``), so a job killed at any moment leaves only complete files under
+their real names, and the set of PNGs on disk is the truth about what is done. A kill
+between the write and the rename can leave a temporary file behind; its name carries the
+writing process's index, and that process removes it when the job starts again
+(``remove_partial``), so no host sweeps files another host is writing.
+
+The manifest records the config's fingerprint: the fields that change the images (not
+the number of samples, the batch size, the mesh or the method list), so a restarted or
+extended job may continue a workdir and a changed one is refused.
 """
 
 from __future__ import annotations
@@ -28,13 +32,50 @@ NEUTRAL_FIELDS = (
 )
 
 
+_TMP_TAG = ".partial-p"
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _tmp_path(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}{_TMP_TAG}{_process_index()}-{os.getpid()}")
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def remove_partial(folder: str, process_index: int | None = None) -> list[str]:
+    """Deletes the temporary files this process left in folder when it was killed.
+
+    Only names written by ``atomic_write_bytes`` of the same process index are touched;
+    returns the names removed.
+    """
+    if not os.path.isdir(folder):
+        return []
+    index = _process_index() if process_index is None else process_index
+    tag = f"{_TMP_TAG}{index}-"
+    removed = []
+    for name in os.listdir(folder):
+        if name.startswith(".") and tag in name:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

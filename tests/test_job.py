@@ -194,6 +194,29 @@ def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
     assert np.max(np.abs(same - ref)) <= 1  # the tiny config's scale is 3
 
 
+def test_a_restart_removes_its_own_unfinished_files_and_no_other_hosts(tmp_path):
+    _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 4})
+    folder = os.path.join(tmp_path, "cfg")
+    # what a kill between write and rename leaves: ours (process 0) and another host's
+    ours = output._tmp_path(output.sample_path(str(tmp_path), "cfg", 5))
+    other = os.path.join(folder, ".00000006.png.partial-p1-123")
+    for name in (ours, other):
+        with open(name, "wb") as f:
+            f.write(b"half a png")
+    s = _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 8})
+    assert s["methods"]["cfg"]["written_now"] == 4
+    assert not os.path.exists(ours)
+    assert os.path.exists(other)  # process 1 cleans up its own
+    assert output.done_indices(str(tmp_path), "cfg") == set(range(8))
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    target = str(tmp_path / "x.png")
+    with pytest.raises(TypeError):
+        output.atomic_write_bytes(target, object())  # not bytes: f.write fails mid-way
+    assert os.listdir(tmp_path) == []
+
+
 def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
     _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 4})
     s = _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 8})
