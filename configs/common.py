@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="",  # "" keeps the checkpoint's; e.g. "bfloat16"
             param_dtype="",
             precision="",  # matmul precision: default / high / highest
+            scan_blocks=False,  # nn.scan over like blocks: compile time flat in depth
         )
     )
     c.vae = ml_collections.ConfigDict(

@@ -26,6 +26,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/dit.py variant must be one of {VARIANTS}, got {arg!r}")
     c = base_config()
     c.model.kind = "dit"
+    c.model.scan_blocks = True  # 28-38 blocks: one scanned body compiles far faster
     c.vae.preset = "sd"
     c.guidance.methods = "cfg,erg"
     c.guidance.scale = 1.5  # ERG's DiT-XL/2 figures use a moderate w
@@ -41,6 +42,7 @@ def get_config(arg=None):
     else:  # tiny: random weights, runs in seconds on a CPU
         c.model.preset = "tiny/2"
         c.model.random_init = True
+        c.model.scan_blocks = False
         c.vae.random_init = True
         c.vae.preset = "tiny"
         c.guidance.layers = ""

@@ -30,6 +30,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/sd3.py variant must be one of {VARIANTS}, got {arg!r}")
     c = base_config()
     c.model.kind = "mmdit"
+    c.model.scan_blocks = True  # 28-38 blocks: one scanned body compiles far faster
     c.vae.preset = "sd3"
     c.text.layout = "sd3"
     c.text.hidden_layers = "-2,-2,-1"  # penultimate CLIP states, last T5 state (as SD3)
@@ -51,6 +52,7 @@ def get_config(arg=None):
     else:
         c.model.preset = "tiny"
         c.model.random_init = True
+        c.model.scan_blocks = False
         c.model.overrides = (
             "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
         )

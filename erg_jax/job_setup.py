@@ -219,22 +219,31 @@ def _overrides(spec: str) -> dict:
 def _load_model(mc, mesh, seed_key):
     mod = _model_module(mc.kind)
     runtime = {k: mc[k] for k in ("dtype", "param_dtype", "precision") if mc[k]}
+    runtime["scan_blocks"] = bool(mc.scan_blocks)
+
+    def shardings(config):
+        return sharding.shardings_from_axes(
+            mod.param_axes(config), mod.abstract_params(config), mesh
+        )
+
     if mc.random_init:
         preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
         mcfg = preset(mc.preset, **runtime, **_overrides(mc.overrides))
         # one compiled init instead of hundreds of eagerly dispatched small ops
         init = jax.jit(lambda k: mod.init_params(mcfg, k))
         host = jax.tree_util.tree_map(np.asarray, init(seed_key))
-    else:
-        mcfg = dict(checkpoint.read_config(mc.checkpoint), **runtime)
-        host = None
-    shard = sharding.shardings_from_axes(mod.param_axes(mcfg), mod.abstract_params(mcfg), mesh)
-    if host is not None:
-        params = sharding.place(host, shard)
-    else:
-        params, _ = checkpoint.restore(mc.checkpoint, shard)
-        if "param_dtype" in runtime:
-            params = jax.tree_util.tree_map(lambda a: a.astype(runtime["param_dtype"]), params)
+        return mod, mcfg, sharding.place(host, shardings(mcfg))
+    stored = checkpoint.read_config(mc.checkpoint)
+    mcfg = dict(stored, **runtime)
+    # restored straight into the shardings of the stored layout, then restacked on device
+    as_stored = dict(mcfg, scan_blocks=bool(stored.get("scan_blocks")))
+    params, _ = checkpoint.restore(mc.checkpoint, shardings(as_stored))
+    if bool(stored.get("scan_blocks")) != runtime["scan_blocks"]:
+        from erg_jax.models import relayout
+
+        params = jax.device_put(relayout(params, stored, mcfg), shardings(mcfg))
+    if "param_dtype" in runtime:
+        params = jax.tree_util.tree_map(lambda a: a.astype(runtime["param_dtype"]), params)
     return mod, mcfg, params
 
 

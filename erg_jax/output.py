@@ -8,8 +8,8 @@ writing process's index, and that process removes it when the job starts again
 (``remove_partial``), so no host sweeps files another host is writing.
 
 The manifest records the config's fingerprint: the fields that change the images (not
-the number of samples, the batch size, the mesh or the method list), so a restarted or
-extended job may continue a workdir and a changed one is refused.
+the number of samples, the batch size, the mesh, the block layout or the method list),
+so a restarted or extended job may continue a workdir and a changed one is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ NEUTRAL_FIELDS = (
     ("sampler", "batch_size"),
     ("guidance", "methods"),
     ("mesh",),
+    ("model", "scan_blocks"),
 )
 
 

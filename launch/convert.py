@@ -42,15 +42,15 @@ def convert(
       output: the checkpoint directory to write.
       model: dit-pt only: 'XL/2', 'DiT-B/4', 'SiT-XL/2', ... (.pt files carry no config).
       sample_size: dit-pt only: latent side (32 for 256px, 64 for 512px).
-      scan_blocks: DiT only: store the blocks stacked for ``nn.scan``.
-      param_dtype: DiT only: dtype the params are stored in.
+      scan_blocks: DiT and SD3: store the blocks stacked for ``nn.scan``.
+      param_dtype: DiT and SD3: dtype the params are stored in.
 
     Returns:
       The config written beside the params.
     """
     from erg_jax import checkpoint
 
-    dit_kw = dict(scan_blocks=scan_blocks, param_dtype=param_dtype)
+    layout_kw = dict(scan_blocks=scan_blocks, param_dtype=param_dtype)
     if source == "dit-pt":
         from erg_jax.convert.dit import convert_dit_pt
         from erg_jax.models.dit import dit_config
@@ -58,17 +58,17 @@ def convert(
         if not model:
             raise ValueError("--source=dit-pt needs --model (e.g. XL/2 or SiT-XL/2)")
         if sample_size:
-            dit_kw["sample_size"] = int(sample_size)
-        config = dit_config(model, **dit_kw)
+            layout_kw["sample_size"] = int(sample_size)
+        config = dit_config(model, **layout_kw)
         params = convert_dit_pt(input_path, config)
     elif source == "diffusers-dit":
         from erg_jax.convert.dit import convert_diffusers_dit
 
-        params, config = convert_diffusers_dit(input_path, **dit_kw)
+        params, config = convert_diffusers_dit(input_path, **layout_kw)
     elif source == "diffusers-sd3":
         from erg_jax.convert.sd3 import convert_diffusers_sd3
 
-        params, config = convert_diffusers_sd3(input_path)
+        params, config = convert_diffusers_sd3(input_path, **layout_kw)
     elif source == "diffusers-vae":
         from erg_jax.convert.vae import convert_diffusers_vae
 
@@ -85,8 +85,8 @@ flags.DEFINE_string("input", None, "the .pt file or the diffusers model folder")
 flags.DEFINE_string("output", None, "checkpoint directory to write")
 flags.DEFINE_string("model", None, "dit-pt: model name, e.g. XL/2 or SiT-XL/2")
 flags.DEFINE_integer("sample_size", None, "dit-pt: latent side (32 at 256px, 64 at 512px)")
-flags.DEFINE_bool("scan_blocks", False, "DiT: store blocks stacked for nn.scan")
-flags.DEFINE_string("param_dtype", "float32", "DiT: dtype of the stored params")
+flags.DEFINE_bool("scan_blocks", False, "DiT, SD3: store blocks stacked for nn.scan")
+flags.DEFINE_string("param_dtype", "float32", "DiT, SD3: dtype of the stored params")
 
 
 def main(argv):

@@ -217,6 +217,31 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_stored_checkpoint_samples_the_same_scanned_or_not(tmp_path):
+    import jax
+
+    from erg_jax import checkpoint
+    from erg_jax.models import dit
+
+    config = dit.dit_config(_tiny().model.preset)
+    params = dit.init_params(config, jax.random.key(3))
+    checkpoint.save(str(tmp_path / "ckpt"), params, config)
+    base = {
+        "model.random_init": False,
+        "model.checkpoint": str(tmp_path / "ckpt"),
+        "guidance.methods": "erg",
+        "output.num_samples": 8,
+    }
+    _sample(tmp_path / "flat", **base)
+    # the block layout is not part of the fingerprint: the same workdir takes both
+    _sample(tmp_path / "flat", **{**base, "model.scan_blocks": True, "output.num_samples": 12})
+    _sample(tmp_path / "scan", **base, **{"model.scan_blocks": True})
+    a = _images(str(tmp_path / "flat"), "erg").astype(int)
+    b = _images(str(tmp_path / "scan"), "erg").astype(int)
+    assert len(a) == 12
+    assert np.max(np.abs(a[:8] - b)) <= 1
+
+
 def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
     _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 4})
     s = _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 8})

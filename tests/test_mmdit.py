@@ -112,7 +112,7 @@ def test_energy_acts_from_its_first_layer_on():
             capture_intermediates=True,
             mutable=["intermediates"],
         )
-        blocks = [state["intermediates"][f"blocks_{i}"]["__call__"][0] for i in range(4)]
+        blocks = [state["intermediates"][f"blocks_{i}"]["__call__"][0][0] for i in range(4)]
         return out, blocks
 
     base_out, base = run(None)
@@ -123,6 +123,58 @@ def test_energy_acts_from_its_first_layer_on():
             assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(base[2][0], blocks[2][0], atol=1e-4)
     assert not np.allclose(base_out, out, atol=1e-4)
+
+
+def test_segments_of_the_published_sizes():
+    seg = mmdit.segments(mmdit.Spec.from_config(mmdit.mmdit_config("sd3.5-medium")))
+    assert [tuple(x) for x in seg] == [
+        (0, 13, True, False),
+        (13, 23, False, False),
+        (23, 24, False, True),
+    ]
+    seg = mmdit.segments(mmdit.Spec.from_config(mmdit.mmdit_config("sd3.5-large")))
+    assert [tuple(x) for x in seg] == [(0, 37, False, False), (37, 38, False, True)]
+
+
+def test_scanned_and_unscanned_blocks_agree(tmp_path):
+    from erg_jax import checkpoint
+    from erg_jax.models import load_denoiser
+
+    config, params = make_test_model(num_layers=6, dual_attention_layers=(0, 1, 2))
+    x, t, cond = inputs(config)
+    plain = jax.jit(mmdit.make_denoiser(config, params))
+    scan_cfg = dict(config, scan_blocks=True, remat=True)
+    stacked = mmdit.stack_blocks(params, scan_cfg)
+    assert sorted(k for k in stacked if k.startswith("blocks")) == [
+        "blocks_0_to_2",
+        "blocks_3_to_4",
+        "blocks_5",
+    ]
+    abstract = mmdit.abstract_params(scan_cfg)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(stacked)
+    scanned = jax.jit(mmdit.make_denoiser(scan_cfg, stacked))
+    np.testing.assert_allclose(scanned(x, t, cond), plain(x, t, cond), rtol=1e-5, atol=1e-5)
+    # the control is sliced per run and scanned with it: layers 1, 3 and 4 perturbed
+    ctl = AttentionControl.neutral(6, energy=True, blur=True, skip=True)
+    ctl = ctl.replace(
+        energy=ctl.energy.replace(tau=jnp.ones(6).at[1].set(0.3)),
+        blur=jnp.zeros(6).at[4].set(1.0),
+        skip=jnp.zeros(6).at[3].set(1.0),
+    )
+    want = plain(x, t, cond, ctl)
+    np.testing.assert_allclose(scanned(x, t, cond, ctl), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want, plain(x, t, cond), atol=1e-3)
+    back = mmdit.unstack_blocks(stacked, config)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, back, params))
+    # a stored unscanned checkpoint loads scanned, and the other way round
+    checkpoint.save(str(tmp_path / "flat"), params, config)
+    den = load_denoiser(str(tmp_path / "flat"), scan_blocks=True)
+    assert "blocks_0_to_2" in den.params
+    np.testing.assert_allclose(den(x, t, cond, ctl), want, rtol=1e-5, atol=1e-5)
+    checkpoint.save(str(tmp_path / "stacked"), stacked, scan_cfg)
+    den = load_denoiser(str(tmp_path / "stacked"), scan_blocks=False)
+    assert "blocks_0" in den.params
+    np.testing.assert_allclose(den(x, t, cond), plain(x, t, cond), rtol=1e-5, atol=1e-5)
 
 
 # -- conversion ---------------------------------------------------------------------------
@@ -172,9 +224,9 @@ VARIANTS = {
     "sd35_dual": dict(
         in_channels=16,
         out_channels=16,
-        num_layers=3,
+        num_layers=5,  # runs of like blocks: 0-1 dual, 2-3 plain, 4 the last
         qk_norm="rms_norm",
-        dual_attention_layers=(0,),
+        dual_attention_layers=(0, 1),
     ),
 }
 
@@ -209,6 +261,17 @@ def test_parity_with_diffusers(variant, tmp_path):
         assert ours.shape == theirs.shape
         err = np.abs(ours - theirs).max() / np.abs(theirs).max()
         assert err < 1e-4, f"{variant} {(hgt, wid)}: relative error {err:.2e}"
+    # the scanned layout converts from the same folder to the same function
+    stacked, scan_cfg = sd3.convert_diffusers_sd3(
+        str(tmp_path), precision="highest", scan_blocks=True
+    )
+    assert scan_cfg["scan_blocks"]
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(
+        mmdit.abstract_params(scan_cfg)
+    )
+    np.testing.assert_allclose(
+        jax.jit(mmdit.make_denoiser(scan_cfg, stacked))(x, t, cond), ours, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parity

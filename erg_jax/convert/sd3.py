@@ -115,20 +115,27 @@ def _transform(path: tuple[str, ...], shape: tuple[int, ...]):
 def convert_state_dict(
     tensors: dict[str, np.ndarray], config: dict, source: str = "checkpoint"
 ) -> dict:
-    """Maps a diffusers SD3 transformer state dict onto the params of ``config``."""
+    """Maps a diffusers SD3 transformer state dict onto the params of ``config``
+    (stacked for ``nn.scan`` where the config sets scan_blocks)."""
     sd = StateDict(tensors, source=source)
     param_dtype = np.dtype(mmdit.Spec.from_config(config).param_dtype)
-    flat = traverse_util.flatten_dict(mmdit.abstract_params(config))
+    flat = traverse_util.flatten_dict(mmdit.abstract_params(dict(config, scan_blocks=False)))
     out = {}
     for path, leaf in flat.items():
         w = sd.take(diffusers_key(path), leaf.shape, _transform(path, leaf.shape))
         out[path] = np.asarray(w, np.float32).astype(param_dtype)
     sd.finish()
-    return traverse_util.unflatten_dict(out)
+    params = traverse_util.unflatten_dict(out)
+    return mmdit.stack_blocks(params, config) if config.get("scan_blocks") else params
 
 
 def convert_diffusers_sd3(
-    folder: str, *, dtype: str = "float32", param_dtype: str = "float32", precision: str = "default"
+    folder: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    precision: str = "default",
+    scan_blocks: bool = False,
 ) -> tuple[dict, dict]:
     """Reads a diffusers SD3 / SD3.5 transformer folder.
 
@@ -137,6 +144,7 @@ def convert_diffusers_sd3(
         index); for a whole pipeline pass its ``transformer`` subfolder.
       dtype, param_dtype, precision: the three dtypes written into the config; the
         params are cast to param_dtype (float32 by default: lossless for any checkpoint).
+      scan_blocks: store each run of like blocks stacked for ``nn.scan``.
 
     Returns:
       (params, config): the Flax params (numpy) and the config dict (kind='mmdit').
@@ -144,5 +152,6 @@ def convert_diffusers_sd3(
     config = config_from_diffusers(
         read_config(folder), dtype=dtype, param_dtype=param_dtype, precision=precision
     )
+    config["scan_blocks"] = bool(scan_blocks)
     params = convert_state_dict(read_state_dict(find_weights(folder)), config, source=folder)
     return params, config

@@ -23,15 +23,22 @@ RUNTIME_FIELDS = (
 )
 
 
-def _relayout_dit(params: dict, old: dict, new: dict) -> dict:
-    from erg_jax.models import dit
-
+def relayout(params: dict, old: dict, new: dict) -> dict:
+    """Params stored under config ``old`` in the block layout (scanned or not) of ``new``."""
     if bool(old.get("scan_blocks")) == bool(new.get("scan_blocks")):
         return params
-    layers = int(new["num_layers"])
+    if new.get("kind") == "dit":
+        from erg_jax.models import dit
+
+        layers = int(new["num_layers"])
+        if new.get("scan_blocks"):
+            return dit.stack_blocks(params, layers)
+        return dit.unstack_blocks(params, layers)
+    from erg_jax.models import mmdit
+
     if new.get("scan_blocks"):
-        return dit.stack_blocks(params, layers)
-    return dit.unstack_blocks(params, layers)
+        return mmdit.stack_blocks(params, new)
+    return mmdit.unstack_blocks(params, new)
 
 
 def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
@@ -61,14 +68,12 @@ def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
     if kind == "dit":
         from erg_jax.models import dit
 
-        return dit.make_denoiser(config, _relayout_dit(params, stored, config))
+        return dit.make_denoiser(config, relayout(params, stored, config))
     if kind == "mmdit":
-        if overrides.get("scan_blocks"):
-            raise ValueError("the MMDiT has no scanned layout (its blocks differ)")
         from erg_jax.models import mmdit
 
-        return mmdit.make_denoiser(config, params)
+        return mmdit.make_denoiser(config, relayout(params, stored, config))
     raise ValueError(f"{directory} holds a {kind!r} model, not a denoiser ('dit' or 'mmdit')")
 
 
-__all__ = ["RUNTIME_FIELDS", "load_denoiser"]
+__all__ = ["RUNTIME_FIELDS", "load_denoiser", "relayout"]

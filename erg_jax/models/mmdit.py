@@ -17,15 +17,20 @@ velocity comes out of a final adaLN + linear, unpatchified to NHWC.
 Every attention runs through ``erg_jax.control``: the block's control blurs the image
 tokens' queries (SEG; text queries are never blurred), drives ``attend`` (energy / PAG) in
 the joint attention and, with the same control, in attn2, and can skip the whole block for
-both streams (SLG). Blocks are a Python loop (optionally rematerialised), not
-an ``nn.scan``: the last block and the dual-attention blocks have different parameters.
+both streams (SLG).
+
+Blocks are a Python loop, or with ``scan_blocks`` one ``nn.scan`` per run of blocks
+with the same parameters (``segments``: in SD3.5-medium the dual-attention blocks 0..12,
+the plain blocks 13..22, then the last, text-free block 23), which keeps compile time
+flat in the depth; either can be rematerialised. A scanned run stores its params stacked
+under ``blocks_{first}_to_{last}``; ``stack_blocks`` and ``unstack_blocks`` convert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -58,6 +63,7 @@ _SD3 = dict(
     param_dtype="bfloat16",
     precision="default",
     attention_implementation=None,
+    scan_blocks=False,
     remat=False,
 )
 PRESETS: dict[str, dict] = {
@@ -125,6 +131,7 @@ class Spec:
     param_dtype: Any = jnp.float32
     precision: str | None = None
     implementation: str | None = None
+    scan: bool = False
     remat: bool = False
 
     @property
@@ -159,6 +166,7 @@ class Spec:
             param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
             precision=None if precision in (None, "default") else str(precision),
             implementation=config.get("attention_implementation"),
+            scan=bool(config.get("scan_blocks", False)),
             remat=bool(config.get("remat", False)),
         )
 
@@ -299,22 +307,55 @@ class MLP(nn.Module):
         return _dense(self.s, self.out, ("mlp", "embed"), "linear_2")(h)
 
 
+class Segment(NamedTuple):
+    """Blocks start..stop-1, which share their parameter structure."""
+
+    start: int
+    stop: int
+    dual: bool  # SD3.5's second, image-only attention (attn2)
+    pre_only: bool  # the last block: no text-stream output (context_pre_only)
+
+
+def segments(s: Spec) -> list[Segment]:
+    """The runs of consecutive blocks with the same parameter structure, in order."""
+    out: list[Segment] = []
+    for i in range(s.num_layers):
+        kind = (i in s.dual_layers, i == s.num_layers - 1)
+        if out and (out[-1].dual, out[-1].pre_only) == kind:
+            out[-1] = out[-1]._replace(stop=i + 1)
+        else:
+            out.append(Segment(i, i + 1, *kind))
+    return out
+
+
+def _scanned(seg: Segment, scan: bool) -> bool:
+    return scan and seg.stop - seg.start > 1
+
+
+def segment_name(seg: Segment) -> str:
+    """The param name of a scanned run of blocks."""
+    return f"blocks_{seg.start}_to_{seg.stop - 1}"
+
+
 class JointBlock(nn.Module):
-    """One MMDiT block (image and text streams); see the module docstring."""
+    """One MMDiT block (image and text streams); see the module docstring.
+
+    Called as ``((x, c), y, control) -> ((x, c), None)``, the carry / output pair of
+    ``nn.scan``: x (b, N, D) image tokens, c (b, L, D) text tokens, y (b, D) the silu'd
+    conditioning. In the last block (context_pre_only) c comes back unchanged: nothing
+    reads it.
+    """
 
     s: Spec
-    index: int
     grid: tuple[int, int]
+    dual: bool = False
+    pre_only: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, c: Array, y: Array, control: AttentionControl | None):
-        """x (b, N, D), c (b, L, D), y (b, D) silu'd conditioning -> new (x, c).
-
-        In the last block (context_pre_only) c is returned unchanged: nothing reads it.
-        """
+    def __call__(self, carry: tuple[Array, Array], y: Array, control: AttentionControl | None):
         s, d = self.s, self.s.dim
-        pre_only = self.index == s.num_layers - 1
-        dual = self.index in s.dual_layers
+        x, c = carry
+        pre_only, dual = self.pre_only, self.dual
         m = jnp.split(
             _dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y),
             9 if dual else 6,
@@ -343,7 +384,7 @@ class JointBlock(nn.Module):
             c_out = c + cm[2][:, None] * a_c
             ff_c = MLP(s, 4 * d, d, name="ff_context")(_modulate(_layer_norm(c_out), cm[3], cm[4]))
             c_out = c_out + cm[5][:, None] * ff_c
-        return skip_block(x, out, control), skip_block(c, c_out, control)
+        return (skip_block(x, out, control), skip_block(c, c_out, control)), None
 
 
 class MMDiT(nn.Module):
@@ -414,10 +455,31 @@ class MMDiT(nn.Module):
         y = nn.silu(y)
         c = _dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
 
-        block = nn.remat(JointBlock) if s.remat else JointBlock
-        for i in range(s.num_layers):
-            control = None if attention is None else attention.layer(i)
-            h, c = block(s, i, grid, name=f"blocks_{i}")(h, c, y, control)
+        block = nn.remat(JointBlock, prevent_cse=not s.scan) if s.remat else JointBlock
+        for seg in segments(s):
+            if _scanned(seg, s.scan):
+                run = nn.scan(
+                    block,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0),
+                    length=seg.stop - seg.start,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                controls = None
+                if attention is not None:
+                    controls = jax.tree_util.tree_map(
+                        lambda a, seg=seg: a[seg.start : seg.stop], attention
+                    )
+                (h, c), _ = run(s, grid, seg.dual, seg.pre_only, name=segment_name(seg))(
+                    (h, c), y, controls
+                )
+                continue
+            for i in range(seg.start, seg.stop):
+                control = None if attention is None else attention.layer(i)
+                (h, c), _ = block(s, grid, seg.dual, seg.pre_only, name=f"blocks_{i}")(
+                    (h, c), y, control
+                )
 
         scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
         h = _modulate(_layer_norm(h), shift, scale)
@@ -468,6 +530,32 @@ def count_params(config: dict, *, buffers: bool = False) -> int:
     if not buffers:
         shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}
     return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
+
+
+def stack_blocks(params: dict, config: dict) -> dict:
+    """Unscanned params (blocks_0 ..) -> the scanned layout of ``config`` (its
+    ``scan_blocks`` is ignored: the result is always the scanned layout)."""
+    out = dict(params)
+    for seg in segments(Spec.from_config(config)):
+        if _scanned(seg, True):
+            layers = [out.pop(f"blocks_{i}") for i in range(seg.start, seg.stop)]
+            out[segment_name(seg)] = jax.tree_util.tree_map(
+                lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
+            )
+    return out
+
+
+def unstack_blocks(params: dict, config: dict) -> dict:
+    """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
+    out = dict(params)
+    for seg in segments(Spec.from_config(config)):
+        if _scanned(seg, True):
+            stacked = out.pop(segment_name(seg))
+            for i in range(seg.start, seg.stop):
+                out[f"blocks_{i}"] = jax.tree_util.tree_map(
+                    lambda a, j=i - seg.start: a[j], stacked
+                )
+    return out
 
 
 def make_denoiser(config: dict, params: Any):
