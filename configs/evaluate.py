@@ -6,6 +6,12 @@
 
 Writes results.json, results.md (FD, density, coverage, consistency, NFE, seconds per
 method and weight) and pareto.png (consistency against coverage).
+
+ERG's settings (tau, layer subset, kickoff, tau_c) were chosen by the search mode, on
+conditions and noise disjoint from the bench's:
+
+    python -m launch.evaluate --config=configs/evaluate.py:mmdit --config.mode=search \
+        --workdir=out/search_text
 """
 
 import math
@@ -46,7 +52,21 @@ def get_config(arg=None):
             cads_noise_scale=0.25,
         )
     )
+    c.mode = "bench"  # or "search": ERG's settings against CFG on tuning conditions
+    c.search = ml_collections.ConfigDict(
+        dict(
+            weight=2.0,
+            seed=1,  # noise seed of the tuning set (the bench uses c.seed)
+            taus=(0.6, 0.8, 0.9, 0.95),
+            layer_sets=("", "0", "1", "2", "3"),  # "" = every layer
+            kappas=(0.0,),
+            tau_cs=(0.5, 1.0),  # text model only
+        )
+    )
+    if arg == "dit":  # five blocks
+        c.search.layer_sets = ("", "0", "1", "2", "3", "4")
     if arg == "tiny":
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
+        c.search.taus, c.search.layer_sets, c.search.tau_cs = (0.5,), ("", "0"), (1.0,)
     return c

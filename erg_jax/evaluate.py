@@ -124,11 +124,80 @@ def method_guider(method: str, scale: float, settings: dict) -> G.Guider:
     raise ValueError(f"eval methods: unknown method {method!r}")
 
 
+class _Scorer:
+    """Samples guiders on one set of held-out conditions from fixed noise and scores them.
+
+    Compiles once per pytree structure of (guider, conditions); every number in them is
+    traced, so a sweep of weights or ERG settings reuses one program.
+    """
+
+    def __init__(self, model, classifier, config, *, start: int, seed: int):
+        n = config.num_samples
+        self.model, self.classifier, self.nearest_k = model, classifier, config.nearest_k
+        self.steps = config.steps
+        self.real_feats = classifier(data.split("heldout", config.num_real)["images"])["features"]
+        self.cond_set = data.split("heldout", n, start=start)
+        self.keys = S.sample_keys(seed, jnp.arange(n))
+        self.noise = S.initial_noise(self.keys, model.latent_shape)
+        self.smp = S.make_sampler("euler", config.steps, time=model.time)
+        self.compiled: dict = {}
+
+    def conditions(self, unconditional=False, tau_c=None) -> dict:
+        if tau_c is None:
+            return self.model.conditions(self.cond_set, unconditional=unconditional)
+        return self.model.conditions(self.cond_set, unconditional=unconditional, tau_c=tau_c)
+
+    def score(self, guider: G.Guider, conds: dict) -> dict:
+        """fd, density, coverage, consistency (and shape / colour accuracy), nfe, seconds."""
+        model = self.model
+        if guider.cads is not None and model.kind == "dit":  # CADS anneals embeddings
+            conds = {k: model.denoiser.embed_classes(v) for k, v in conds.items()}
+        sig = jax.tree_util.tree_structure((guider, conds))
+        if sig not in self.compiled:  # compile apart from the timed run
+            fn = jax.jit(
+                lambda g, c: S.sample(
+                    model.denoiser,
+                    self.noise,
+                    c,
+                    g,
+                    self.smp,
+                    keys=self.keys,
+                    num_layers=model.num_layers,
+                )
+            )
+            self.compiled[sig] = fn.lower(guider, conds).compile()
+        start = time.perf_counter()
+        images = np.asarray(jax.block_until_ready(self.compiled[sig](guider, conds)))
+        seconds = time.perf_counter() - start
+        read = self.classifier(np.clip(images, -1.0, 1.0))
+        row = metrics.compute_metrics(
+            self.real_feats,
+            read["features"],
+            self.nearest_k,
+            predictions=(read["shape"], read["colour"]),
+            conditions=(self.cond_set["shape"], self.cond_set["colour"]),
+        )
+        row.update(nfe=guider.num_branches * self.steps, seconds=seconds)
+        return row
+
+
+def _parse_layers(spec: str) -> list[int] | None:
+    return None if not spec else [int(x) for x in spec.split(",")]
+
+
+def _print_row(label: str, row: dict) -> None:
+    print(
+        f"{label:>24} fd {row['fd']:9.1f} density {row['density']:.3f} coverage "
+        f"{row['coverage']:.3f} consistency {row['consistency']:.3f} ({row['seconds']:.1f}s)",
+        flush=True,
+    )
+
+
 def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     """Samples every (method, weight) of the config and writes the table and the plot.
 
     Args:
-      model: ``demo.DemoModel`` (denoiser, conditions, latent shape, layers).
+      model: ``DemoModel`` (denoiser, conditions, latent shape, layers).
       classifier: callable images (n, 32, 32, 3) -> dict(shape, colour, features).
       config: the eval section of configs/evaluate.py.
       workdir: where results.json, results.md and pareto.png go.
@@ -136,17 +205,9 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     Returns:
       The table rows.
     """
-    n = config.num_samples
-    real = data.split("heldout", config.num_real)
-    real_feats = classifier(real["images"])["features"]
-    cond_set = data.split("heldout", n, start=config.num_real)
-    keys = S.sample_keys(config.seed, jnp.arange(n))
-    noise = S.initial_noise(keys, model.latent_shape)
-    smp = S.make_sampler("euler", config.steps, time=model.time)
+    scorer = _Scorer(model, classifier, config, start=config.num_real, seed=config.seed)
     settings = config.settings.to_dict()
-    settings["layers"] = (
-        None if not settings["layers"] else [int(x) for x in settings["layers"].split(",")]
-    )
+    settings["layers"] = _parse_layers(settings["layers"])
     rows = []
     plans = [
         (m, w, False)
@@ -161,51 +222,90 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     ]
     if model.kind == "mmdit":  # C-ERG alone, below and above tau_c = 1
         plans += [(f"c-erg@{tc:g}", config.weights[0], False) for tc in config.tau_c_values]
-    compiled = {}
     for method, weight, uncond in plans:
         if method.startswith("c-erg@"):
             guider = G.erg(float(weight), energy=None, condition="tempered")
-            conds = model.conditions(cond_set, tau_c=float(method.split("@")[1]))
+            conds = scorer.conditions(tau_c=float(method.split("@")[1]))
         else:
             guider = method_guider(method, float(weight), settings)
-            conds = model.conditions(cond_set, unconditional=uncond)
-        if guider.cads is not None and model.kind == "dit":  # CADS anneals embeddings
-            conds = {k: model.denoiser.embed_classes(v) for k, v in conds.items()}
-        sig = jax.tree_util.tree_structure((guider, conds))
-        if sig not in compiled:  # compile apart from the timed run
-            fn = jax.jit(
-                lambda g, c: S.sample(
-                    model.denoiser, noise, c, g, smp, keys=keys, num_layers=model.num_layers
-                )
-            )
-            compiled[sig] = fn.lower(guider, conds).compile()
-        start = time.perf_counter()
-        images = np.asarray(jax.block_until_ready(compiled[sig](guider, conds)))
-        seconds = time.perf_counter() - start
-        images = np.clip(images, -1.0, 1.0)
-        read = classifier(images)
-        row = metrics.compute_metrics(
-            real_feats,
-            read["features"],
-            config.nearest_k,
-            predictions=(read["shape"], read["colour"]),
-            conditions=(cond_set["shape"], cond_set["colour"]),
-        )
-        row.update(
-            method=("uncond " if uncond else "") + method,
-            weight=float(weight),
-            nfe=guider.num_branches * config.steps,
-            seconds=seconds,
-        )
+            conds = scorer.conditions(unconditional=uncond)
+        row = scorer.score(guider, conds)
+        row.update(method=("uncond " if uncond else "") + method, weight=float(weight))
         rows.append(row)
-        print(
-            f"{row['method']:>14} w={row['weight']:<4g} fd {row['fd']:9.1f} density "
-            f"{row['density']:.3f} coverage {row['coverage']:.3f} consistency "
-            f"{row['consistency']:.3f} ({seconds:.1f}s)",
-            flush=True,
-        )
+        _print_row(f"{row['method']} w={weight:g}", row)
     write_results(rows, workdir)
     return rows
+
+
+SEARCH_COLUMNS = ("tau", "layers", "kappa", "tau_c", "fd", "density", "coverage")
+SEARCH_COLUMNS += ("consistency", "worst_ratio")
+
+
+def run_search(model, classifier, config, workdir: str) -> list[dict]:
+    """A grid search of ERG's settings against CFG at one weight, on tuning conditions.
+
+    The tuning set is disjoint from the bench's (held-out conditions after the bench's,
+    another noise seed), so the bench reports settings it was not tuned on. Each setting
+    is ranked by its worst ratio to CFG over density, coverage and consistency: the
+    paper's claim is that ERG raises all three together. Writes search.json and
+    search.md (best first) to workdir.
+
+    Returns:
+      The rows, best first; the CFG reference row (its settings None) is kept apart in
+      search.json under "cfg".
+    """
+    sc = config.search
+    scorer = _Scorer(
+        model, classifier, config, start=config.num_real + config.num_samples, seed=sc.seed
+    )
+    weight = float(sc.weight)
+    cfg_row = scorer.score(G.cfg(weight), scorer.conditions())
+    _print_row(f"cfg w={weight:g}", cfg_row)
+    tau_cs = tuple(sc.tau_cs) if model.kind == "mmdit" else (1.0,)
+    rows = []
+    for tau_c in tau_cs:
+        conds = scorer.conditions(tau_c=float(tau_c))  # the class model ignores tau_c
+        for tau in sc.taus:
+            for layers in sc.layer_sets:
+                for kappa in sc.kappas:
+                    guider = G.erg(
+                        weight,
+                        energy=Energy(tau=float(tau)),
+                        layers=_parse_layers(layers),
+                        kappa=float(kappa),
+                        condition="auto",  # C-ERG's tempered text where there is one
+                    )
+                    row = scorer.score(guider, conds)
+                    ratios = [row[k] / max(cfg_row[k], 1e-9) for k in _CLAIMED]
+                    row.update(
+                        tau=float(tau),
+                        layers=layers or "all",
+                        kappa=float(kappa),
+                        tau_c=float(tau_c),
+                        worst_ratio=min(ratios),
+                    )
+                    rows.append(row)
+                    _print_row(f"tau {tau:g} layers {layers or 'all'} kappa {kappa:g}", row)
+    rows.sort(key=lambda r: -r["worst_ratio"])
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "search.json"), "w") as f:
+        json.dump({"weight": weight, "cfg": cfg_row, "rows": rows}, f, indent=2)
+    lines = ["| " + " | ".join(SEARCH_COLUMNS) + " |", "|" + "---|" * len(SEARCH_COLUMNS)]
+    ref = dict(cfg_row, tau="cfg", layers="", kappa="", tau_c="", worst_ratio=1.0)
+    for r in [ref] + rows:
+        lines.append(
+            "| "
+            + " | ".join(
+                f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in SEARCH_COLUMNS
+            )
+            + " |"
+        )
+    with open(os.path.join(workdir, "search.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
+
+
+_CLAIMED = ("density", "coverage", "consistency")
 
 
 COLUMNS = ("method", "weight", "fd", "density", "coverage", "consistency", "nfe", "seconds")
@@ -255,4 +355,7 @@ def run_config(config, workdir: str) -> list[dict]:
     from erg_jax.models.classifier import load_classifier
 
     model = load_demo(config.model, config.models_dir, tau_c=config.settings.tau_c)
-    return run_bench(model, load_classifier(config.classifier), config, workdir)
+    if config.mode not in ("bench", "search"):
+        raise ValueError(f"mode must be 'bench' or 'search', got {config.mode!r}")
+    run = run_bench if config.mode == "bench" else run_search
+    return run(model, load_classifier(config.classifier), config, workdir)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +34,39 @@ def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
     for name in ("results.json", "results.md", "pareto.png"):
         assert os.path.getsize(tmp_path / name) > 0
     assert json.load(open(tmp_path / "results.json")) == rows
+
+
+@pytest.mark.slow
+def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, monkeypatch):
+    from configs import evaluate as cfg
+    from erg_jax import data
+    from erg_jax.evaluate import run_config
+
+    monkeypatch.chdir(ROOT)
+    c = cfg.get_config("tiny")
+    c.model, c.mode = "dit", "search"
+    c.search.taus = (0.3, 0.9)
+    rows = run_config(c, str(tmp_path))
+    saved = json.load(open(tmp_path / "search.json"))
+    assert saved["rows"] == rows and len(rows) == 4  # 2 taus x 2 layer sets
+    assert {(r["tau"], r["layers"]) for r in rows} == {
+        (t, la) for t in (0.3, 0.9) for la in ("all", "0")
+    }
+    ref = saved["cfg"]
+    for r in rows:
+        want = min(r[k] / ref[k] for k in ("density", "coverage", "consistency"))
+        assert abs(r["worst_ratio"] - want) < 1e-9
+    assert [r["worst_ratio"] for r in rows] == sorted(
+        (r["worst_ratio"] for r in rows), reverse=True
+    )
+    assert (tmp_path / "search.md").read_text().count("\n") == 2 + 1 + len(rows)
+    # the tuning conditions follow the bench's: none is shared
+    bench = data.split("heldout", c.num_samples, start=c.num_real)["images"]
+    tune = data.split("heldout", c.num_samples, start=c.num_real + c.num_samples)["images"]
+    assert not any(np.array_equal(a, b) for a in bench for b in tune)
+    c.mode = "tune"
+    with pytest.raises(ValueError, match="mode"):
+        run_config(c, str(tmp_path))
 
 
 @pytest.mark.slow
