@@ -216,6 +216,10 @@ def run_sampling(config, workdir: str) -> dict:
             summary["methods"][method] = stats
             if stopped:
                 break
+    if jax.process_count() > 1:  # every process's last files are written before the grid
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("erg_jax.job: samples written")
     summary["seconds_to_first_image"] = first_image
     summary["stopped_by_signal"] = stopped
     summary["seconds"] = time.perf_counter() - t_start

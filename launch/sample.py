@@ -5,7 +5,9 @@
         --config.guidance.methods=cfg,erg,erg+apg --config.guidance.scale=4
 
 On several hosts (a TPU pod: launch/tpu_pod.sh) every process runs the same command;
-jax.distributed is initialised from the environment.
+jax.distributed is initialised from the environment. Elsewhere, start each process by
+hand with the same command plus --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I.
 """
 
 import json
@@ -26,6 +28,11 @@ flags.DEFINE_bool(
     None,
     "call jax.distributed.initialize() (default: when the environment names several processes)",
 )
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a job started by hand"
+)
+flags.DEFINE_integer("num_processes", None, "processes in the job, for a job started by hand")
+flags.DEFINE_integer("process_id", None, "this process's index, for a job started by hand")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,9 +49,22 @@ def _several_processes() -> bool:
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
-    multi = _several_processes() if FLAGS.distributed is None else FLAGS.distributed
-    if multi:
-        jax.distributed.initialize()
+    by_hand = dict(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    if any(v is not None for v in by_hand.values()):
+        missing = [k for k, v in by_hand.items() if v is None]
+        if missing:
+            raise app.UsageError(f"a job started by hand needs all three flags; missing {missing}")
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise app.UsageError(
+                f"--process_id must be in [0, {FLAGS.num_processes}), got {FLAGS.process_id}"
+            )
+        jax.distributed.initialize(**by_hand)
+    elif _several_processes() if FLAGS.distributed is None else FLAGS.distributed:
+        jax.distributed.initialize()  # the cluster (TPU pod, SLURM, ...) is detected
     summary = run_sampling(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         brief = {

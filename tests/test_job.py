@@ -74,6 +74,48 @@ def test_same_images_on_1_and_8_devices_and_any_batch(config, tmp_path):
     assert manifest["samples"] == {"cfg": 8, "erg": 8}
 
 
+@pytest.mark.slow
+def test_two_processes_write_their_own_samples_of_the_same_images(tmp_path):
+    """Two hosts of 4 devices each (jax.distributed over CPU, gloo collectives), each
+    writing to its own disk: together exactly the one-process job's files, none twice."""
+    import socket
+
+    cfg, args = "configs/dit.py:tiny", ("--config.guidance.methods=cfg,erg",)
+    one = str(tmp_path / "one")
+    _run(cfg, one, *args, "--config.output.num_samples=16", devices=8)
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    hosts = [str(tmp_path / f"host{i}") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(cfg, hosts[i], *args, "--config.output.num_samples=16")
+            + [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT,
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for method in ("cfg", "erg"):
+        mine = [output.done_indices(h, method) for h in hosts]
+        assert not mine[0] & mine[1] and mine[0] | mine[1] == set(range(16))
+        assert len(mine[0]) == len(mine[1]) == 8  # each host its half of every batch
+        for h, idx in zip(hosts, mine, strict=True):
+            for i in idx:
+                a = output.read_png(output.sample_path(h, method, i)).astype(int)
+                b = output.read_png(output.sample_path(one, method, i)).astype(int)
+                assert np.max(np.abs(a - b)) <= 1, (method, i)
+    summary = json.load(open(os.path.join(hosts[0], "summary.json")))
+    assert summary["process_count"] == 2 and summary["device_count"] == 8
+    assert not os.path.exists(os.path.join(hosts[1], "summary.json"))  # process 0 writes it
+
+
 def _wait_for_png(workdir, method, proc, timeout=300):
     start = time.time()
     while time.time() - start < timeout:
