@@ -196,7 +196,7 @@ class Spec:
         )
 
 
-def _dense(s: Spec, features: int, axes: tuple, name: str) -> nn.Dense:
+def _dense(s: Spec, features: int, axes: tuple, name: str | None = None) -> nn.Dense:
     return nn.Dense(
         features,
         dtype=s.dtype,
@@ -283,11 +283,95 @@ class Block(nn.Module):
 
 
 class DiT(nn.Module):
-    """The DiT / SiT network (module docstring)."""
+    """The DiT / SiT network (module docstring).
+
+    ``embed``, the blocks and ``head`` are separate methods so that
+    ``erg_jax.models.shared_prefix`` can run the prefix once for many branches.
+    """
 
     s: Spec
 
-    @nn.compact
+    def setup(self):
+        s, p, d = self.s, self.s.patch, self.s.hidden
+        grid = (s.sample_size // p,) * 2
+        self.patch_embed = nn.Conv(
+            d,
+            (p, p),
+            strides=p,
+            padding="VALID",
+            dtype=s.dtype,
+            param_dtype=s.param_dtype,
+            precision=s.precision,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        )
+        self.pos_embed = self.param(
+            "pos_embed",
+            nn.with_logical_partitioning(
+                lambda *_: jnp.asarray(sincos_table(d, grid[0]), s.param_dtype), (None, "embed")
+            ),
+        )
+        self.time_embed_1 = _dense(s, d, (None, "mlp"))
+        self.time_embed_2 = _dense(s, d, ("mlp", "embed"))
+        if s.num_classes > 0:
+            self.class_embed = nn.Embed(
+                s.num_classes + 1,
+                d,
+                dtype=s.dtype,
+                param_dtype=s.param_dtype,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(0.02), (None, "embed")
+                ),
+            )
+        block = nn.remat(Block, prevent_cse=not s.scan) if s.remat else Block
+        if s.scan:
+            self.blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=s.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(s, grid)
+        else:
+            self.blocks = [block(s, grid) for _ in range(s.num_layers)]  # blocks_0, ...
+        self.final_modulation = _dense(s, 2 * d, ("embed", "mlp"))
+        self.final_linear = _dense(s, p * p * s.out_channels, ("embed", None))
+
+    def embed(self, x: Array, t: Array, cond: Array | None) -> tuple[Array, Array]:
+        """Patch, position, timestep and class embedding: the tokens (b, n, D) and the
+        blocks' conditioning silu(c) (b, D). Arguments as ``__call__``."""
+        s, d = self.s, self.s.hidden
+        b, hgt, wid, _ = x.shape
+        if (hgt, wid) != (s.sample_size, s.sample_size):
+            raise ValueError(f"latents must be {s.sample_size}x{s.sample_size}, got {hgt}x{wid}")
+        h = self.patch_embed(x.astype(s.dtype))
+        h = h.reshape(b, -1, d) + self.pos_embed.astype(s.dtype)[None]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        c = timestep_features(t, 256, s.time_freq_shift).astype(s.dtype)
+        c = self.time_embed_2(nn.silu(self.time_embed_1(c)))
+        if s.num_classes > 0:
+            if cond is None:
+                raise ValueError("a class-conditional DiT needs cond (labels or embeddings)")
+            cond = jnp.asarray(cond)
+            if jnp.issubdtype(cond.dtype, jnp.integer):
+                cond = self.class_embed(cond)
+            elif cond.shape != (b, d):
+                raise ValueError(f"float cond must be class embeddings (b, {d}), got {cond.shape}")
+            c = c + cond.astype(s.dtype)
+        return h, nn.silu(c)
+
+    def head(self, h: Array, y: Array, shape: tuple[int, ...]) -> Array:
+        """Final adaLN, linear and unpatchify: tokens (b, n, D) -> (b, H, W, out)."""
+        s, p = self.s, self.s.patch
+        b, hgt, wid, _ = shape
+        shift, scale = jnp.split(self.final_modulation(y), 2, -1)
+        h = self.final_linear(_modulate(_layer_norm(h, 1e-6), shift, scale))
+        h = h.reshape(b, hgt // p, wid // p, p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
+
     def __call__(
         self,
         x: Array,
@@ -307,82 +391,18 @@ class DiT(nn.Module):
         Returns:
           (b, H, W, out_channels) for DiT (eps then variance), (b, H, W, C) for SiT.
         """
-        s, p, d = self.s, self.s.patch, self.s.hidden
-        b, hgt, wid, _ = x.shape
-        if (hgt, wid) != (s.sample_size, s.sample_size):
-            raise ValueError(f"latents must be {s.sample_size}x{s.sample_size}, got {hgt}x{wid}")
+        s = self.s
         if attention is not None and attention.num_layers not in (0, s.num_layers):
             raise ValueError(
                 f"attention control has {attention.num_layers} layers, the model {s.num_layers}"
             )
-        grid = (hgt // p, wid // p)
-        h = nn.Conv(
-            d,
-            (p, p),
-            strides=p,
-            padding="VALID",
-            dtype=s.dtype,
-            param_dtype=s.param_dtype,
-            precision=s.precision,
-            name="patch_embed",
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.lecun_normal(), (None, None, None, "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        )(x.astype(s.dtype))
-        table = self.param(
-            "pos_embed",
-            nn.with_logical_partitioning(
-                lambda *_: jnp.asarray(sincos_table(d, grid[0]), s.param_dtype), (None, "embed")
-            ),
-        )
-        h = h.reshape(b, -1, d) + table.astype(s.dtype)[None]
-
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        c = timestep_features(t, 256, s.time_freq_shift).astype(s.dtype)
-        c = _dense(s, d, (None, "mlp"), "time_embed_1")(c)
-        c = _dense(s, d, ("mlp", "embed"), "time_embed_2")(nn.silu(c))
-        if s.num_classes > 0:
-            if cond is None:
-                raise ValueError("a class-conditional DiT needs cond (labels or embeddings)")
-            cond = jnp.asarray(cond)
-            if jnp.issubdtype(cond.dtype, jnp.integer):
-                cond = nn.Embed(
-                    s.num_classes + 1,
-                    d,
-                    dtype=s.dtype,
-                    param_dtype=s.param_dtype,
-                    name="class_embed",
-                    embedding_init=nn.with_logical_partitioning(
-                        nn.initializers.normal(0.02), (None, "embed")
-                    ),
-                )(cond)
-            elif cond.shape != (b, d):
-                raise ValueError(f"float cond must be class embeddings (b, {d}), got {cond.shape}")
-            c = c + cond.astype(s.dtype)
-        y = nn.silu(c)
-
-        block = nn.remat(Block, prevent_cse=not s.scan) if s.remat else Block
+        h, y = self.embed(x, t, cond)
         if s.scan:
-            blocks = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
-                length=s.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            h, _ = blocks(s, grid, name="blocks")(h, y, attention)
+            h, _ = self.blocks(h, y, attention)
         else:
-            for i in range(s.num_layers):
-                ctl = None if attention is None else attention.layer(i)
-                h, _ = block(s, grid, name=f"blocks_{i}")(h, y, ctl)
-
-        shift, scale = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "final_modulation")(y), 2, -1)
-        h = _modulate(_layer_norm(h, 1e-6), shift, scale)
-        h = _dense(s, p * p * s.out_channels, ("embed", None), "final_linear")(h)
-        h = h.reshape(b, grid[0], grid[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
+            for i, block in enumerate(self.blocks):
+                h, _ = block(h, y, None if attention is None else attention.layer(i))
+        return self.head(h, y, x.shape)
 
 
 def dit_module(config: dict) -> DiT:

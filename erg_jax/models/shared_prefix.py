@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from erg_jax.control import AttentionControl
-from erg_jax.models.dit import Block, _dense, _layer_norm, _modulate, timestep_features
+from erg_jax.models.dit import Block, DiT
 from erg_jax.samplers import map_branches
 
 Array = jax.Array
@@ -50,48 +49,6 @@ def first_perturbed_layer(controls: AttentionControl | None, num_layers: int) ->
         a = a.reshape(a.shape[0], a.shape[1], -1)
         differs = differs | jnp.any(a[1:] != a[:1], axis=(0, 2))
     return jnp.where(jnp.any(differs), jnp.argmax(differs), num_layers).astype(jnp.int32)
-
-
-def _embed(s, params: dict, x: Array, t: Array, cond: Array | None):
-    """DiT's patch, position, timestep and class embedding (``DiT.__call__``'s prefix)."""
-    p, d = s.patch, s.hidden
-    b = x.shape[0]
-    conv = nn.Conv(
-        d,
-        (p, p),
-        strides=p,
-        padding="VALID",
-        dtype=s.dtype,
-        param_dtype=s.param_dtype,
-        precision=s.precision,
-    )
-    h = conv.apply({"params": params["patch_embed"]}, x.astype(s.dtype))
-    h = h.reshape(b, -1, d) + params["pos_embed"].astype(s.dtype)[None]
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-    c = timestep_features(t, 256, s.time_freq_shift).astype(s.dtype)
-    c = _dense(s, d, (None, "mlp"), "t1").apply({"params": params["time_embed_1"]}, c)
-    c = _dense(s, d, ("mlp", "embed"), "t2").apply({"params": params["time_embed_2"]}, nn.silu(c))
-    if s.num_classes > 0:
-        cond = jnp.asarray(cond)
-        if jnp.issubdtype(cond.dtype, jnp.integer):
-            table = params["class_embed"]["embedding"]
-            cond = jnp.take(table, cond, axis=0)
-        c = c + cond.astype(s.dtype)
-    return h, nn.silu(c)
-
-
-def _head(s, params: dict, h: Array, y: Array, shape: tuple) -> Array:
-    """DiT's final adaLN, linear and unpatchify (``DiT.__call__``'s suffix)."""
-    p, d = s.patch, s.hidden
-    b, hgt, wid, _ = shape
-    mod = _dense(s, 2 * d, ("embed", "mlp"), "fm").apply({"params": params["final_modulation"]}, y)
-    shift, scale = jnp.split(mod, 2, -1)
-    h = _modulate(_layer_norm(h, 1e-6), shift, scale)
-    out = _dense(s, p * p * s.out_channels, ("embed", None), "fl")
-    h = out.apply({"params": params["final_linear"]}, h)
-    g = (hgt // p, wid // p)
-    h = h.reshape(b, g[0], g[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
 
 
 def _block_params(s, params: dict, i: int) -> dict:
@@ -118,11 +75,15 @@ def dit_branched(
     """
     s = module.s
     grid = (x.shape[1] // s.patch, x.shape[2] // s.patch)
-    h, y = _embed(s, params, x, t, cond)
+    h, y = module.apply({"params": params}, x, t, cond, method=DiT.embed)
+
+    def head(h):
+        return module.apply({"params": params}, h, y, x.shape, method=DiT.head)
+
     if controls is None:
         for i in range(s.num_layers):
             h, _ = Block(s, grid).apply({"params": _block_params(s, params, i)}, h, y, None)
-        return _head(s, params, h, y, x.shape)[None]
+        return head(h)[None]
     branches = jax.tree_util.tree_leaves(controls)[0].shape[0]
     first = first_perturbed_layer(controls, s.num_layers)
     hb = jnp.broadcast_to(h, (branches,) + h.shape)
@@ -143,4 +104,4 @@ def dit_branched(
             return map_branches(run, hb, ctl)
 
         hb = jax.lax.cond(i < first, shared, split, hb)
-    return map_branches(lambda h: _head(s, params, h, y, x.shape), hb)
+    return map_branches(head, hb)
