@@ -247,8 +247,8 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
     The tuning set is disjoint from the bench's (held-out conditions after the bench's,
     another noise seed), so the bench reports settings it was not tuned on. Each setting
     is ranked by its worst ratio to CFG over density, coverage and consistency: the
-    paper's claim is that ERG raises all three together. Writes search.json and
-    search.md (best first) to workdir.
+    paper's claim is that ERG raises all three together; ties go to the lower FD.
+    Writes search.json and search.md (best first) to workdir.
 
     Returns:
       The rows, best first; the CFG reference row (its settings None) is kept apart in
@@ -286,7 +286,7 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
                     )
                     rows.append(row)
                     _print_row(f"tau {tau:g} layers {layers or 'all'} kappa {kappa:g}", row)
-    rows.sort(key=lambda r: -r["worst_ratio"])
+    rows.sort(key=lambda r: (-r["worst_ratio"], r["fd"]))  # ties: the lower FD first
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "search.json"), "w") as f:
         json.dump({"weight": weight, "cfg": cfg_row, "rows": rows}, f, indent=2)
