@@ -63,8 +63,13 @@ def get_config(arg=None):
             tau_cs=(0.5, 1.0),  # text model only
         )
     )
+    # ERG's settings found by the search mode (docs/RESULTS.md): the best worst ratio to
+    # CFG over density, coverage and consistency, on the tuning conditions
+    if arg == "mmdit":
+        c.settings.update(tau=0.95, layers="1", tau_c=1.0)
     if arg == "dit":  # five blocks
         c.search.layer_sets = ("", "0", "1", "2", "3", "4")
+        c.settings.update(tau=0.6, layers="0")
     if arg == "tiny":
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
