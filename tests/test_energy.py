@@ -147,3 +147,48 @@ def test_shape_mismatch_is_a_clear_error():
         energy_attention(q, k, v[:, :4])
     with pytest.raises(ValueError, match="batch, length, heads"):
         energy_attention(q[0], k, v)
+
+
+def test_the_default_path_per_backend():
+    from erg_jax.energy import _pick_implementation
+
+    half = jnp.zeros((2, 64, 4, 64), jnp.bfloat16)
+    full = half.astype(jnp.float32)
+    assert _pick_implementation(half, half, backend="gpu") == "cudnn"
+    assert _pick_implementation(full, full, backend="gpu") == "fused"  # cuDNN wants 16 bits
+    assert _pick_implementation(half, half, bias=jnp.zeros((1,)), backend="gpu") == "fused"
+    wide = jnp.zeros((2, 64, 4, 256), jnp.bfloat16)
+    assert _pick_implementation(wide, wide, backend="gpu") == "fused"
+    assert _pick_implementation(half, half, backend="cpu") == "einsum"
+    assert _pick_implementation(half, half, backend="tpu") == "einsum"
+    # Logits past the backend's budget go to query chunks: 64 MiB on CPU, 1 GiB elsewhere.
+    long = jax.ShapeDtypeStruct((1, 4096, 8, 64), jnp.float32)
+    assert _pick_implementation(long, long, backend="cpu") == "chunked"
+    assert _pick_implementation(long, long, backend="gpu") == "fused"
+    longer = jax.ShapeDtypeStruct((2, 16384, 16, 64), jnp.float32)
+    assert _pick_implementation(longer, longer, backend="gpu") == "chunked"
+    assert _pick_implementation(longer, longer, backend="tpu") == "chunked"
+
+
+def test_a_global_matmul_precision_reaches_every_path():
+    # A user's jax.default_matmul_precision must not be reset inside the fused path.
+    q = jnp.ones((1, 4, 2, 8))
+    for impl in ("einsum", "chunked", "fused"):
+        fn = jax.jit(
+            lambda q, impl=impl: energy_attention(q, q, q, Energy(0.5), implementation=impl)
+        )
+        with jax.default_matmul_precision("highest"):
+            assert "HIGHEST" in fn.lower(q).as_text(), impl
+        assert "HIGHEST" not in fn.lower(q).as_text(), impl
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize("hk", [4, 2])
+def test_cudnn_path_equals_einsum_in_bfloat16(hk):
+    q, k, v, _, _ = _qkv(seed=9, n=128, m=128, h=4, hk=hk, d=64, dtype=jnp.bfloat16)
+    for energy in (Energy(), Energy(tau=0.3), Energy(tau=2.0, alpha=0.8, gamma=0.5)):
+        got = energy_attention(q, k, v, energy, steps=2, implementation="cudnn")
+        ref = energy_attention(q, k, v, energy, steps=2, implementation="einsum")
+        np.testing.assert_allclose(
+            got.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2, rtol=3e-2
+        )
