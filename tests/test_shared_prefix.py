@@ -75,6 +75,9 @@ def test_branched_equals_the_vmapped_branches(name, scan):
     np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), atol=2e-6, rtol=1e-5)
     # The weak branch really is perturbed (the comparison is not vacuous).
     assert float(jnp.max(jnp.abs(slow[0] - slow[1]))) > 1e-4
+    # No controls at all: one branch, the plain forward.
+    one = jax.jit(lambda x: den.branched(x, t, labels, None))(x)
+    np.testing.assert_allclose(np.asarray(one[0]), np.asarray(den(x, t, labels)), atol=2e-6)
 
 
 @pytest.mark.parametrize("method", ["erg", "pag", "seg", "cfg"])

@@ -14,7 +14,8 @@ computation, so it runs once; only the rest is vmapped over the branches:
 (map: ``samplers.map_branches``, a vmap on accelerators, branch by branch on CPU).
 
 ``first`` is found from the controls at run time: each block is a ``lax.cond`` between
-its shared and its per-branch form, so the layer choice, I-ERG's kickoff (before it no
+its shared and its per-branch form (inside one ``lax.scan`` over the blocks when the
+model's blocks are stacked, ``scan_blocks``), so the layer choice, I-ERG's kickoff (before it no
 layer is perturbed and the whole network runs once) and every other number stay traced,
 and a sweep still compiles once. The result equals the plain ``vmap`` over the branches
 up to float rounding (``tests/test_shared_prefix.py``).
@@ -51,12 +52,6 @@ def first_perturbed_layer(controls: AttentionControl | None, num_layers: int) ->
     return jnp.where(jnp.any(differs), jnp.argmax(differs), num_layers).astype(jnp.int32)
 
 
-def _block_params(s, params: dict, i: int) -> dict:
-    if s.scan:
-        return jax.tree_util.tree_map(lambda a: a[i], params["blocks"])
-    return params[f"blocks_{i}"]
-
-
 def dit_branched(
     module: Any, params: dict, x: Array, t: Array, cond: Any, controls: AttentionControl | None
 ) -> Array:
@@ -80,28 +75,48 @@ def dit_branched(
     def head(h):
         return module.apply({"params": params}, h, y, x.shape, method=DiT.head)
 
+    block = Block(s, grid)
     if controls is None:
-        for i in range(s.num_layers):
-            h, _ = Block(s, grid).apply({"params": _block_params(s, params, i)}, h, y, None)
+        if s.scan:
+            h, _ = jax.lax.scan(
+                lambda h, p: (block.apply({"params": p}, h, y, None)[0], None),
+                h,
+                params["blocks"],
+            )
+        else:
+            for i in range(s.num_layers):
+                h, _ = block.apply({"params": params[f"blocks_{i}"]}, h, y, None)
         return head(h)[None]
     branches = jax.tree_util.tree_leaves(controls)[0].shape[0]
     first = first_perturbed_layer(controls, s.num_layers)
     hb = jnp.broadcast_to(h, (branches,) + h.shape)
-    for i in range(s.num_layers):
-        block = Block(s, grid)
-        p_i = _block_params(s, params, i)
-        ctl = jax.tree_util.tree_map(lambda a, i=i: a[:, i], controls)
 
-        def run(h, c, block=block, p_i=p_i):
+    def layer(hb, i, p_i, ctl):
+        """Block i on every branch: once and broadcast before `first`, else mapped."""
+
+        def run(h, c):
             return block.apply({"params": p_i}, h, y, c)[0]
 
-        def shared(hb, ctl=ctl, run=run):
+        def shared(hb):
             # Before `first` every branch holds the same state and the same control.
             out = run(hb[0], jax.tree_util.tree_map(lambda a: a[0], ctl))
             return jnp.broadcast_to(out, hb.shape)
 
-        def split(hb, ctl=ctl, run=run):
+        def split(hb):
             return map_branches(run, hb, ctl)
 
-        hb = jax.lax.cond(i < first, shared, split, hb)
+        return jax.lax.cond(i < first, shared, split, hb)
+
+    if s.scan:
+        # One scanned body, so compile time does not grow with depth (DiT-XL: 28 blocks).
+        per_layer = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), controls)
+        hb, _ = jax.lax.scan(
+            lambda hb, xs: (layer(hb, *xs), None),
+            hb,
+            (jnp.arange(s.num_layers), params["blocks"], per_layer),
+        )
+    else:
+        for i in range(s.num_layers):
+            ctl = jax.tree_util.tree_map(lambda a, i=i: a[:, i], controls)
+            hb = layer(hb, i, params[f"blocks_{i}"], ctl)
     return map_branches(head, hb)
