@@ -10,6 +10,7 @@
    activations): one donated sampling step with no guidance, CFG, ERG (second half of
    the layers), and ERG through the plain per-branch path, with jax.nn's cuDNN kernel
    and its XLA path on GPU (the fused and einsum paths elsewhere).
+3. Compile time of a DiT-XL/2 CFG and ERG step, blocks unrolled or scanned (any backend).
 
 Every section is written to the JSON as soon as it is done; a failing section records
 its error and the next one runs. `--small` runs tiny sizes (to try the script on CPU).
@@ -34,7 +35,7 @@ from erg_jax.models import dit
 
 flags.DEFINE_string("out", "gpu_check.json", "JSON file to write")
 flags.DEFINE_bool("small", False, "tiny sizes, to try the script on CPU")
-flags.DEFINE_list("sections", ["attention", "dit_steps"], "sections to run")
+flags.DEFINE_list("sections", ["attention", "dit_steps", "compile_times"], "sections to run")
 FLAGS = flags.FLAGS
 CALLS = 20
 
@@ -140,10 +141,33 @@ def dit_steps(small: bool) -> list[dict]:
     return rows
 
 
+def compile_times(small: bool) -> list[dict]:
+    """Lower + compile seconds of a DiT-XL/2 CFG and ERG step (batch 16, bfloat16),
+    blocks unrolled against stacked under one scan (zero weights: only shapes matter)."""
+    name, layers = ("tiny/2", 4) if small else ("XL/2", 28)
+    cfg = dit.dit_config(name, dtype="bfloat16", **(dict(num_layers=4) if small else {}))
+    shapes = jax.eval_shape(lambda: dit.init_params(cfg, jax.random.key(0)))
+    params = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    rows = []
+    for scan in (True, False):
+        p = dit.stack_blocks(params, layers) if scan else params
+        setup = setups.dit_from_params(dict(cfg, scan_blocks=scan), p, small=small, batch=16)
+        gs = setups.guiders(setup.num_layers)
+        for guider in ("cfg", "erg"):
+            fn, carry = setups.jitted_step(setup, gs[guider], dtype=jnp.bfloat16)
+            start = time.perf_counter()
+            fn.lower(carry, jnp.int32(0)).compile()
+            row = {"model": name, "scan_blocks": scan, "guider": guider}
+            row["compile_s"] = time.perf_counter() - start
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv):
     del argv
     result = {"device": str(jax.devices()[0]), "jax": jax.__version__}
-    for section in (attention, dit_steps):
+    for section in (attention, dit_steps, compile_times):
         if section.__name__ not in FLAGS.sections:
             continue
         try:
