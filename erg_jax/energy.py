@@ -305,7 +305,8 @@ def energy_attention(
     _check_qkv(q, k, v)
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if implementation is None:
+    chosen = implementation is None
+    if chosen:
         implementation = _pick_implementation(q, k, bias, mask)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -328,7 +329,19 @@ def energy_attention(
         elif implementation == "chunked":
             retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
         else:
-            retrieved = _attend_fused(x, k, v, tau, bias, mask, scale, implementation, precision)
+            try:
+                retrieved = _attend_fused(
+                    x, k, v, tau, bias, mask, scale, implementation, precision
+                )
+            except (NotImplementedError, ValueError, RuntimeError):
+                # cuDNN refuses some shapes (or is missing) when traced; the default then
+                # falls back to XLA's attention. A cuDNN path the caller named raises.
+                if not (chosen and implementation == "cudnn"):
+                    raise
+                implementation = "fused"
+                retrieved = _attend_fused(
+                    x, k, v, tau, bias, mask, scale, implementation, precision
+                )
         x = retrieved if plain else (1.0 - gamma) * x + gamma * alpha * retrieved
         x = x.astype(q.dtype)
     return x

@@ -170,6 +170,19 @@ def test_the_default_path_per_backend():
     assert _pick_implementation(longer, longer, backend="tpu") == "chunked"
 
 
+def test_the_default_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+    from erg_jax import energy
+
+    q, k, v, _, _ = _qkv(seed=8, hk=2, dtype=jnp.bfloat16)
+    ref = energy_attention(q, k, v, Energy(0.5), implementation="fused")
+    if jax.default_backend() != "gpu":  # named, the missing kernel is an error
+        with pytest.raises(RuntimeError, match="cuDNN"):
+            energy_attention(q, k, v, Energy(0.5), implementation="cudnn")
+    monkeypatch.setattr(energy, "_pick_implementation", lambda *a, **kw: "cudnn")
+    got = energy_attention(q, k, v, Energy(0.5))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
 def test_a_global_matmul_precision_reaches_every_path():
     # A user's jax.default_matmul_precision must not be reset inside the fused path.
     q = jnp.ones((1, 4, 2, 8))
