@@ -40,6 +40,10 @@ class AttentionControl:
       blur: Gaussian sigma (in tokens) of the query blur (SEG); 0 off, inf the mean.
       skip: 1.0 where the block is skipped (SLG).
       max_steps: static bound of ``steps``; the energy loop runs this many times.
+      energy_update: static; False when every alpha and gamma is known to be 1 before
+        tracing (the paper's I-ERG: a temperature alone), so the layer skips the
+        update's elementwise passes and takes the attention output as it is. A guider
+        traced as data keeps True, and its alpha and gamma stay sweepable.
     """
 
     energy: Energy | None = None
@@ -48,6 +52,7 @@ class AttentionControl:
     blur: Any = None
     skip: Any = None
     max_steps: int = struct.field(pytree_node=False, default=1)
+    energy_update: bool = struct.field(pytree_node=False, default=True)
 
     @classmethod
     def neutral(
@@ -59,6 +64,7 @@ class AttentionControl:
         blur: bool = False,
         skip: bool = False,
         max_steps: int = 1,
+        energy_update: bool = True,
     ) -> AttentionControl:
         """A control with the chosen perturbations compiled in and switched off."""
         ones = jnp.ones((num_layers,), jnp.float32)
@@ -70,6 +76,7 @@ class AttentionControl:
             blur=zeros if blur else None,
             skip=zeros if skip else None,
             max_steps=max_steps,
+            energy_update=energy_update,
         )
 
     @property
@@ -140,9 +147,10 @@ def attend(
     if control is None or control.energy is None:
         out = energy_attention(q, k, v, **kw)
     else:
-        out = energy_attention(q, k, v, control.energy, **kw)
+        energy = control.energy if control.energy_update else Energy(tau=control.energy.tau)
+        out = energy_attention(q, k, v, energy, **kw)
         for i in range(1, control.max_steps):
-            nxt = energy_attention(out, k, v, control.energy, **kw)
+            nxt = energy_attention(out, k, v, energy, **kw)
             out = jnp.where(i < control.steps, nxt, out)
     if control is not None and control.identity is not None:
         groups = q.shape[2] // v.shape[2]

@@ -321,7 +321,7 @@ def energy_attention(
     gamma = _per_query(energy.gamma, q)[..., None]
     # Known alpha = gamma = 1 (standard attention, or a temperature alone): the update is
     # the retrieved pattern itself, so skip two passes over (b, n, h, d).
-    plain = _is_one(energy.alpha) and _is_one(energy.gamma)
+    plain = known_one(energy.alpha) and known_one(energy.gamma)
     x = q
     for _ in range(steps):
         if implementation == "einsum":
@@ -347,8 +347,8 @@ def energy_attention(
     return x
 
 
-def _is_one(x: Any) -> bool:
-    """True when x is known before tracing to be 1 everywhere."""
+def known_one(x: Any) -> bool:
+    """True when x is known before tracing (not a tracer) to be 1 everywhere."""
     v = _concrete(x)
     return v is not None and bool(np.all(v == 1.0))
 

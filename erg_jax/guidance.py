@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from erg_jax.control import AttentionControl
-from erg_jax.energy import Energy, check_energy, check_positive
+from erg_jax.energy import Energy, check_energy, check_positive, known_one
 
 Array = jax.Array
 SLOTS = ("cond", "null", "tempered", "auto")
@@ -193,7 +193,15 @@ class Guider:
         )
         if not any(use.values()):
             return [None] * self.num_branches
-        neutral = AttentionControl.neutral(num_layers, max_steps=max_steps, **use)
+        # alpha = gamma = 1 known now (not traced): the layers skip the update's passes.
+        update = not all(
+            known_one(term.energy.alpha) and known_one(term.energy.gamma)
+            for term in feats
+            if term.energy is not None
+        )
+        neutral = AttentionControl.neutral(
+            num_layers, max_steps=max_steps, energy_update=update, **use
+        )
         out = [neutral]
         for term in self.terms:
             out.append(_term_control(term, neutral, t, num_layers) if term.model == 0 else None)

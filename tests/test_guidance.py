@@ -212,6 +212,29 @@ def test_a_sweep_of_settings_traces_once():
     assert len({float(jnp.sum(o)) for o in outs}) == 5
 
 
+def test_a_temperature_alone_skips_the_update_and_samples_the_same():
+    # alpha = gamma = 1 known when the controls are built: compiled out (static flag);
+    # the same guider passed through jit as data keeps the update and draws the same.
+    den, _, keys, noise, conds = _setup()
+    smp = S.make_sampler("euler", 3)
+    g = G.erg(3.0, energy=Energy(0.3), layers=[1, 2])
+    assert not g.controls(0.5, L)[1].energy_update
+    assert G.erg(3.0, energy=Energy(0.3, 1.0, 0.7)).controls(0.5, L)[1].energy_update
+    flags = []
+
+    def run(guider):
+        flags.append(guider.controls(0.5, L)[1].energy_update)
+        return S.sample(den, noise, conds, guider, smp, keys=keys, num_layers=L)
+
+    closed = jax.jit(lambda n: S.sample(den, n, conds, g, smp, keys=keys, num_layers=L))(noise)
+    traced = jax.jit(run)(g)
+    assert flags == [True]
+    np.testing.assert_allclose(np.asarray(closed), np.asarray(traced), rtol=1e-5, atol=1e-5)
+    # The temperature is applied: without it the weak branch is the strong one (= none).
+    plain = S.sample(den, noise, conds, G.none(), smp, keys=keys, num_layers=L)
+    assert float(jnp.max(jnp.abs(closed - plain))) > 1e-4
+
+
 def test_weight_schedules_and_interval():
     s = G.schedule(3.0, "linear", interval=(0.2, 0.8))
     np.testing.assert_allclose([s(0.1), s(0.5), s(0.9)], [1.0, 3.0, 1.0])
