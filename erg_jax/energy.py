@@ -166,21 +166,31 @@ def _bhn(x: Array) -> Array:
     return jnp.transpose(x, (0, 2, 1))[..., None]
 
 
+def _heads_first(x: Array) -> Array:
+    """(b, n, h, d) <-> (b, h, n, d)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+# Both products run head-major, (b, h, n, d) x (b, h, m, d): XLA's CPU backend then uses
+# its fast batched matmul, where the (b, n, h, d) einsums fell to a slower strided one
+# (DiT-S/2 attention with its output projection, batch 8: 53 -> 19 ms; 1.5x faster at
+# 4096 tokens). The transposes are cheap next to either product.
 def _logits(q, k, tau, bias, mask, scale, precision=None):
     """Tempered, masked logits in float32, shape (b, h, n, m)."""
     b, n, h, d = q.shape
-    hk = k.shape[2]
-    qs = q * (tau * scale)[..., None].astype(q.dtype)
-    if hk == h:  # the common case: no group axis, which XLA lays out best
+    hk, m = k.shape[2], k.shape[1]
+    qs = _heads_first(q * (tau * scale)[..., None].astype(q.dtype))
+    kt = _heads_first(k)
+    if hk == h:
         s = jnp.einsum(
-            "bnhd,bmhd->bhnm", qs, k, preferred_element_type=jnp.float32, precision=precision
+            "bhnd,bhmd->bhnm", qs, kt, preferred_element_type=jnp.float32, precision=precision
         )
-    else:
-        qg = qs.reshape(b, n, hk, h // hk, d)
+    else:  # grouped-query: each kv head serves h // hk query heads
+        qg = qs.reshape(b, hk, h // hk, n, d)
         s = jnp.einsum(
-            "bnkgd,bmkd->bkgnm", qg, k, preferred_element_type=jnp.float32, precision=precision
+            "bkgnd,bkmd->bkgnm", qg, kt, preferred_element_type=jnp.float32, precision=precision
         )
-        s = s.reshape(b, h, n, k.shape[1])
+        s = s.reshape(b, h, n, m)
     if bias is not None:
         s = s + _bhn(tau) * bias.astype(jnp.float32)
     if mask is not None:
@@ -191,17 +201,22 @@ def _logits(q, k, tau, bias, mask, scale, precision=None):
 def _attend_einsum(q, k, v, tau, bias, mask, scale, precision=None):
     p = jax.nn.softmax(_logits(q, k, tau, bias, mask, scale, precision), axis=-1)
     b, n, h, d = q.shape
-    hk = k.shape[2]
+    hk, m = k.shape[2], k.shape[1]
     p = p.astype(v.dtype)
+    vt = _heads_first(v)
     if hk == h:
-        return jnp.einsum(
-            "bhnm,bmhd->bnhd", p, v, preferred_element_type=jnp.float32, precision=precision
+        out = jnp.einsum(
+            "bhnm,bhmd->bhnd", p, vt, preferred_element_type=jnp.float32, precision=precision
         )
-    p = p.reshape(b, hk, h // hk, n, k.shape[1])
-    out = jnp.einsum(
-        "bkgnm,bmkd->bnkgd", p, v, preferred_element_type=jnp.float32, precision=precision
-    )
-    return out.reshape(b, n, h, d)
+    else:
+        out = jnp.einsum(
+            "bkgnm,bkmd->bkgnd",
+            p.reshape(b, hk, h // hk, n, m),
+            vt,
+            preferred_element_type=jnp.float32,
+            precision=precision,
+        )
+    return _heads_first(out.reshape(b, h, n, d))
 
 
 def _attend_chunked(q, k, v, tau, bias, mask, scale, precision=None):
