@@ -15,10 +15,10 @@ computation, so it runs once; only the rest is vmapped over the branches:
 
 ``first`` is found from the controls at run time: each block is a ``lax.cond`` between
 its shared and its per-branch form (inside one ``lax.scan`` over the blocks when the
-model's blocks are stacked, ``scan_blocks``), so the layer choice, I-ERG's kickoff (before it no
-layer is perturbed and the whole network runs once) and every other number stay traced,
-and a sweep still compiles once. The result equals the plain ``vmap`` over the branches
-up to float rounding (``tests/test_shared_prefix.py``).
+model's blocks are stacked, ``scan_blocks``), so the layer choice, I-ERG's kickoff
+(before it no layer is perturbed and the whole network runs once) and every other
+number stay traced, and a sweep still compiles once. The result equals the plain
+``vmap`` over the branches up to float rounding (``tests/test_shared_prefix.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def dit_branched(
     Returns:
       (B, b, H, W, out) raw outputs, B = branches (1 when controls is None).
     """
+    if controls is None:  # the branches are one network: its own forward
+        return module.apply({"params": params}, x, t, cond)[None]
     s = module.s
     grid = (x.shape[1] // s.patch, x.shape[2] // s.patch)
     h, y = module.apply({"params": params}, x, t, cond, method=DiT.embed)
@@ -76,17 +78,6 @@ def dit_branched(
         return module.apply({"params": params}, h, y, x.shape, method=DiT.head)
 
     block = Block(s, grid)
-    if controls is None:
-        if s.scan:
-            h, _ = jax.lax.scan(
-                lambda h, p: (block.apply({"params": p}, h, y, None)[0], None),
-                h,
-                params["blocks"],
-            )
-        else:
-            for i in range(s.num_layers):
-                h, _ = block.apply({"params": params[f"blocks_{i}"]}, h, y, None)
-        return head(h)[None]
     branches = jax.tree_util.tree_leaves(controls)[0].shape[0]
     first = first_perturbed_layer(controls, s.num_layers)
     hb = jnp.broadcast_to(h, (branches,) + h.shape)
