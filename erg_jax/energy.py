@@ -243,7 +243,7 @@ def _attend_chunked(q, k, v, tau, bias, mask, scale, precision=None):
     return jnp.moveaxis(out, 0, 1).reshape(b, n, h, d)
 
 
-def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=None):
+def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=None, fallback=False):
     # The temperature goes into the query and the bias, so a fused kernel that only
     # takes a static scale still computes tau * (beta * q.k + B).
     qs = q * (tau * scale)[..., None].astype(q.dtype)
@@ -253,17 +253,30 @@ def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=Non
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    impl = "cudnn" if implementation == "cudnn" else None
 
-    def attend():
+    def attend(impl=None):
         return jax.nn.dot_product_attention(
             qs, k, v, bias=bias, mask=mask, scale=1.0, implementation=impl
         )
 
-    if precision is None:  # jax's default, including one the user set globally
-        return attend().astype(jnp.float32)
+    if implementation == "cudnn":
+        try:
+            return _with_precision(precision, lambda: attend("cudnn"))
+        except (NotImplementedError, ValueError, RuntimeError):
+            # cuDNN refuses some shapes (or is missing) when traced: a default choice
+            # falls back to XLA's attention; a cuDNN path the caller named raises.
+            if not fallback:
+                raise
+    return _with_precision(precision, attend)
+
+
+def _with_precision(precision, fn):
+    """fn() in float32, under ``precision`` when one is given; None keeps jax's default,
+    including one the user set globally."""
+    if precision is None:
+        return fn().astype(jnp.float32)
     with jax.default_matmul_precision(_precision_name(precision)):
-        return attend().astype(jnp.float32)
+        return fn().astype(jnp.float32)
 
 
 def _precision_name(precision) -> str | None:
@@ -344,19 +357,9 @@ def energy_attention(
         elif implementation == "chunked":
             retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
         else:
-            try:
-                retrieved = _attend_fused(
-                    x, k, v, tau, bias, mask, scale, implementation, precision
-                )
-            except (NotImplementedError, ValueError, RuntimeError):
-                # cuDNN refuses some shapes (or is missing) when traced; the default then
-                # falls back to XLA's attention. A cuDNN path the caller named raises.
-                if not (chosen and implementation == "cudnn"):
-                    raise
-                implementation = "fused"
-                retrieved = _attend_fused(
-                    x, k, v, tau, bias, mask, scale, implementation, precision
-                )
+            retrieved = _attend_fused(
+                x, k, v, tau, bias, mask, scale, implementation, precision, fallback=chosen
+            )
         x = retrieved if plain else (1.0 - gamma) * x + gamma * alpha * retrieved
         x = x.astype(q.dtype)
     return x
