@@ -22,7 +22,7 @@ many terms, which perturbations, the energy's step count).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,61 +31,10 @@ from flax import struct
 
 from erg_jax.control import AttentionControl
 from erg_jax.energy import Energy, check_energy, check_positive, known_one
+from erg_jax.schedules import WeightSchedule, check_range, schedule
 
 Array = jax.Array
 SLOTS = ("cond", "null", "tempered", "auto")
-SHAPES = ("constant", "linear", "cosine")
-
-
-def _check_range(value, name, lo, hi, *, lo_open=False, hi_open=False):
-    v = jnp.asarray(value) if not isinstance(value, jax.core.Tracer) else None
-    if v is None:
-        return
-    lo_bad = (v <= lo) if lo_open else (v < lo)
-    hi_bad = (v >= hi) if hi_open else (v > hi)
-    if bool(jnp.any(lo_bad | hi_bad | jnp.isnan(v))):
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
-
-
-@struct.dataclass
-class WeightSchedule:
-    """Guidance weight over the noise level t (1 = pure noise).
-
-    ``w(t) = 1 + (scale - 1) * shape(t)`` inside [t_min, t_max] and 1 outside (the
-    guidance interval of Kynkaanniemi et al. 2024). Shapes, each averaging 1 over t
-    (Wang et al. 2024): constant 1; linear 2 (1 - t); cosine 1 + cos(pi t); or a
-    function of t (a static, hashable callable).
-    """
-
-    scale: Any = 1.0
-    t_min: Any = 0.0
-    t_max: Any = 1.0
-    shape: str | Callable = struct.field(pytree_node=False, default="constant")
-
-    def __call__(self, t: Array) -> Array:
-        t = jnp.asarray(t, jnp.float32)
-        if callable(self.shape):
-            s = self.shape(t)
-        elif self.shape == "constant":
-            s = jnp.ones_like(t)
-        elif self.shape == "linear":
-            s = 2.0 * (1.0 - t)
-        else:
-            s = 1.0 + jnp.cos(jnp.pi * t)
-        inside = (t >= self.t_min) & (t <= self.t_max)
-        return jnp.where(inside, 1.0 + (self.scale - 1.0) * s, 1.0)
-
-
-def schedule(
-    scale, shape: str | Callable = "constant", interval: tuple = (0.0, 1.0)
-) -> WeightSchedule:
-    """A checked WeightSchedule."""
-    if not callable(shape) and shape not in SHAPES:
-        raise ValueError(f"schedule shape must be one of {SHAPES} or a callable, got {shape!r}")
-    _check_range(interval[0], "interval[0]", 0.0, 1.0)
-    _check_range(interval[1], "interval[1]", 0.0, 1.0)
-    return WeightSchedule(scale, interval[0], interval[1], shape)
 
 
 @struct.dataclass
@@ -321,10 +270,6 @@ def _cads(cond, cads: CADS, t, keys, step):
 # ---- constructors: checked settings in, a Guider out ----------------------------------
 
 
-def _weight(scale, shape, interval) -> WeightSchedule:
-    return schedule(scale, shape, interval)
-
-
 def _layers(layers, name):
     if layers is None or isinstance(layers, jax.Array | jnp.ndarray):
         return layers
@@ -343,8 +288,8 @@ def none() -> Guider:
 
 def cfg(scale=4.0, *, rescale=0.0, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Classifier-free guidance (Ho & Salimans 2022) with rescale phi (Lin et al. 2024)."""
-    _check_range(rescale, "rescale", 0.0, 1.0)
-    return Guider((Term(_weight(scale, shape, interval), "null"),), rescale, name="cfg")
+    check_range(rescale, "rescale", 0.0, 1.0)
+    return Guider((Term(schedule(scale, shape, interval), "null"),), rescale, name="cfg")
 
 
 def apg(
@@ -358,11 +303,11 @@ def apg(
 ) -> Guider:
     """Adaptive projected guidance against the null condition (Sadat et al. 2025)."""
     settings = _apg_settings(momentum, norm_threshold, eta)
-    return Guider((Term(_weight(scale, shape, interval), "null", apg=settings),), name="apg")
+    return Guider((Term(schedule(scale, shape, interval), "null", apg=settings),), name="apg")
 
 
 def _apg_settings(momentum, norm_threshold, eta) -> APG:
-    _check_range(momentum, "apg momentum", -1.0, 1.0, lo_open=True, hi_open=True)
+    check_range(momentum, "apg momentum", -1.0, 1.0, lo_open=True, hi_open=True)
     check_positive(norm_threshold if norm_threshold != math.inf else 1.0, "apg norm_threshold")
     return APG(momentum, norm_threshold, eta)
 
@@ -393,11 +338,11 @@ def erg(
         raise ValueError(f"condition must be one of {SLOTS}, got {condition!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    _check_range(kappa, "kappa", 0.0, 1.0)
+    check_range(kappa, "kappa", 0.0, 1.0)
     if energy is not None:
         check_energy(energy)
     term = Term(
-        _weight(scale, shape, interval),
+        schedule(scale, shape, interval),
         condition,
         energy=energy,
         energy_layers=_layers(layers, "layers"),
@@ -410,7 +355,7 @@ def erg(
 def pag(scale=3.0, *, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Perturbed-attention guidance: identity attention in the layers (Ahn et al. 2024)."""
     term = Term(
-        _weight(scale, shape, interval),
+        schedule(scale, shape, interval),
         "cond",
         identity_layers=_layers(layers, "layers"),
         uses_identity=True,
@@ -422,7 +367,7 @@ def seg(scale=3.0, *, sigma=math.inf, layers=None, shape="constant", interval=(0
     """Smoothed energy guidance: queries blurred over the token grid (Hong 2024)."""
     check_positive(1.0 if sigma == math.inf else sigma, "sigma")
     term = Term(
-        _weight(scale, shape, interval),
+        schedule(scale, shape, interval),
         "cond",
         blur_sigma=sigma,
         blur_layers=_layers(layers, "layers"),
@@ -434,7 +379,7 @@ def seg(scale=3.0, *, sigma=math.inf, layers=None, shape="constant", interval=(0
 def slg(scale=3.0, *, layers=(0,), shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Skip-layer guidance: the weak branch skips the layers."""
     term = Term(
-        _weight(scale, shape, interval),
+        schedule(scale, shape, interval),
         "cond",
         skip_layers=_layers(layers, "layers"),
         uses_skip=True,
@@ -444,7 +389,7 @@ def slg(scale=3.0, *, layers=(0,), shape="constant", interval=(0.0, 1.0)) -> Gui
 
 def autoguidance(scale=2.0, *, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """AutoGuidance (Karras et al. 2024): the weak branch is model 1, a weaker network."""
-    return Guider((Term(_weight(scale, shape, interval), "cond", model=1),), name="autoguidance")
+    return Guider((Term(schedule(scale, shape, interval), "cond", model=1),), name="autoguidance")
 
 
 def with_apg(guider: Guider, *, momentum=0.0, norm_threshold=math.inf, eta=0.0) -> Guider:
@@ -456,11 +401,11 @@ def with_apg(guider: Guider, *, momentum=0.0, norm_threshold=math.inf, eta=0.0) 
 
 def with_cads(guider: Guider, *, tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0) -> Guider:
     """The guider with CADS on its conditional branches (for example ERG + CADS)."""
-    _check_range(tau1, "cads tau1", 0.0, math.inf)
-    _check_range(tau2, "cads tau2", 0.0, math.inf)
+    check_range(tau1, "cads tau1", 0.0, math.inf)
+    check_range(tau2, "cads tau2", 0.0, math.inf)
     if float(tau2) < float(tau1):
         raise ValueError(f"cads tau2 must be >= tau1, got tau1={tau1}, tau2={tau2}")
-    _check_range(psi, "cads psi", 0.0, 1.0)
+    check_range(psi, "cads psi", 0.0, 1.0)
     return guider.replace(cads=CADS(tau1, tau2, noise_scale, psi), name=guider.name + "+cads")
 
 

@@ -1,0 +1,67 @@
+"""Guidance weight schedules over the noise level t, and the range check they share with
+the guiders' settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+SHAPES = ("constant", "linear", "cosine")
+
+
+def check_range(value, name, lo, hi, *, lo_open=False, hi_open=False):
+    """Raises ValueError naming the field when a concrete value (tracers pass) lies
+    outside [lo, hi] (open ends where asked) or is NaN."""
+    v = jnp.asarray(value) if not isinstance(value, jax.core.Tracer) else None
+    if v is None:
+        return
+    lo_bad = (v <= lo) if lo_open else (v < lo)
+    hi_bad = (v >= hi) if hi_open else (v > hi)
+    if bool(jnp.any(lo_bad | hi_bad | jnp.isnan(v))):
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+@struct.dataclass
+class WeightSchedule:
+    """Guidance weight over the noise level t (1 = pure noise).
+
+    ``w(t) = 1 + (scale - 1) * shape(t)`` inside [t_min, t_max] and 1 outside (the
+    guidance interval of Kynkaanniemi et al. 2024). Shapes, each averaging 1 over t
+    (Wang et al. 2024): constant 1; linear 2 (1 - t); cosine 1 + cos(pi t); or a
+    function of t (a static, hashable callable).
+    """
+
+    scale: Any = 1.0
+    t_min: Any = 0.0
+    t_max: Any = 1.0
+    shape: str | Callable = struct.field(pytree_node=False, default="constant")
+
+    def __call__(self, t: Array) -> Array:
+        t = jnp.asarray(t, jnp.float32)
+        if callable(self.shape):
+            s = self.shape(t)
+        elif self.shape == "constant":
+            s = jnp.ones_like(t)
+        elif self.shape == "linear":
+            s = 2.0 * (1.0 - t)
+        else:
+            s = 1.0 + jnp.cos(jnp.pi * t)
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        return jnp.where(inside, 1.0 + (self.scale - 1.0) * s, 1.0)
+
+
+def schedule(
+    scale, shape: str | Callable = "constant", interval: tuple = (0.0, 1.0)
+) -> WeightSchedule:
+    """A checked WeightSchedule."""
+    if not callable(shape) and shape not in SHAPES:
+        raise ValueError(f"schedule shape must be one of {SHAPES} or a callable, got {shape!r}")
+    check_range(interval[0], "interval[0]", 0.0, 1.0)
+    check_range(interval[1], "interval[1]", 0.0, 1.0)
+    return WeightSchedule(scale, interval[0], interval[1], shape)
