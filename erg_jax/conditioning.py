@@ -3,15 +3,17 @@
 A sample's condition depends only on its global index i (class ``classes[i % len]``,
 prompt ``prompts[i % len]``), never on the batch it falls in. Text conditions are
 encoded once per prompt, the strong (tau_c = 1) and tempered (tau_c) encodings in one
-vmapped call (C-ERG, Berrada Ifriqi et al. 2025, sec. 3.2), plus the empty prompt as
-the null condition. Layouts:
+vmapped call (C-ERG, Berrada Ifriqi et al. 2025, sec. 3.2), plus the negative prompts
+(by default the empty prompt) as the null condition. Layouts:
 
 - "single": one encoder; context = its chosen hidden state, pooled = its pooled output
   (or the masked mean of the hidden state when it has none).
 - "sd3": CLIP-L, CLIP-G and T5 as Stable Diffusion 3 combines them (Esser et al. 2024,
-  sec. 3.2; diffusers' StableDiffusion3Pipeline): the two CLIPs' penultimate hidden
-  states concatenated on features and zero-padded to T5's width, then T5's tokens
-  appended on the sequence axis; pooled = the two CLIPs' projected pooled outputs.
+  sec. 3.2; diffusers' StableDiffusion3Pipeline), token for token: each encoder runs on
+  its full padded length (CLIP 77, T5 ``max_sequence_length``) without a padding mask;
+  the two CLIPs' penultimate hidden states are concatenated on features and zero-padded
+  to T5's width, then T5's tokens appended on the sequence axis (zeros when the
+  pipeline has no T5); pooled = the two CLIPs' projected pooled outputs.
 """
 
 from __future__ import annotations
@@ -73,68 +75,95 @@ def _pooled(out: dict, mask) -> jax.Array:
 
 
 class TextConditions:
-    """Prompt encodings per sample: 'cond', 'tempered' (C-ERG) and 'null' (empty prompt).
+    """Prompt encodings per sample: 'cond', 'tempered' (C-ERG) and 'null' (the negative
+    prompt, by default the empty one).
 
     Args:
       encoders: TextEncoder objects (``erg_jax.models.text``): one for "single", or
-        (clip_l, clip_g, t5) for "sd3".
+        (clip_l, clip_g, t5) for "sd3", where t5 may be None (SD3 without its T5: the
+        pipeline then feeds zeros of ``t5_shape``).
       prompts: the prompts, cycled over sample indices; empty = unconditional.
       tau_c: C-ERG's temperature in every encoder layer (1 = no C-ERG).
       layout: "single" or "sd3".
+      negative_prompts: cycled over sample indices as the prompts are; empty = "".
+      t5_shape: (tokens, width) of the zero T5 encoding when the sd3 layout has no T5.
     """
 
     def __init__(
-        self, encoders: Sequence, prompts: Sequence[str], tau_c: float, layout: str = "single"
+        self,
+        encoders: Sequence,
+        prompts: Sequence[str],
+        tau_c: float,
+        layout: str = "single",
+        negative_prompts: Sequence[str] = (),
+        t5_shape: tuple[int, int] | None = None,
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"text.layout must be one of {LAYOUTS}, got {layout!r}")
         need = 1 if layout == "single" else 3
         if len(encoders) != need:
             raise ValueError(f"text layout {layout!r} needs {need} encoders, got {len(encoders)}")
+        if layout == "sd3" and encoders[2] is None and t5_shape is None:
+            raise ValueError("the sd3 layout without a T5 encoder needs t5_shape")
         self.prompts = list(prompts)
-        texts = self.prompts + [""]
+        self.negatives = list(negative_prompts) or [""]
+        texts = list(dict.fromkeys(self.prompts + self.negatives))
+        self._row = {text: i for i, text in enumerate(texts)}
         energies = [Energy(), Energy(tau=float(tau_c))]
         outs = []
         for enc in encoders:
+            if enc is None:
+                outs.append(None)
+                continue
             ids, mask = enc.tokenize(texts)
-            out = enc.encode_branches(ids, mask, energies)
+            # SD3 was trained on CLIP and T5 run without a padding mask (every token
+            # attends to the padding), so its encoders are called the same way.
+            out = enc.encode_branches(ids, mask if layout == "single" else None, energies)
             outs.append((out, np.asarray(mask)))
-        both = _combine(outs, layout)
+        both = _combine(outs, layout, t5_shape)
         strong, tempered = ({k: v[b] for k, v in both.items()} for b in (0, 1))
         self.table = {
             "cond": jax.tree_util.tree_map(np.asarray, strong),
             "tempered": jax.tree_util.tree_map(np.asarray, tempered),
         }
 
+    def _rows(self, texts: list[str], indices: np.ndarray) -> np.ndarray:
+        return np.asarray([self._row[texts[i % len(texts)]] for i in np.asarray(indices)])
+
     def slots(self, indices: np.ndarray) -> dict:
-        n = len(self.prompts)
-        null_row = np.full(len(indices), n)
-        rows = null_row if n == 0 else np.asarray(indices) % n
+        null_rows = self._rows(self.negatives, indices)
 
         def take(table, r):
             return {k: v[r] for k, v in table.items()}
 
-        cond = take(self.table["cond"], rows)
+        if not self.prompts:  # unconditional: the (negative or empty) prompt everywhere
+            cond = take(self.table["cond"], null_rows)
+            return {"cond": cond, "tempered": cond, "null": cond}
+        rows = self._rows(self.prompts, indices)
         return {
-            "cond": cond,
-            "tempered": take(self.table["tempered"], rows) if n else cond,
-            "null": take(self.table["cond"], null_row),
+            "cond": take(self.table["cond"], rows),
+            "tempered": take(self.table["tempered"], rows),
+            "null": take(self.table["cond"], null_rows),
         }
 
     def describe(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)] if self.prompts else "unconditional"
 
 
-def _combine(outs, layout: str) -> dict:
+def _combine(outs, layout: str, t5_shape) -> dict:
     """The denoiser's {'context', 'pooled'} of every text, with a leading branch axis."""
     if layout == "single":
         out, mask = outs[0]
         pooled = jax.vmap(lambda o: _pooled(o, mask))(out)
         return {"context": out["hidden_state"], "pooled": pooled}
-    (l_out, _), (g_out, _), (t_out, _) = outs
+    (l_out, _), (g_out, _), t5 = outs
     clip = jnp.concatenate([l_out["hidden_state"], g_out["hidden_state"]], axis=-1)
-    width = t_out["last_hidden_state"].shape[-1]
+    if t5 is None:
+        t5_hidden = jnp.zeros(clip.shape[:2] + tuple(t5_shape), clip.dtype)
+    else:
+        t5_hidden = t5[0]["last_hidden_state"]
+    width = t5_hidden.shape[-1]
     clip = jnp.pad(clip, [(0, 0)] * (clip.ndim - 1) + [(0, width - clip.shape[-1])])
-    context = jnp.concatenate([clip, t_out["last_hidden_state"]], axis=-2)
+    context = jnp.concatenate([clip, t5_hidden.astype(clip.dtype)], axis=-2)
     pooled = jnp.concatenate([l_out["pooled"], g_out["pooled"]], axis=-1)
     return {"context": context, "pooled": pooled}

@@ -155,6 +155,7 @@ def run_sampling(config, workdir: str) -> dict:
         "mesh": {k: int(v) for k, v in plan.mesh.shape.items()},
         "methods": {},
         "compiles": 0,
+        "conversions": plan.conversions,
     }
     first_image = None
     stopped = False
@@ -263,6 +264,28 @@ def _batch_inputs(plan: Plan, idx: np.ndarray, bspec):
 def _example_inputs(plan: Plan, guider, bspec):
     noise, conds, keys = _batch_inputs(plan, np.arange(plan.batch_size), bspec)
     return plan.params, plan.vae_params, noise, conds, keys, guider
+
+
+def generate(plan: Plan, method: str, indices) -> np.ndarray:
+    """Images of the given global sample indices for one method, as the job draws them,
+    without writing files: (len(indices), H, W, 3) float32 in [-1, 1].
+
+    The indices are padded to whole batches (the padding rows are dropped), so any
+    subset gives the same images as the full job.
+    """
+    if method not in plan.methods:
+        raise ValueError(f"method must be one of {sorted(plan.methods)}, got {method!r}")
+    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape)  # noqa: E731
+    fn = jax.jit(_generate_fn(plan))
+    idx = np.asarray(indices, np.int64)
+    out = []
+    for start in range(0, len(idx), plan.batch_size):
+        chunk = idx[start : start + plan.batch_size]
+        padded = np.concatenate([chunk, np.full(plan.batch_size - len(chunk), chunk[-1])])
+        noise, conds, keys = _batch_inputs(plan, padded, bspec)
+        images = fn(plan.params, plan.vae_params, noise, conds, keys, plan.methods[method])
+        out.append(np.asarray(images)[: len(chunk)])
+    return np.concatenate(out)
 
 
 def load_summary(workdir: str) -> dict:

