@@ -219,3 +219,37 @@ def test_bad_inputs_are_named_before_anything_loads(sd3, tmp_path):
         build_plan(_dit(folder), str(tmp_path / "w5"))
     for w in ("w1", "w2", "w3", "w4", "w5"):  # refused before any conversion
         assert not os.path.exists(tmp_path / w / "converted")
+
+
+def test_sd3_without_t5_feeds_zeros_as_the_pipeline_does(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = tmp_path / "no-t5"
+    pipelines.make_sd3_pipeline(str(folder), with_t5=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(folder), text_encoder_3=None, tokenizer_3=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    latents = _noise(0, (8, 8, 16))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(N)]
+    ref = pipelines.run_sd3(pipe, prompts, _nchw(latents), max_sequence_length=16)
+    _, ours = _ours(_sd3(folder), tmp_path / "w")
+    assert rel_err(ours, ref) < 1e-3
+
+
+def test_text_encoders_are_freed_once_the_prompts_are_encoded(sd3, tmp_path, monkeypatch):
+    from erg_jax.models import text
+
+    folder, _, _ = sd3
+    loaded = []
+
+    def spy(*args, **kw):
+        loaded.append(load(*args, **kw))
+        return loaded[-1]
+
+    load = text.load_text_encoder
+    monkeypatch.setattr(text, "load_text_encoder", spy)
+    build_plan(_sd3(folder), str(tmp_path))
+    assert len(loaded) == 3
+    for enc in loaded:
+        assert all(a.is_deleted() for a in jax.tree_util.tree_leaves(enc.params))
