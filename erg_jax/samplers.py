@@ -3,7 +3,8 @@
 Flow matching (x_t = (1 - t) x0 + t eps): Euler and Heun (Karras et al. 2022, Alg. 1,
 the last step Euler), on the SD3-shifted grid. Diffusion (DDPM-trained): DDIM with eta
 (Song et al. 2021, eq. 12) and DDPM ancestral sampling (Ho et al. 2020) with the fixed
-posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15).
+posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15). A given
+``grid`` replaces our even grids with a reference scheduler's (``erg_jax.grids``).
 
 One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
 to an x0 estimate -> ``guider.combine`` -> the solver's update. Randomness comes only
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from erg_jax import predictions as P
@@ -34,8 +36,9 @@ TIMES = ("unit", "sd3", "sit", "ddpm")
 class Sampler:
     """How to integrate: solver, grid and the model's parameterisation.
 
-    Static (they shape the program): solver, steps, prediction, learned_sigma, time,
-    beta_schedule, num_train_steps. Traced: shift (flow grid), eta (DDIM).
+    Static (they shape the program): solver, steps, prediction, learned_sigma, time, the
+    diffusion schedule (beta_schedule .. fixed_variance). Traced: shift (even flow grid),
+    eta (DDIM), grid.
 
     Attributes:
       solver: "euler" or "heun" (flow), "ddim" or "ddpm" (diffusion).
@@ -44,6 +47,17 @@ class Sampler:
       learned_sigma: the output has 2C channels, the last C DiT's variance interpolation.
       time: the model's native timestep: "unit" (t), "sd3" (1000 t), "sit" (1 - t, SiT's
         data-at-1 convention, whose velocity is negated), "ddpm" (the integer step).
+      beta_schedule: "linear" (scaled by 1000 / num_train_steps), "scaled_linear", "cosine".
+      beta_start, beta_end: the linear schedules' end points.
+      alpha_to_one: the abar after the last step is 1; False: abar_0 (DDIM's
+        set_alpha_to_one=False).
+      float32_betas: betas and alphas rounded to float32 before their product (diffusers).
+      fixed_variance: DDPM uses the fixed small variance even when the model outputs its
+        own (learned_sigma), as diffusers' DiT pipeline with variance_type fixed_small.
+      grid: None (our grids), or a reference scheduler's. Flow: (steps + 1,) float32 noise
+        levels t_0 > ... > t_steps. Diffusion: (2, steps) int32, row 0 the model's steps
+        k_i, row 1 the step whose abar is "prev" for step i (-1: the final abar); noise
+        (DDPM) wherever k_i > 0. Guiders see t (flow) or k / (T - 1) (diffusion).
     """
 
     solver: str = struct.field(pytree_node=False, default="euler")
@@ -55,6 +69,12 @@ class Sampler:
     num_train_steps: int = struct.field(pytree_node=False, default=1000)
     shift: Any = 1.0
     eta: Any = 0.0
+    beta_start: float = struct.field(pytree_node=False, default=1e-4)
+    beta_end: float = struct.field(pytree_node=False, default=0.02)
+    alpha_to_one: bool = struct.field(pytree_node=False, default=True)
+    float32_betas: bool = struct.field(pytree_node=False, default=False)
+    fixed_variance: bool = struct.field(pytree_node=False, default=False)
+    grid: Any = None
 
     @property
     def is_flow(self) -> bool:
@@ -97,11 +117,46 @@ def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
         P.beta_schedule(s.beta_schedule, s.num_train_steps)
         if steps > s.num_train_steps:
             raise ValueError(f"steps must be in [1, {s.num_train_steps}], got {steps}")
+        if not 0.0 < s.beta_start <= s.beta_end < 1.0:
+            raise ValueError(
+                f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
+                f"got {s.beta_start!r}, {s.beta_end!r}"
+            )
     if float(jnp.asarray(s.shift)) <= 0:
         raise ValueError(f"shift must be > 0, got {s.shift!r}")
     if not 0.0 <= float(jnp.asarray(s.eta)) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {s.eta!r}")
+    if s.grid is not None:
+        s = s.replace(grid=_checked_grid(s))
     return s
+
+
+def _checked_grid(s: Sampler) -> Array:
+    """The grid as the solver reads it; a ValueError names what is wrong with it."""
+    g = np.asarray(s.grid)
+    if s.is_flow:
+        if g.shape != (s.steps + 1,):
+            raise ValueError(f"grid must have shape (steps + 1,) = ({s.steps + 1},), got {g.shape}")
+        if not (np.all(np.isfinite(g)) and g.min() >= 0.0 and g.max() <= 1.0):
+            raise ValueError(f"grid noise levels must lie in [0, 1], got {g}")
+        if not np.all(np.diff(g) < 0):
+            raise ValueError(f"grid noise levels must strictly decrease, got {g}")
+        return jnp.asarray(g, jnp.float32)
+    last = s.num_train_steps - 1
+    if g.shape != (2, s.steps):
+        raise ValueError(f"grid must have shape (2, steps) = (2, {s.steps}), got {g.shape}")
+    if not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"grid must hold integer diffusion steps, got dtype {g.dtype}")
+    ks, prev = g
+    if ks.min() < 0 or ks.max() > last or not np.all(np.diff(ks) < 0):
+        raise ValueError(
+            f"grid row 0 (model steps) must strictly decrease in [0, {last}], got {ks}"
+        )
+    if prev.min() < -1 or not np.all(prev < ks):
+        raise ValueError(
+            f"grid row 1 (previous steps) must lie in [-1, {last}] below row 0, got {prev}"
+        )
+    return jnp.asarray(g, jnp.int32)
 
 
 @struct.dataclass
@@ -221,7 +276,9 @@ def make_step(
         return x0, var, state
 
     if sampler.is_flow:
-        grid = P.flow_grid(sampler.steps, sampler.shift)
+        grid = (
+            sampler.grid if sampler.grid is not None else P.flow_grid(sampler.steps, sampler.shift)
+        )
 
         def step(carry, i):
             x, state = carry
@@ -242,7 +299,16 @@ def make_step(
 
         return step
 
-    tables = P.diffusion_tables(sampler.beta_schedule, sampler.steps, sampler.num_train_steps)
+    tables = P.diffusion_tables(
+        sampler.beta_schedule,
+        sampler.steps,
+        sampler.num_train_steps,
+        beta_start=sampler.beta_start,
+        beta_end=sampler.beta_end,
+        float32_betas=sampler.float32_betas,
+        alpha_to_one=sampler.alpha_to_one,
+        grid=sampler.grid,
+    )
     t_max = sampler.num_train_steps - 1
 
     def step(carry, i):
@@ -268,15 +334,16 @@ def make_step(
             mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (
                 jnp.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
             ) * x
-            if var is not None:
-                # The last step adds no noise, so its zero posterior variance is only floored.
-                log_small = jnp.log(jnp.maximum(post_var, 1e-20))
+            # A step into the final abar = 1 has zero posterior variance: floored (as
+            # diffusers does) for the log; it adds noise only where a grid has k > 0 there.
+            small = jnp.maximum(post_var, 1e-20)
+            if var is not None and not sampler.fixed_variance:
                 frac = (var.astype(jnp.float32) + 1.0) / 2.0
-                log_var = frac * jnp.log(beta) + (1.0 - frac) * log_small
+                log_var = frac * jnp.log(beta) + (1.0 - frac) * jnp.log(small)
                 std = jnp.exp(0.5 * log_var)
             else:
-                std = jnp.sqrt(post_var)
-            x_new = mean + jnp.where(i < sampler.steps - 1, std, 0.0) * noise
+                std = jnp.sqrt(small)
+            x_new = mean + jnp.where(tables["noisy"][i], std, 0.0) * noise
         return (x_new.astype(x.dtype), state), None
 
     return step

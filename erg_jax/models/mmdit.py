@@ -532,16 +532,24 @@ def count_params(config: dict, *, buffers: bool = False) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
 
 
+def scanned_groups(config: dict) -> list[tuple[str, range]]:
+    """(param name, block indices) of each run of blocks stacked in the scanned layout."""
+    return [
+        (segment_name(seg), range(seg.start, seg.stop))
+        for seg in segments(Spec.from_config(config))
+        if _scanned(seg, True)
+    ]
+
+
 def stack_blocks(params: dict, config: dict) -> dict:
     """Unscanned params (blocks_0 ..) -> the scanned layout of ``config`` (its
     ``scan_blocks`` is ignored: the result is always the scanned layout)."""
     out = dict(params)
-    for seg in segments(Spec.from_config(config)):
-        if _scanned(seg, True):
-            layers = [out.pop(f"blocks_{i}") for i in range(seg.start, seg.stop)]
-            out[segment_name(seg)] = jax.tree_util.tree_map(
-                lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
-            )
+    for name, blocks in scanned_groups(config):
+        layers = [out.pop(f"blocks_{i}") for i in blocks]
+        out[name] = jax.tree_util.tree_map(
+            lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
+        )
     return out
 
 
