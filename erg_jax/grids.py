@@ -78,7 +78,6 @@ _REFUSED = {
     "use_beta_sigmas": "beta sigmas are not implemented here",
     "invert_sigmas": "inverted sigmas (Mochi's data-at-1 time) are not implemented here",
     "stochastic_sampling": "it re-noises every step with the scheduler's own generator",
-    "clip_sample": "it clips the x0 estimate, which our guiders combine unclipped",
     "thresholding": "dynamic thresholding of x0 is not implemented here",
     "rescale_betas_zero_snr": "zero-terminal-SNR betas are not implemented here",
 }
@@ -97,6 +96,7 @@ _FROM_CONFIG = (
     "alpha_to_one",
     "float32_betas",
     "fixed_variance",
+    "clip_x0",
 )
 
 
@@ -268,6 +268,7 @@ def sampler_from_scheduler(
         float32_betas=True,
         # DDPM's fixed variances ignore the channels a learned-sigma model also outputs.
         fixed_variance=variance in ("fixed_small", "fixed_small_log"),
+        clip_x0=float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None,
         grid=grid,
         **sampler_kw,
     )

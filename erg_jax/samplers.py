@@ -54,6 +54,9 @@ class Sampler:
       float32_betas: betas and alphas rounded to float32 before their product (diffusers).
       fixed_variance: DDPM uses the fixed small variance even when the model outputs its
         own (learned_sigma), as diffusers' DiT pipeline with variance_type fixed_small.
+      clip_x0: diffusion only: the guided x0 estimate is clipped to [-clip_x0, clip_x0]
+        before the update, its noise estimate left as it was (diffusers' clip_sample /
+        clip_sample_range without use_clipped_model_output); None: never.
       grid: None (our grids), or a reference scheduler's. Flow: (steps + 1,) float32 noise
         levels t_0 > ... > t_steps. Diffusion: (2, steps) int32, row 0 the model's steps
         k_i, row 1 the step whose abar is "prev" for step i (-1: the final abar); noise
@@ -74,6 +77,7 @@ class Sampler:
     alpha_to_one: bool = struct.field(pytree_node=False, default=True)
     float32_betas: bool = struct.field(pytree_node=False, default=False)
     fixed_variance: bool = struct.field(pytree_node=False, default=False)
+    clip_x0: float | None = struct.field(pytree_node=False, default=None)
     grid: Any = None
 
     @property
@@ -115,6 +119,8 @@ def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
                 f"prediction eps/v/x0, got {s.prediction}/{s.time}"
             )
         P.beta_schedule(s.beta_schedule, s.num_train_steps)
+        if s.clip_x0 is not None and not float(s.clip_x0) > 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {s.clip_x0!r}")
         if steps > s.num_train_steps:
             raise ValueError(f"steps must be in [1, {s.num_train_steps}], got {steps}")
         if not 0.0 < s.beta_start <= s.beta_end < 1.0:
@@ -318,6 +324,8 @@ def make_step(
         point = _Point(k.astype(jnp.float32) / max(t_max, 1), a, s, k)
         x0, var, state = guided(x, point, state, i)
         eps = P.eps_from_x0(x0, x, a, s)
+        if sampler.clip_x0 is not None:  # x0 only: DDIM keeps the unclipped noise estimate
+            x0 = jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)
         beta = 1.0 - abar / abar_prev
         post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
         noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, i), x.shape[1:]))(

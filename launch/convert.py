@@ -1,8 +1,10 @@
 """Converts a PyTorch / diffusers checkpoint into an erg_jax checkpoint (Orbax + config).
 
-    python -m launch.convert --source=dit-pt --model=XL/2 --input=DiT-XL-2-256x256.pt \\
-        --output=ckpt/dit-xl-2-256
-    python -m launch.convert --source=dit-pt --model=SiT-XL/2 --input=SiT-XL-2-256.pt \\
+    python -m launch.convert --source=dit-pt --input=DiT-XL-2-512x512.pt \\
+        --output=ckpt/dit-xl-2-512
+    python -m launch.convert --source=dit-pt --input=DiT-XL-2-256x256.pt \\
+        --output=ckpt/dit-xl-2-256 --model=XL/2 --sample_size=32   # both checked
+    python -m launch.convert --source=dit-pt --model=SiT --input=SiT-XL-2-256x256.pt \\
         --output=ckpt/sit-xl-2-256
     python -m launch.convert --source=diffusers-dit --input=DiT-XL-2-256/transformer \\
         --output=ckpt/dit-xl-2-256-diffusers
@@ -10,8 +12,10 @@
         --output=ckpt/sd35m
     python -m launch.convert --source=diffusers-vae --input=sd-vae-ft-ema --output=ckpt/vae
 
-Sources: dit-pt (original DiT / SiT .pt; needs --model, and --sample_size for 512px
-models), diffusers-dit, diffusers-sd3, diffusers-vae. The output directory is what
+Sources: dit-pt (original DiT / SiT .pt: the architecture, 256px or 512px included, is
+read off the tensors; --model only names the family, a name starting with "SiT" meaning
+SiT, and any size in it such as XL/2 must be the file's, as must --sample_size),
+diffusers-dit, diffusers-sd3, diffusers-vae. The output directory is what
 ``erg_jax.models.load_denoiser`` and ``erg_jax.checkpoint.restore`` read.
 """
 
@@ -40,27 +44,29 @@ def convert(
       source: one of SOURCES.
       input_path: the .pt file (dit-pt) or the diffusers model folder.
       output: the checkpoint directory to write.
-      model: dit-pt only: 'XL/2', 'DiT-B/4', 'SiT-XL/2', ... (.pt files carry no config).
-      sample_size: dit-pt only: latent side (32 for 256px, 64 for 512px).
+      model: dit-pt only, optional: the family, "DiT" (default) or "SiT" (any name
+        starting with "SiT"); a name with a size ('XL/2', 'SiT-XL/2') is also checked
+        against the file's depth, width and patch.
+      sample_size: dit-pt only, optional: the latent side the file must have (32 for
+        256px, 64 for 512px); the file's is used either way.
       scan_blocks: DiT and SD3: store the blocks stacked for ``nn.scan``.
-      param_dtype: DiT and SD3: dtype the params are stored in.
+      param_dtype: DiT, SD3 and the VAE: dtype the params are stored in.
 
     Returns:
       The config written beside the params.
+
+    Raises:
+      ValueError: an unreadable or mismatched checkpoint; for dit-pt, a --model or
+        --sample_size that disagrees with the file (naming the field and both values).
     """
     from erg_jax import checkpoint
 
     layout_kw = dict(scan_blocks=scan_blocks, param_dtype=param_dtype)
     if source == "dit-pt":
-        from erg_jax.convert.dit import convert_dit_pt
-        from erg_jax.models.dit import dit_config
+        from erg_jax.convert.dit import load_dit_pt
 
-        if not model:
-            raise ValueError("--source=dit-pt needs --model (e.g. XL/2 or SiT-XL/2)")
-        if sample_size:
-            layout_kw["sample_size"] = int(sample_size)
-        config = dit_config(model, **layout_kw)
-        params = convert_dit_pt(input_path, config)
+        checked = {"sample_size": int(sample_size)} if sample_size else {}
+        params, config = load_dit_pt(input_path, family=model or "DiT", **layout_kw, **checked)
     elif source == "diffusers-dit":
         from erg_jax.convert.dit import convert_diffusers_dit
 
@@ -72,7 +78,7 @@ def convert(
     elif source == "diffusers-vae":
         from erg_jax.convert.vae import convert_diffusers_vae
 
-        params, config = convert_diffusers_vae(input_path)
+        params, config = convert_diffusers_vae(input_path, param_dtype=param_dtype)
     else:
         raise ValueError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
     checkpoint.save(output, params, config)
@@ -83,10 +89,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("source", None, f"checkpoint kind: {', '.join(SOURCES)}")
 flags.DEFINE_string("input", None, "the .pt file or the diffusers model folder")
 flags.DEFINE_string("output", None, "checkpoint directory to write")
-flags.DEFINE_string("model", None, "dit-pt: model name, e.g. XL/2 or SiT-XL/2")
-flags.DEFINE_integer("sample_size", None, "dit-pt: latent side (32 at 256px, 64 at 512px)")
+flags.DEFINE_string(
+    "model",
+    None,
+    "dit-pt, optional: the family (a name starting with SiT means SiT, else DiT); a size "
+    "in it (XL/2, SiT-XL/2) must be the file's. The architecture is read off the file",
+)
+flags.DEFINE_integer(
+    "sample_size", None, "dit-pt, optional: latent side the file must have (32: 256px, 64: 512px)"
+)
 flags.DEFINE_bool("scan_blocks", False, "DiT, SD3: store blocks stacked for nn.scan")
-flags.DEFINE_string("param_dtype", "float32", "DiT, SD3: dtype of the stored params")
+flags.DEFINE_string("param_dtype", "float32", "DiT, SD3, VAE: dtype of the stored params")
 
 
 def main(argv):

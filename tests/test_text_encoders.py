@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from erg_jax import sharding
-from erg_jax.convert.text import read_safetensors
+from erg_jax.convert.common import read_safetensors
 from erg_jax.energy import Energy
 from erg_jax.models.text import load_text_encoder
 from erg_jax.models.text.t5 import relative_buckets

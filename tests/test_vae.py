@@ -129,6 +129,29 @@ def test_old_attention_key_layout_converts_the_same(root, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.parity
+def test_bf16_weights_convert_leaf_by_leaf_to_bf16_params(root, tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from erg_jax.convert.common import read_state_dict
+    from erg_jax.convert.vae import convert_diffusers_vae
+
+    folder, _ = _saved("sd4", root)
+    os.symlink(os.path.join(folder, "config.json"), tmp_path / "config.json")
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(_weights(folder)).items()}
+    save_file(bf16, _weights(tmp_path))
+    assert all(isinstance(v, np.memmap) for v in read_state_dict(_weights(tmp_path)).values())
+    f32, config32 = convert_diffusers_vae(folder)
+    got, config = convert_diffusers_vae(str(tmp_path), param_dtype="bfloat16")
+    assert (config32["param_dtype"], config["param_dtype"]) == ("float32", "bfloat16")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(f32), strict=True):
+        assert a.dtype == ml_dtypes.bfloat16 and not isinstance(a, np.memmap)
+        np.testing.assert_array_equal(a, b.astype(ml_dtypes.bfloat16))
+    z = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    _close(make_vae(config, got).decode(z), make_vae(config32, f32).decode(z), rtol=5e-2)
+
+
 def _mangle(root, tmp_path, edit):
     from safetensors.numpy import load_file, save_file
 

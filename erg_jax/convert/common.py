@@ -3,37 +3,112 @@
 Every loader goes through ``StateDict``: it reads local files only, and a missing file,
 a missing or unused tensor, or a shape that does not fit is a ValueError that names the
 key, never a silent skip.
+
+Safetensors files (an 8-byte little-endian header length, a JSON header naming each
+tensor's dtype, shape and byte range, then the raw bytes) are memory-mapped and viewed in
+their stored dtype, bfloat16 included (as ``ml_dtypes.bfloat16``): nothing is read from
+disk until a converter touches a tensor, and converters cast leaf by leaf, so converting
+a bf16 checkpoint never holds a float32 copy of the whole state dict.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-mapped tensors (``np.memmap`` views) of one .safetensors file, any dtype.
+
+    Raises:
+      ValueError: the file is missing, truncated or corrupt ("cannot read safetensors
+        file ..."), or holds a dtype numpy cannot view.
+    """
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint file not found: {path}")
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"cannot read safetensors file {path}: {why}")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise fail("shorter than its header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise fail(f"header length {n} runs past the end of the file (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise fail(f"corrupt header ({e})") from e
+    header.pop("__metadata__", None)
+    start = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    out = {}
+    for key, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise fail(f"tensor '{key}' has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        lo, hi = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        if start + hi > size:
+            raise fail(f"tensor '{key}' runs past the end of the file (truncated?)")
+        need = dtype.itemsize * int(np.prod(shape))
+        if hi - lo != need:
+            raise fail(f"tensor '{key}' has {hi - lo} bytes, its shape {shape} needs {need}")
+        out[key] = data[start + lo : start + hi].view(dtype).reshape(shape)
+    return out
+
+
+def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
+    """All tensors of a sharded safetensors checkpoint, from its .index.json."""
     try:
-        return dict(load_file(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-    except Exception as e:  # bfloat16 tensors need the torch reader
-        if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-        return _read_torch_safetensors(path)
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read checkpoint index {index_path}: {e!r}") from e
+    folder = os.path.dirname(index_path)
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not os.path.exists(os.path.join(folder, s))]
+    if missing:
+        raise ValueError(f"missing checkpoint shard(s) {missing} named in {index_path}")
+    out: dict[str, np.ndarray] = {}
+    for shard in shards:
+        out.update(read_state_dict(os.path.join(folder, shard)))
+    absent = sorted(set(weight_map) - set(out))
+    if absent:
+        raise ValueError(f"{index_path} names tensors that no shard holds: {absent[:5]}")
+    return out
 
 
-def _read_torch_safetensors(path: str) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise ValueError(f"{path} holds bfloat16 tensors; reading them needs torch") from e
-    return {k: v.float().numpy() for k, v in load_file(path).items()}
+def _torch_to_numpy(v) -> np.ndarray:
+    """A CPU torch tensor as numpy in its own dtype (bfloat16 as ml_dtypes.bfloat16)."""
+    import torch
+
+    if v.dtype == torch.bfloat16:
+        return v.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return v.detach().numpy()
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -51,30 +126,21 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return {
-        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-        for k, v in obj.items()
-        if hasattr(v, "numpy")
-    }
+    return {k: _torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads one .safetensors, .pt/.pth/.bin file, or a sharded safetensors index."""
+    """Reads one .safetensors, .pt/.pth/.bin file, or a sharded safetensors index.
+
+    Tensors keep the dtype they are stored in (bfloat16 as ``ml_dtypes.bfloat16``);
+    safetensors ones are memory-mapped views, read from disk only when used.
+    """
     if not os.path.exists(path):
         raise ValueError(f"checkpoint file not found: {path}")
     if path.endswith(".index.json"):
-        with open(path) as f:
-            index = json.load(f)
-        folder = os.path.dirname(path)
-        out: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            shard_path = os.path.join(folder, shard)
-            if not os.path.exists(shard_path):
-                raise ValueError(f"missing checkpoint shard {shard_path} named in {path}")
-            out.update(read_state_dict(shard_path))
-        return out
+        return _read_sharded(path)
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return read_safetensors(path)
     return _read_torch(path)
 
 

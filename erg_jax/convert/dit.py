@@ -3,7 +3,8 @@
 Two layouts, both of the network of Peebles & Xie 2023 (fig. 3), torch -> flax path
 (i = block; Linear (out, in) -> kernel (in, out); Conv2d (D, C, p, p) -> (p, p, C, D)):
 
-Original facebookresearch/DiT and willisma/SiT ``.pt`` files (``convert_dit_pt``):
+Original facebookresearch/DiT and willisma/SiT ``.pt`` files (``load_dit_pt``, which
+reads the architecture off the shapes, or ``convert_dit_pt`` with a given config):
 
     x_embedder.proj                  patch_embed
     pos_embed (1, N, D) buffer       pos_embed (N, D)
@@ -41,6 +42,9 @@ the same in both layouts. With ``scan_blocks`` the per-block params are stacked.
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,7 +56,7 @@ from erg_jax.convert.common import (
     read_config,
     read_state_dict,
 )
-from erg_jax.models.dit import check_config, dit_config, sincos_table, stack_blocks
+from erg_jax.models.dit import SIZES, check_config, dit_config, sincos_table
 
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
@@ -63,12 +67,17 @@ def _qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, bq, bk, bv) -> dict:
 
 
 def _assemble(config: dict, top: dict, blocks: list[dict]) -> dict:
-    params = dict(top)
-    params.update({f"blocks_{i}": b for i, b in enumerate(blocks)})
-    if config.get("scan_blocks"):
-        params = stack_blocks(params, len(blocks))
-    dtype = np.dtype(config.get("param_dtype", "float32"))
-    return _cast(params, dtype)
+    """Params in config's param_dtype, cast leaf by leaf from the (memory-mapped) file
+    tensors, so no float32 copy of a bf16 file, nor a second copy of the params, exists."""
+    dtype = jnp.dtype(config.get("param_dtype", "float32"))
+    params = _cast(top, dtype)
+    if config.get("scan_blocks"):  # the layout of models.dit.stack_blocks, one leaf at a time
+        params["blocks"] = jax.tree_util.tree_map(
+            lambda *a: jnp.asarray(np.stack(a), dtype), *blocks
+        )
+    else:
+        params.update({f"blocks_{i}": _cast(b, dtype) for i, b in enumerate(blocks)})
+    return params
 
 
 def _cast(tree, dtype):
@@ -117,12 +126,146 @@ def convert_dit_state_dict(
 
 
 def convert_dit_pt(path: str, config: dict) -> dict:
-    """Params from an original DiT / SiT ``.pt`` file (or any file in that key layout).
-
-    The file carries no config: pass ``dit_config('XL/2')``, ``dit_config('SiT-XL/2')``,
-    with the sample_size (latent side, 32 for 256px, 64 for 512px) of the checkpoint.
-    """
+    """Params of ``config`` from an original DiT / SiT ``.pt`` file (or any file in that
+    key layout). ``load_dit_pt`` reads the architecture from the file instead."""
     return convert_dit_state_dict(read_state_dict(path), config, source=path)
+
+
+# What the tensors of the original layout fix; every other field is the family's or the
+# caller's (runtime fields such as param_dtype, dtype, scan_blocks, precision).
+INFERRED_FIELDS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "hidden_size",
+    "mlp_ratio",
+    "num_classes",
+)
+
+
+def _shape(tensors: dict, key: str, ndim: int) -> tuple[int, ...]:
+    if key not in tensors:
+        raise ValueError(f"not a DiT / SiT state dict: missing tensor '{key}'")
+    shape = tuple(int(n) for n in np.shape(tensors[key]))
+    if len(shape) != ndim:
+        raise ValueError(f"DiT tensor '{key}' has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def _parse_family(family: str) -> tuple[str, dict | None]:
+    """'DiT' / 'SiT', or a model name ('XL/2', 'SiT-XL/2') -> (family, its preset)."""
+    if family in ("DiT", "SiT"):
+        return family, None
+    return ("SiT" if family.startswith("SiT") else "DiT"), dit_config(family)
+
+
+def _preset_size(num_layers: int, hidden_size: int) -> str | None:
+    """The models.dit.SIZES entry of this depth and width, if any."""
+    sizes = [k for k, (n, d, _) in SIZES.items() if (n, d) == (num_layers, hidden_size)]
+    return sizes[0] if sizes else None
+
+
+def _read_architecture(tensors: dict) -> dict:
+    """The INFERRED_FIELDS of a state dict in the original DiT / SiT layout."""
+    d, c_in, p, p2 = _shape(tensors, "x_embedder.proj.weight", 4)  # Conv2d (D, C, p, p)
+    if p != p2:
+        raise ValueError(f"DiT patch embedding has a non-square kernel {p}x{p2}")
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or blocks != set(range(len(blocks))):
+        raise ValueError(f"DiT state dict has blocks {sorted(blocks)}, not 0 .. L-1")
+    rows, _ = _shape(tensors, "final_layer.linear.weight", 2)  # (p * p * c_out, D)
+    if rows % (p * p):
+        raise ValueError(f"final_layer.linear has {rows} outputs, not a multiple of {p}x{p}")
+    n = _shape(tensors, "pos_embed", 3)[1]  # (1, N, D), N = (sample_size / p)^2
+    grid = int(round(n**0.5))
+    if grid * grid != n:
+        raise ValueError(f"pos_embed holds {n} tokens, not a square grid")
+    table = "y_embedder.embedding_table.weight"  # (num_classes + 1, D): the last is null
+    mlp, _ = _shape(tensors, "blocks.0.mlp.fc1.weight", 2)
+    return dict(
+        sample_size=grid * p,
+        patch_size=p,
+        in_channels=c_in,
+        out_channels=rows // (p * p),
+        num_layers=len(blocks),
+        hidden_size=d,
+        mlp_ratio=mlp / d,
+        num_classes=_shape(tensors, table, 2)[0] - 1 if table in tensors else 0,
+    )
+
+
+def infer_dit_config(tensors: dict[str, np.ndarray], family: str = "DiT", **overrides) -> dict:
+    """The config of a state dict in the original DiT / SiT layout, read off its shapes.
+
+    Hidden size, patch and in_channels come from x_embedder.proj, depth from the block
+    count, out_channels from final_layer.linear (DiT: learned_sigma when it is 2x in),
+    sample_size (latent side) from pos_embed's length and the patch, num_classes from the
+    y_embedder table (rows - 1; 0 without one), mlp_ratio from fc1, and num_heads from
+    the preset of the same depth and width (models.dit.SIZES).
+
+    Args:
+      tensors: the state dict (``read_state_dict``); only shapes are read.
+      family: "DiT" (eps, DDPM steps) or "SiT" (velocity, t in [0, 1]); or a model name
+        ("XL/2", "DiT-B/4", "SiT-XL/2") whose family is used and whose depth, width and
+        patch must be the file's.
+      **overrides: config fields: runtime ones (param_dtype, dtype, scan_blocks,
+        precision, ...), num_heads for a depth and width that no preset has, or an
+        inferred field, which must then equal the file's.
+
+    Raises:
+      ValueError: naming the field and both values when the model name or an override
+        disagrees with the file, or the tensor that does not fit the layout.
+    """
+    name, (family, preset) = family, _parse_family(family)
+    arch = _read_architecture(tensors)
+    size = _preset_size(arch["num_layers"], arch["hidden_size"])
+    if preset is not None:
+        found = f"{size}/{arch['patch_size']}" if size else "no preset"
+        for key in ("num_layers", "hidden_size", "patch_size"):
+            if preset[key] != arch[key]:
+                raise ValueError(
+                    f"model: {name!r} has {key} {preset[key]}, the checkpoint "
+                    f"{arch[key]} (the checkpoint is {found})"
+                )
+    for key in INFERRED_FIELDS:
+        if key in overrides and overrides[key] != arch[key]:
+            hint = ""
+            if key == "sample_size":
+                grid = arch[key] // arch["patch_size"]
+                hint = f" (pos_embed: {grid}x{grid} patches of {arch['patch_size']})"
+            raise ValueError(f"{key}: {overrides[key]} given, the checkpoint has {arch[key]}{hint}")
+    if preset is not None:
+        heads = preset["num_heads"]
+    elif size is not None:
+        heads = SIZES[size][2]
+    elif "num_heads" in overrides:
+        heads = overrides["num_heads"]
+    else:
+        raise ValueError(
+            f"no DiT preset has num_layers {arch['num_layers']} and hidden_size "
+            f"{arch['hidden_size']}: pass num_heads"
+        )
+    fields = dict(arch, num_heads=heads)
+    if family == "DiT":
+        fields["learned_sigma"] = arch["out_channels"] == 2 * arch["in_channels"]
+    fields.update(overrides)
+    return dit_config(f"{family}-XL/2", **fields)
+
+
+def load_dit_pt(path: str, *, family: str = "DiT", **overrides) -> tuple[dict, dict]:
+    """(params, config) of an original DiT / SiT ``.pt`` file, architecture read off it.
+
+    Args:
+      path: the .pt file (or a .safetensors file in the same key layout).
+      family: as ``infer_dit_config``: "DiT", "SiT", or a model name that is checked.
+      **overrides: as ``infer_dit_config`` (e.g. param_dtype="bfloat16",
+        scan_blocks=True, sample_size=64 to insist on a 512px checkpoint).
+    """
+    tensors = read_state_dict(path)
+    config = infer_dit_config(tensors, family, **overrides)
+    return convert_dit_state_dict(tensors, config, source=path), config
 
 
 def config_from_diffusers(raw: dict, **overrides) -> dict:

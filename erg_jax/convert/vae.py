@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 from erg_jax.convert.common import (
@@ -166,7 +167,8 @@ def _decoder(sd: StateDict, config: dict) -> dict:
 def convert_vae_state_dict(
     tensors: dict[str, np.ndarray], config: dict, source: str = "VAE checkpoint"
 ) -> dict:
-    """Flax params (float32 numpy) of a diffusers AutoencoderKL state dict."""
+    """Flax params (numpy, in the config's param_dtype) of a diffusers AutoencoderKL
+    state dict; each tensor is cast on its own, so a bf16 file is never held in float32."""
     sd = StateDict(tensors, source)
     latent = config["latent_channels"]
     params = {"encoder": _encoder(sd, config), "decoder": _decoder(sd, config)}
@@ -175,31 +177,34 @@ def convert_vae_state_dict(
     if config["use_post_quant_conv"]:
         params["post_quant_conv"] = conv2d(sd, "post_quant_conv", latent, latent, 1)
     sd.finish()
+    dtype = np.dtype(jnp.dtype(config.get("param_dtype", "float32")))
 
-    def to_f32(tree):
+    def cast(tree):
         if isinstance(tree, dict):
-            return {k: to_f32(v) for k, v in tree.items()}
-        return np.ascontiguousarray(tree, dtype=np.float32)
+            return {k: cast(v) for k, v in tree.items()}
+        return np.array(tree, dtype=dtype, order="C")  # a copy: not a view of the file
 
-    return to_f32(params)
+    return cast(params)
 
 
-def convert_diffusers_vae(folder: str) -> tuple[dict, dict]:
+def convert_diffusers_vae(folder: str, *, param_dtype: str = "float32") -> tuple[dict, dict]:
     """Reads a diffusers AutoencoderKL folder.
 
     Args:
       folder: directory with config.json and diffusion_pytorch_model.safetensors (the
         ``vae`` subfolder of a pipeline, or a standalone VAE repository).
+      param_dtype: the dtype the params are stored in ("bfloat16" halves them); written
+        into the config, whose layers compute in its ``dtype`` (float32 by default).
 
     Returns:
-      (params, config): float32 numpy params for ``erg_jax.models.vae.make_vae`` and the
-      config dict (kind='vae').
+      (params, config): numpy params in param_dtype for ``erg_jax.models.vae.make_vae``
+      and the config dict (kind='vae').
 
     Raises:
       ValueError: missing or unreadable files, an unsupported config, or a tensor that
         is missing, unknown or of the wrong shape (the message names it).
     """
-    config = config_from_diffusers(read_config(folder))
+    config = dict(config_from_diffusers(read_config(folder)), param_dtype=str(param_dtype))
     path = find_weights(folder)
     tensors = read_state_dict(path)
     return convert_vae_state_dict(tensors, config, os.path.basename(path)), config
