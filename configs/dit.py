@@ -1,17 +1,22 @@
 """Class-conditional sampling with DiT / SiT (ImageNet), CFG against ERG.
 
-Convert the published weights first (paths are examples; the converter reads the
-architecture and the resolution off the file):
+Published weights as downloaded, converted on first use into WORKDIR/converted (or
+--config.model.cache_dir) and reused afterwards:
 
-    python -m launch.convert --source=dit-pt --input=DiT-XL-2-512x512.pt \
-        --output=ckpt/dit-xl2-512
-    python -m launch.convert --source=diffusers-vae --input=sd-vae-ft-ema --output=ckpt/vae
-
-then sample:
-
-    python -m launch.sample --config=configs/dit.py:xl2_512 --workdir=out/dit \
-        --config.model.checkpoint=ckpt/dit-xl2-512 --config.vae.checkpoint=ckpt/vae
+    # a diffusers DiT pipeline folder (facebook/DiT-XL-2-256, facebook/DiT-XL-2-512):
+    # its VAE and its scheduler (DDIM, "leading" spacing) come with it
+    python -m launch.sample --config=configs/dit.py:xl2_256 --workdir=out/dit \
+        --config.model.pretrained=DiT-XL-2-256
+    # an original .pt (facebookresearch/DiT, willisma/SiT; reading it needs torch): the
+    # size is read off the file, the VAE is a diffusers folder (stabilityai/sd-vae-ft-ema)
+    python -m launch.sample --config=configs/dit.py:xl2_512 --workdir=out/dit512 \
+        --config.model.pretrained=DiT-XL-2-512x512.pt --config.vae.pretrained=sd-vae-ft-ema
+    python -m launch.sample --config=configs/dit.py:sit_xl2_256 --workdir=out/sit \
+        --config.model.pretrained=SiT-XL-2-256.pt --config.vae.pretrained=sd-vae-ft-ema
     python -m launch.sample --config=configs/dit.py:tiny --workdir=out/tiny   # CPU, seconds
+
+Or convert ahead of time (launch.convert --source=dit-pt / diffusers-dit / diffusers-vae)
+and pass --config.model.checkpoint and --config.vae.checkpoint.
 
 Variants: xl2_512 (default), xl2_256, sit_xl2_256, tiny (random weights).
 
@@ -21,6 +26,9 @@ sampled at the wrong size. It is the only difference between xl2_512 and xl2_256
 DiT paper samples both with 250 DDPM steps and reports its FIDs at both resolutions with
 CFG w = 1.5 (its tables 2 and 3), which we keep as the scale for every method; we know
 of no ERG setting specific to 512px, so the ERG fields are the same too.
+
+``sampler.solver`` is "" for DiT: the pipeline folder's own scheduler (DDIM) where there
+is one, else DDPM ancestral sampling as in the DiT paper; name "ddim" or "ddpm" to choose.
 """
 
 from configs.common import base_config
@@ -39,9 +47,7 @@ def get_config(arg=None):
     c.guidance.methods = "cfg,erg"
     c.guidance.scale = 1.5  # DiT's FID scale at 256 and 512px (module docstring)
     c.guidance.layers = "10,11,12,13,14,15,16,17"
-    c.sampler.solver, c.sampler.steps = "ddpm", 250
-    # Latent side the checkpoint must have (image side / 8); 0 = the checkpoint's.
-    c.model.sample_size = 0
+    c.sampler.solver, c.sampler.steps = "", 250  # "": the scheduler's own, else DDPM
     if arg == "xl2_512":
         c.model.preset, c.model.sample_size = "XL/2", 64
     elif arg == "xl2_256":

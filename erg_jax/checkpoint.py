@@ -60,6 +60,36 @@ def save(directory: str, params: Any, config: dict) -> None:
         f.write(text + "\n")
 
 
+def to_host_device(tree: Any) -> Any:
+    """Moves the numpy leaves of a nested dict onto the host's CPU device, one at a time.
+
+    Orbax copies numpy leaves while saving, so a converted 8B model written from numpy
+    needs twice its size in host memory; from CPU-device jax arrays it writes in place.
+    The dicts are changed in place, so each numpy array is freed as soon as its copy
+    exists (when nothing else holds it). Several processes keep numpy leaves (Orbax's
+    numpy path writes them once, from the primary host), as does a JAX without a CPU
+    backend.
+    """
+    if jax.process_count() > 1:
+        return tree
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:
+        return tree
+
+    def walk(node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value)
+            elif isinstance(value, np.ndarray):
+                node[key] = jax.device_put(value, cpu)
+                del value
+
+    if isinstance(tree, dict):
+        walk(tree)
+    return tree
+
+
 def read_config(directory: str) -> dict:
     """The config dict of a checkpoint directory."""
     path = os.path.join(directory, CONFIG)

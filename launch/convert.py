@@ -81,7 +81,7 @@ def convert(
         params, config = convert_diffusers_vae(input_path, param_dtype=param_dtype)
     else:
         raise ValueError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
-    checkpoint.save(output, params, config)
+    checkpoint.save(output, checkpoint.to_host_device(params), config)
     return config
 
 

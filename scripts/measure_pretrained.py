@@ -8,6 +8,10 @@ memory (ru_maxrss) and wall time beside the file and parameter sizes:
 
     .venv/bin/python scripts/measure_pretrained.py --out=out/measure_pretrained.json
     .venv/bin/python scripts/measure_pretrained.py --preset=sd3-medium --stored=float32
+    .venv/bin/python scripts/measure_pretrained.py --pipeline=DIR --config=configs/sd3.py:medium
+
+With --pipeline, it instead times ``launch.sample`` on that pipeline folder twice in one
+fresh workdir: seconds to the first image with the conversion, then with it reused.
 
 Nothing here needs torch. The folder is written once under --scratch and reused.
 """
@@ -107,6 +111,42 @@ def convert_once(folder: str, cache: str, param_dtype: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak}))
 
 
+def first_image(args, extra: list[str]) -> None:
+    """Seconds to the first image from a pipeline folder, converting and then reusing."""
+    work = os.path.join(args.scratch, "first-image")
+    subprocess.run(["rm", "-rf", work], check=True)
+    rows = []
+    for run in ("first (converts)", "second (reuses)"):
+        out = os.path.join(work, run.split()[0])
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.sample",
+            f"--config={args.config}",
+            f"--workdir={out}",
+            f"--config.model.pretrained={args.pipeline}",
+            f"--config.model.cache_dir={os.path.join(work, 'cache')}",
+            "--config.output.progress=False",
+            *extra,
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ))
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        rows.append(
+            dict(
+                run=run,
+                seconds_to_first_image=summary["seconds_to_first_image"],
+                process_seconds=time.perf_counter() - t0,
+                conversions=summary["conversions"],
+            )
+        )
+        print(json.dumps(rows[-1]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="sd3.5-medium")
@@ -114,10 +154,15 @@ def main() -> None:
     ap.add_argument("--targets", default="bfloat16,float32")
     ap.add_argument("--scratch", default="/tmp/erg_measure")
     ap.add_argument("--out", default="")
+    ap.add_argument("--pipeline", default="", help="time launch.sample on this folder")
+    ap.add_argument("--config", default="configs/sd3.py:medium")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()
     if args.child:
         convert_once(*args.child)
+        return
+    if args.pipeline:
+        first_image(args, extra)
         return
     sys.path.insert(0, ROOT)
     folder = os.path.join(args.scratch, f"{args.preset}-{args.stored}", "transformer")

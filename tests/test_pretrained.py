@@ -73,7 +73,7 @@ def _dit(source, **fields):
     c.model.sample_size = 0  # the tiny model's own
     c.model.pretrained = str(source)
     c.guidance.methods, c.guidance.scale = "cfg", 4.0
-    c.sampler.solver, c.sampler.steps, c.sampler.batch_size = "", 3, N
+    c.sampler.steps, c.sampler.batch_size = 3, N
     c.output.num_samples = N
     for key, value in fields.items():
         section, name = key.split("__")

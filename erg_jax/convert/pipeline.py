@@ -210,7 +210,7 @@ def converted(source_kind: str, source: str, cache_dir: str, **settings) -> tupl
     _barrier("erg_jax.convert: cache cleared")
     logger.info("converting %s (%s) into %s", source, source_kind, target)
     params, config = convert_component(source_kind, source, settings)
-    checkpoint.save(partial, params, config)
+    checkpoint.save(partial, checkpoint.to_host_device(params), config)
     del params
     if jax.process_index() == 0:
         os.replace(partial, target)
