@@ -385,8 +385,11 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
     from erg_jax import grids
 
     overrides = _parse_overrides(smp.scheduler_overrides)
-    own_shift = float(overrides.get("shift", reference.get("shift", 1.0)) or 1.0)
-    if float(smp.shift) not in (1.0, own_shift):
+    native = float(reference.get("shift", 1.0) or 1.0)
+    own_shift = float(overrides.get("shift", native))
+    # sampler.shift may restate the scheduler's own shift (the SD3 configs' 3.0) or the
+    # override; any other value would be silently dropped, so it is refused.
+    if float(smp.shift) not in (1.0, native, own_shift):
         raise ValueError(
             f"sampler.shift={smp.shift} applies to the even grid, but the reference scheduler "
             f"({reference.get('_class_name')}) has shift {own_shift}: set "
