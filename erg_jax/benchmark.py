@@ -117,7 +117,7 @@ def run(only=SECTIONS, *, small: bool = False, repeats: int = 5, lengths=None) -
 
 
 def targets(r: dict) -> dict:
-    """Each target of issue 7 that the result measures: (value, bound, met)."""
+    """Each performance target (docs/BENCHMARKS.md) the result measures: (value, bound, met)."""
     out = {}
 
     def check(name, value, bound):

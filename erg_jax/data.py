@@ -1,6 +1,6 @@
 """A synthetic, seeded data set of 32x32 RGB images, one coloured shape on a textured ground.
 
-The built-in model of erg-jax (issue 6) trains on this set, and the quality, diversity and
+The built-in models of erg-jax train on this set, and the quality, diversity and
 consistency bench (``erg_jax.metrics``) reads it back. Each image holds one object:
 
 - shape: one of ``SHAPES`` (square, circle, triangle, cross, diamond, ring), drawn from a

@@ -84,6 +84,19 @@ class Sampler:
     def is_flow(self) -> bool:
         return self.solver in FLOW_SOLVERS
 
+    def diffusion_tables(self) -> dict:
+        """Per step: the model's k, abar at k, abar at the step's "prev" (diffusion)."""
+        return P.diffusion_tables(
+            self.beta_schedule,
+            self.steps,
+            self.num_train_steps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            float32_betas=self.float32_betas,
+            alpha_to_one=self.alpha_to_one,
+            grid=self.grid,
+        )
+
     @property
     def nfe_per_step(self) -> int:
         return 2 if self.solver == "heun" else 1
@@ -305,16 +318,7 @@ def make_step(
 
         return step
 
-    tables = P.diffusion_tables(
-        sampler.beta_schedule,
-        sampler.steps,
-        sampler.num_train_steps,
-        beta_start=sampler.beta_start,
-        beta_end=sampler.beta_end,
-        float32_betas=sampler.float32_betas,
-        alpha_to_one=sampler.alpha_to_one,
-        grid=sampler.grid,
-    )
+    tables = sampler.diffusion_tables()
     t_max = sampler.num_train_steps - 1
 
     def step(carry, i):

@@ -1,4 +1,4 @@
-"""Rectified-flow training of the demo denoisers on the synthetic data set (issue 6).
+"""Rectified-flow training of the demo denoisers on the synthetic data set.
 
 The loss is conditional flow matching (Lipman et al. 2023; Liu et al. 2023; the SD3 recipe
 of Esser et al. 2024, sec. 2-3): with data x0, noise eps and a noise level t in (0, 1),

@@ -41,16 +41,7 @@ def _scheduler(cfg: dict):
 
 
 def _tables(smp: S.Sampler) -> dict:
-    return P.diffusion_tables(
-        smp.beta_schedule,
-        smp.steps,
-        smp.num_train_steps,
-        beta_start=smp.beta_start,
-        beta_end=smp.beta_end,
-        float32_betas=smp.float32_betas,
-        alpha_to_one=smp.alpha_to_one,
-        grid=smp.grid,
-    )
+    return smp.diffusion_tables()
 
 
 def test_published_examples():

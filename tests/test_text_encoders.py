@@ -1,5 +1,5 @@
 """Text encoders with C-ERG: parity with transformers, real MiniLM weights, temperature
-parity, entropy monotonicity, sharded loading, and the loader's errors (issue 4)."""
+parity, entropy monotonicity, sharded loading, and the loader's errors."""
 
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Training (erg_jax.train) and the shipped demo models (models/, issue 6).
+"""Training (erg_jax.train) and the shipped demo models (models/).
 
 - a tiny rectified-flow run, data parallel over 8 fake devices, lowers the loss;
 - a run killed after its last checkpoint and started again continues with exactly the
