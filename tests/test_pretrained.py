@@ -168,6 +168,10 @@ def test_dit_pt_file_without_size_flags_equals_explicit_convert(dit, tmp_path):
 
     folder, _, pt = dit
     vae = str(folder / "vae")
+    with pytest.raises(ValueError, match="vae.pretrained: a .pt file carries no VAE"):
+        build_plan(_dit(pt), str(tmp_path / "no-vae"))
+    with pytest.raises(ValueError, match="model.sample_size is 32.*latent side 8"):
+        build_plan(_dit(pt, vae__pretrained=vae, model__sample_size=32), str(tmp_path / "s"))
     _, from_pt = _ours(_dit(pt, vae__pretrained=vae), tmp_path / "a")
     convert("dit-pt", str(pt), str(tmp_path / "ckpt"))
     stored = checkpoint.read_config(str(tmp_path / "ckpt"))
