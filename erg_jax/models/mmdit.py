@@ -28,9 +28,8 @@ under ``blocks_{first}_to_{last}``; ``stack_blocks`` and ``unstack_blocks`` conv
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,137 +37,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
+    PRESETS,
+    QK_NORMS,
+    Segment,
+    Spec,
+    _scanned,
+    mmdit_config,
+    scanned_groups,
+    segment_name,
+    segments,
+    stack_blocks,
+    unstack_blocks,
+)
 
 Array = jax.Array
-
-_SD3 = dict(
-    kind="mmdit",
-    prediction="velocity",
-    learned_sigma=False,
-    time="sd3",
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    num_attention_heads=24,
-    attention_head_dim=64,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-    dual_attention_layers=(),
-    qk_norm=None,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-    precision="default",
-    attention_implementation=None,
-    scan_blocks=False,
-    remat=False,
-)
-PRESETS: dict[str, dict] = {
-    # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json.
-    "sd3-medium": _SD3,
-    # stabilityai/stable-diffusion-3.5-medium: QK RMSNorm, attn2 in blocks 0..12.
-    "sd3.5-medium": dict(
-        _SD3, pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))
-    ),
-    # stabilityai/stable-diffusion-3.5-large (and -large-turbo).
-    "sd3.5-large": dict(
-        _SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"
-    ),
-    # Tiny sizes for tests, float32 with exact matmuls.
-    "tiny": dict(
-        _SD3,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        num_layers=3,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        joint_attention_dim=32,
-        caption_projection_dim=32,
-        pooled_projection_dim=32,
-        pos_embed_max_size=8,
-        qk_norm="rms_norm",
-        dual_attention_layers=(0,),
-        dtype="float32",
-        param_dtype="float32",
-        precision="highest",
-    ),
-}
-QK_NORMS = (None, "rms_norm", "layer_norm")
-
-
-def mmdit_config(name: str = "sd3.5-medium", **overrides: Any) -> dict:
-    """The config dict (kind='mmdit') of a preset: 'sd3-medium', 'sd3.5-medium',
-    'sd3.5-large' or 'tiny'. Overrides replace fields; an unknown field is a ValueError."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown MMDiT preset {name!r}; choose from {sorted(PRESETS)}")
-    unknown = sorted(set(overrides) - set(PRESETS[name]))
-    if unknown:
-        raise ValueError(f"unknown MMDiT config field(s) {unknown}")
-    config = dict(PRESETS[name], **overrides)
-    config["dual_attention_layers"] = tuple(int(i) for i in config["dual_attention_layers"])
-    Spec.from_config(config)  # validates
-    return config
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """The static settings every layer shares (hashable, built from a config dict)."""
-
-    num_layers: int
-    patch_size: int
-    out_channels: int
-    heads: int
-    head_dim: int
-    base_size: int  # sample_size // patch_size: the grid the position table is scaled to
-    pos_max: int  # pos_embed_max_size
-    dual_layers: tuple[int, ...]
-    qk_norm: str | None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    precision: str | None = None
-    implementation: str | None = None
-    scan: bool = False
-    remat: bool = False
-
-    @property
-    def dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @classmethod
-    def from_config(cls, config: dict) -> Spec:
-        heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
-        if int(config["caption_projection_dim"]) != heads * head_dim:
-            raise ValueError(
-                f"caption_projection_dim ({config['caption_projection_dim']}) must "
-                f"equal num_attention_heads * attention_head_dim ({heads * head_dim})"
-            )
-        if config.get("qk_norm") not in QK_NORMS:
-            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {config.get('qk_norm')!r}")
-        if not config.get("pos_embed_max_size"):
-            raise ValueError("pos_embed_max_size must be set (SD3 crops its position table)")
-        precision = config.get("precision")
-        out_channels = config.get("out_channels") or config["in_channels"]
-        return cls(
-            num_layers=int(config["num_layers"]),
-            patch_size=int(config["patch_size"]),
-            out_channels=int(out_channels),
-            heads=heads,
-            head_dim=head_dim,
-            base_size=int(config["sample_size"]) // int(config["patch_size"]),
-            pos_max=int(config["pos_embed_max_size"]),
-            dual_layers=tuple(int(i) for i in config.get("dual_attention_layers", ())),
-            qk_norm=config.get("qk_norm"),
-            dtype=jnp.dtype(config.get("dtype", "float32")),
-            param_dtype=jnp.dtype(config.get("param_dtype", "float32")),
-            precision=None if precision in (None, "default") else str(precision),
-            implementation=config.get("attention_implementation"),
-            scan=bool(config.get("scan_blocks", False)),
-            remat=bool(config.get("remat", False)),
-        )
 
 
 def _dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
@@ -305,36 +188,6 @@ class MLP(nn.Module):
         h = _dense(self.s, self.hidden, ("embed", "mlp"), "linear_1")(x)
         h = nn.gelu(h, approximate=True) if self.act == "gelu" else nn.silu(h)
         return _dense(self.s, self.out, ("mlp", "embed"), "linear_2")(h)
-
-
-class Segment(NamedTuple):
-    """Blocks start..stop-1, which share their parameter structure."""
-
-    start: int
-    stop: int
-    dual: bool  # SD3.5's second, image-only attention (attn2)
-    pre_only: bool  # the last block: no text-stream output (context_pre_only)
-
-
-def segments(s: Spec) -> list[Segment]:
-    """The runs of consecutive blocks with the same parameter structure, in order."""
-    out: list[Segment] = []
-    for i in range(s.num_layers):
-        kind = (i in s.dual_layers, i == s.num_layers - 1)
-        if out and (out[-1].dual, out[-1].pre_only) == kind:
-            out[-1] = out[-1]._replace(stop=i + 1)
-        else:
-            out.append(Segment(i, i + 1, *kind))
-    return out
-
-
-def _scanned(seg: Segment, scan: bool) -> bool:
-    return scan and seg.stop - seg.start > 1
-
-
-def segment_name(seg: Segment) -> str:
-    """The param name of a scanned run of blocks."""
-    return f"blocks_{seg.start}_to_{seg.stop - 1}"
 
 
 class JointBlock(nn.Module):
@@ -530,40 +383,6 @@ def count_params(config: dict, *, buffers: bool = False) -> int:
     if not buffers:
         shapes = {k: v for k, v in shapes.items() if k != "pos_embed"}
     return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
-
-
-def scanned_groups(config: dict) -> list[tuple[str, range]]:
-    """(param name, block indices) of each run of blocks stacked in the scanned layout."""
-    return [
-        (segment_name(seg), range(seg.start, seg.stop))
-        for seg in segments(Spec.from_config(config))
-        if _scanned(seg, True)
-    ]
-
-
-def stack_blocks(params: dict, config: dict) -> dict:
-    """Unscanned params (blocks_0 ..) -> the scanned layout of ``config`` (its
-    ``scan_blocks`` is ignored: the result is always the scanned layout)."""
-    out = dict(params)
-    for name, blocks in scanned_groups(config):
-        layers = [out.pop(f"blocks_{i}") for i in blocks]
-        out[name] = jax.tree_util.tree_map(
-            lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
-        )
-    return out
-
-
-def unstack_blocks(params: dict, config: dict) -> dict:
-    """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
-    out = dict(params)
-    for seg in segments(Spec.from_config(config)):
-        if _scanned(seg, True):
-            stacked = out.pop(segment_name(seg))
-            for i in range(seg.start, seg.stop):
-                out[f"blocks_{i}"] = jax.tree_util.tree_map(
-                    lambda a, j=i - seg.start: a[j], stacked
-                )
-    return out
 
 
 def make_denoiser(config: dict, params: Any):
