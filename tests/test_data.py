@@ -94,3 +94,37 @@ def test_train_and_heldout_splits_differ():
     assert d.min() > 0.05
     with pytest.raises(ValueError):
         data.split("test", 4)
+
+
+def _grid_cell(word):
+    """(row, column) of a position word, 0 = top / left, read from the word itself."""
+    row = 0 if word == "top" or "upper" in word else 2 if word == "bottom" or "lower" in word else 1
+    col = 0 if "left" in word else 2 if "right" in word else 1
+    return row, col
+
+
+def test_caption_position_words_match_the_drawn_object(batch):
+    # The object's pixels, read from the image alone: those within 0.15 of its palette
+    # colour (jitter std 0.03); the muted ground never comes that close.
+    rgb = (batch["images"] + 1) / 2
+    mask = np.abs(rgb - data._RGB[batch["colour"]][:, None, None]).max(-1) < 0.15
+    grid = np.arange(32) + 0.5
+    count = mask.sum(axis=(1, 2))
+    assert count.min() >= 10
+    drawn = np.stack(
+        [(mask.sum(1) * grid).sum(1) / count, (mask.sum(2) * grid).sum(1) / count], 1
+    )  # (n, 2) centroid (x, y) in pixels, y downward
+    cells = np.array(
+        [_grid_cell(data.parse_caption_words(t)["position"]) for t in batch["caption"]]
+    )
+    # The centre moves over the room left beside the object, which is symmetric about the
+    # middle (16 px): a first third lies left of it, a last third right of it, and the middle
+    # third within a third of the half-frame; 0.5 px allows for the mask's ragged edge.
+    for axis, index in ((0, cells[:, 1]), (1, cells[:, 0])):
+        c = drawn[:, axis] - 16.0
+        assert np.all(c[index == 0] < 0.5), axis
+        assert np.all(c[index == 2] > -0.5), axis
+        assert np.all(np.abs(c[index == 1]) < 16 / 3 + 0.5), axis
+        # Not only on the right side: the thirds sit well apart on average.
+        assert c[index == 0].mean() < -4 and c[index == 2].mean() > 4, axis
+    assert {tuple(c) for c in cells} == {(r, k) for r in range(3) for k in range(3)}

@@ -3,16 +3,20 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = all(
     os.path.isdir(os.path.join(ROOT, "models", m)) for m in ("demo-dit", "demo-mmdit", "classifier")
 )
-pytestmark = pytest.mark.skipif(not SHIPPED, reason="the shipped models (models/) are absent")
+shipped = pytest.mark.skipif(not SHIPPED, reason="the shipped models (models/) are absent")
 
 
+@shipped
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["dit", "mmdit"])
 def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
@@ -36,6 +40,7 @@ def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "results.json")) == rows
 
 
+@shipped
 @pytest.mark.slow
 def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, monkeypatch):
     from configs import evaluate as cfg
@@ -68,6 +73,7 @@ def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, mon
         run_config(c, str(tmp_path))
 
 
+@shipped
 @pytest.mark.slow
 def test_main_job_writes_grid_and_metrics(tmp_path, monkeypatch):
     from configs import quickstart
@@ -80,3 +86,100 @@ def test_main_job_writes_grid_and_metrics(tmp_path, monkeypatch):
     assert os.path.getsize(tmp_path / "grid.png") > 0
     saved = json.load(open(tmp_path / "metrics.json"))
     assert set(saved["methods"]) == {"none", "cfg", "erg", "erg+apg"}
+
+
+# A perfect generator and an oracle reader, so that the bench's numbers are known without
+# any model: the denoiser's velocity (x - c) / t takes Euler exactly onto the image c its
+# condition holds; the classifier names the nearest held-out image's shape and colour.
+NUM_REAL, NUM_SAMPLES, K, STEPS = 24, 16, 3, 2
+_PROJECTION = np.random.default_rng(0).normal(size=(32 * 32 * 3, 8))
+
+
+def _features(images):
+    return np.asarray(images, np.float64).reshape(len(images), -1) @ _PROJECTION
+
+
+def _oracle(pool):
+    flat = pool["images"].reshape(len(pool["images"]), -1)
+
+    def classify(images):
+        nearest = cdist(np.asarray(images).reshape(len(images), -1), flat).argmin(axis=1)
+        return dict(
+            shape=pool["shape"][nearest],
+            colour=pool["colour"][nearest],
+            features=_features(images),
+        )
+
+    return classify
+
+
+def _perfect_model():
+    from erg_jax.evaluate import DemoModel
+
+    def denoiser(x, t, cond, attention=None):
+        return (x - cond) / t.reshape(-1, 1, 1, 1)
+
+    def conditions(cond_set, unconditional=False, tau_c=None):
+        images = jnp.asarray(cond_set["images"])
+        zeros = jnp.zeros_like(images)
+        return {"cond": zeros if unconditional else images, "null": zeros}
+
+    return DemoModel("toy", denoiser, 1, (32, 32, 3), "unit", conditions)
+
+
+def _bench_config():
+    from configs import evaluate as cfg
+
+    c = cfg.get_config("tiny")
+    c.num_real, c.num_samples, c.nearest_k, c.steps = NUM_REAL, NUM_SAMPLES, K, STEPS
+    c.methods, c.uncond_methods, c.weights = "none,cfg", "none", (1.0,)
+    return c
+
+
+def _reference_frechet(a, b):
+    diff = a.mean(0) - b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return diff @ diff + np.trace(sa + sb) - 2 * np.trace(scipy.linalg.sqrtm(sa @ sb).real)
+
+
+def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
+    from erg_jax import data
+    from erg_jax.evaluate import run_bench
+
+    pool = data.split("heldout", NUM_REAL + NUM_SAMPLES)
+    rows = run_bench(_perfect_model(), _oracle(pool), _bench_config(), str(tmp_path))
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"none", "cfg", "uncond none"}
+    # The bench draws the conditions after its real images: the generator reproduces
+    # held-out images NUM_REAL .. NUM_REAL + NUM_SAMPLES - 1, scored against the first NUM_REAL.
+    real, fake = _features(pool["images"][:NUM_REAL]), _features(pool["images"][NUM_REAL:])
+    d = cdist(real, fake)
+    radii = np.sort(cdist(real, real), axis=1)[:, K]  # the point itself is the 0th
+    for method in ("none", "cfg"):  # CFG at weight 1 is the conditional branch
+        row = by_method[method]
+        assert row["consistency"] == row["shape_accuracy"] == row["colour_accuracy"] == 1.0
+        np.testing.assert_allclose(row["fd"], _reference_frechet(real, fake), rtol=1e-4)
+        np.testing.assert_allclose(row["density"], (d < radii[:, None]).sum(0).mean() / K)
+        np.testing.assert_allclose(row["coverage"], (d.min(1) < radii).mean())
+    assert (by_method["none"]["nfe"], by_method["cfg"]["nfe"]) == (STEPS, 2 * STEPS)
+    # Unconditional: every sample is the null image (zeros), read as one fixed attribute pair.
+    read = _oracle(pool)(np.zeros((1, 32, 32, 3)))
+    hit = (pool["shape"][NUM_REAL:] == read["shape"][0]) & (
+        pool["colour"][NUM_REAL:] == read["colour"][0]
+    )
+    assert by_method["uncond none"]["consistency"] == hit.mean() < 0.5
+
+
+def test_scores_of_generated_copies_of_the_real_set():
+    from erg_jax import data
+    from erg_jax import guidance as G
+    from erg_jax.evaluate import _Scorer
+
+    c = _bench_config()
+    c.num_samples = c.num_real
+    pool = data.split("heldout", c.num_real)
+    scorer = _Scorer(_perfect_model(), _oracle(pool), c, start=0, seed=0)
+    row = scorer.score(G.none(), scorer.conditions())
+    assert abs(row["fd"]) < 1e-6
+    for key in ("precision", "recall", "coverage", "consistency"):
+        assert row[key] == 1.0, key

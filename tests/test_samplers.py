@@ -194,3 +194,80 @@ def test_autoguidance_needs_two_models():
             keys=keys,
             num_layers=1,
         )
+
+
+def _ddpm_abar():
+    """abar_k of Ho et al. 2020: linear betas 1e-4 .. 0.02 over T = 1000, cumprod(1 - beta)."""
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+
+
+@pytest.mark.parametrize("steps, steps_checked", [(10, (7, 8)), (1000, (980,))])
+def test_learned_sigma_interpolates_between_posterior_variance_and_beta(steps, steps_checked):
+    # One DDPM step from x with a known x0 estimate: x_new = posterior mean (Ho et al. eq. 7)
+    # + std * the sample's noise, log std^2 = frac log beta + (1 - frac) log posterior
+    # variance with frac = (v + 1) / 2 (Nichol & Dhariwal eq. 15, on the respaced betas).
+    v = np.array([-1.0, 0.0, 1.0])  # one sample each: the small variance, between, beta
+    x0, n = 0.3, len(v)
+
+    def den(x, k, cond, attention=None):
+        var = jnp.broadcast_to(jnp.asarray(v, x.dtype)[:, None, None, None], x.shape)
+        return jnp.concatenate([jnp.full_like(x, x0), var], axis=-1)
+
+    keys = S.sample_keys(0, jnp.arange(n))
+    x = S.initial_noise(keys, SHAPE)
+    smp = S.make_sampler("ddpm", steps, prediction="x0", learned_sigma=True)
+    step = jax.jit(S.make_step(den, {"cond": jnp.zeros((n,))}, G.none(), smp, keys, 1))
+    abar = _ddpm_abar()
+    ks = np.round(np.linspace(999, 0, steps)).astype(int)
+    for i in steps_checked:
+        ab, ab_prev = abar[ks[i]], abar[ks[i + 1]]
+        beta = 1.0 - ab / ab_prev
+        post_var = beta * (1.0 - ab_prev) / (1.0 - ab)
+        assert beta / post_var > 1.02  # the bounds are told apart
+        if steps == 1000:
+            assert beta == pytest.approx(np.linspace(1e-4, 0.02, 1000)[ks[i]])
+        frac = (v + 1.0) / 2.0
+        std = np.sqrt(beta**frac * post_var ** (1.0 - frac)).reshape(n, 1, 1, 1)
+        (x_new, _), _ = step((x, G.none().init_state(x)), jnp.int32(i))
+        noise = jax.vmap(lambda k, i=i: jax.random.normal(jax.random.fold_in(k, i), SHAPE))(keys)
+        mean = (np.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (
+            np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
+        ) * np.asarray(x)
+        np.testing.assert_allclose(x_new, mean + std * np.asarray(noise), rtol=1e-4, atol=1e-5)
+
+
+def test_beta_schedules_follow_the_papers():
+    # Ho et al. 2020: linear from 1e-4 to 0.02 over T = 1000.
+    np.testing.assert_allclose(P.beta_schedule("linear", 1000), np.linspace(1e-4, 0.02, 1000))
+    # Nichol & Dhariwal 2021 eq. 17: abar_t = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s)
+    # pi / 2), s = 0.008, beta_t = 1 - abar_t / abar_{t-1} clipped at 0.999.
+    t = np.arange(1001) / 1000
+    f = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+    abar = f / f[0]
+    betas = np.minimum(1 - abar[1:] / abar[:-1], 0.999)
+    np.testing.assert_allclose(P.beta_schedule("cosine", 1000), betas, rtol=1e-9)
+    assert betas[-1] == 0.999 and betas[0] < 1e-4
+
+
+def test_flow_sampler_evaluates_on_the_sd3_shifted_grid():
+    seen = []
+
+    def den(x, t, cond, attention=None):
+        jax.debug.callback(lambda tt: seen.append(float(tt[0])), t, ordered=True)
+        return jnp.zeros_like(x)
+
+    keys = S.sample_keys(0, jnp.arange(2))
+    smp = S.make_sampler("euler", 3, shift=3.0)
+    assert smp.grid is None
+    S.sample(
+        den,
+        jnp.zeros((2,) + SHAPE),
+        {"cond": jnp.zeros((2,))},
+        G.none(),
+        smp,
+        keys=keys,
+        num_layers=1,
+    )
+    jax.effects_barrier()
+    t = np.array([1.0, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(seen, 3 * t / (1 + 2 * t), rtol=1e-6)  # SD3 eq. 23, s = 3
