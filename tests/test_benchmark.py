@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from erg_jax import Energy, energy_attention
+from erg_jax import energy as energy_module
 from erg_jax.bench import setups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,3 +108,45 @@ def test_stepper_walks_the_grid_and_starts_over():
     again = [np.asarray(stepper()[0]) for _ in range(2)]
     np.testing.assert_array_equal(first[1], again[1])  # the donated start is intact
     assert not np.array_equal(first[0], first[1])
+
+
+def _numpy_energy_attention(q, k, v, tau, alpha, gamma, bias, mask, steps):
+    """Hand-written energy attention in float64: tau (b, n, h), grouped-query heads."""
+    q, k, v, tau, bias = (np.asarray(a, np.float64) for a in (q, k, v, tau, bias))
+    mask = np.asarray(mask)
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    t = np.transpose(tau, (0, 2, 1))[..., None]  # (b, h, n, 1)
+    x = q
+    for _ in range(steps):
+        s = t * (np.einsum("bnhd,bmhd->bhnm", x, k) / np.sqrt(q.shape[-1]) + bias)
+        s = np.where(mask, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x = (1 - gamma) * x + gamma * alpha * np.einsum("bhnm,bmhd->bnhd", p, v)
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_chunked_attention_over_several_chunks_equals_numpy(steps, monkeypatch):
+    # A budget of 70 query rows of logits splits n = 195 into three chunks of 65 (the
+    # largest divisor that fits); temperature, bias and mask all vary along the queries,
+    # so a chunk stitched back in the wrong place, or paired with another chunk's rows
+    # of them, gives wrong rows.
+    b, n, m, h, hk, d = 2, 195, 80, 4, 2, 8
+    monkeypatch.setattr(energy_module, "CHUNK_BYTES", 70 * 4 * b * h * m)
+    rng = np.random.default_rng(1)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for shape in ((b, n, h, d), (b, m, hk, d), (b, m, hk, d))
+    )
+    bias = jnp.asarray(rng.standard_normal((b, h, n, m)), jnp.float32)
+    mask = jnp.asarray(rng.random((b, 1, n, m)) < 0.7).at[..., 0].set(True)
+    tau = jnp.asarray(rng.uniform(0.3, 1.5, (b, n, h)), jnp.float32)
+    assert energy_module._chunk_size(q, k) == 65
+    assert energy_module._pick_implementation(q, k, bias, mask, backend="cpu") == "chunked"
+    e = Energy(tau=tau, alpha=0.9, gamma=0.7)
+    ref = _numpy_energy_attention(q, k, v, tau, 0.9, 0.7, bias, mask, steps)
+    for impl in ("chunked", None):  # None: the CPU default picks the chunks here
+        out = energy_attention(q, k, v, e, bias=bias, mask=mask, steps=steps, implementation=impl)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ from toys import make_toy_transformer
 from erg_jax import Energy
 from erg_jax import guidance as G
 from erg_jax import samplers as S
+from erg_jax.control import attend
 
 B, SIZE, C, W, L = 3, 4, 2, 16, 3
 
@@ -47,8 +48,13 @@ def test_neutral_weight_returns_the_strong_prediction(name):
     dens = (den, weak_den)
     guided = S.sample(dens, noise, conds, ALL[name](1.0), smp, keys=keys, num_layers=L)
     plain = S.sample(dens, noise, conds, G.none(), smp, keys=keys, num_layers=L)
-    if name == "erg+cads":  # CADS still anneals the condition itself
-        return
+    if name == "erg+cads":
+        # CADS anneals the strong branch's condition too (it acts on this grid: t = 1 lies
+        # past tau2), so w = 1 is the unguided sampler with the same CADS.
+        annealed = G.with_cads(G.none(), tau1=0.5, tau2=0.9)
+        cads = S.sample(dens, noise, conds, annealed, smp, keys=keys, num_layers=L)
+        assert float(jnp.max(jnp.abs(cads - plain))) > 1e-3
+        plain = cads
     # equal up to the rounding of a batched (vmapped) against a single forward
     np.testing.assert_allclose(guided, plain, atol=1e-5, rtol=1e-5)
     # and the combine rule alone, on random predictions
@@ -76,6 +82,22 @@ def test_cfg_formula_and_rescale():
     np.testing.assert_allclose(
         jnp.std(out, axis=(1, 2, 3)), jnp.std(preds[0], axis=(1, 2, 3)), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("phi", [0.5, 0.8])
+def test_cfg_rescale_mixes_the_std_matched_prediction_by_phi(phi):
+    # Lin et al. 2024 in numpy: the CFG prediction scaled to the strong one's std (per
+    # sample, over every non-batch axis), mixed with the plain CFG prediction by phi.
+    rng = np.random.default_rng(4)
+    strong, weak = (
+        rng.standard_normal((B, 4, 4, 2)) * [[[[1.0]]], [[[2.0]]], [[[0.5]]]] for _ in "sw"
+    )
+    guided = weak + 4.0 * (strong - weak)
+    ratio = strong.std(axis=(1, 2, 3), keepdims=True) / guided.std(axis=(1, 2, 3), keepdims=True)
+    ref = phi * guided * ratio + (1.0 - phi) * guided
+    preds = [jnp.asarray(strong, jnp.float32), jnp.asarray(weak, jnp.float32)]
+    out, _ = G.cfg(4.0, rescale=phi).combine(preds, 0.5, (None,))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_apg_with_eta_one_no_cap_no_momentum_is_cfg():
@@ -174,6 +196,25 @@ def test_perturbations_reach_only_their_layers():
             )
             > 1e-4
         )
+
+
+@pytest.mark.parametrize("hk", [4, 2])
+def test_pag_layers_attend_each_query_to_itself_only(hk):
+    # Identity attention: query i's output is its own value v_i (query head j reads kv
+    # head j // (h / hk)); the layers PAG leaves alone keep softmax attention (numpy).
+    b, n, h, d = 2, 6, 4, 4
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((b, n, h, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, n, hk, d)).astype(np.float32) for _ in "kv")
+    kv = [np.repeat(x, h // hk, axis=2).astype(np.float64) for x in (k, v)]
+    s = np.einsum("bnhd,bmhd->bhnm", q, kv[0]) / np.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    softmax_attention = np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), kv[1])
+    weak = G.pag(2.0, layers=[1]).controls(0.5, L)[1]
+    for i in range(L):
+        out = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), weak.layer(i)))
+        ref = kv[1] if i == 1 else softmax_attention
+        np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"layer {i}")
 
 
 def test_vmapped_branches_equal_separate_calls():
