@@ -12,7 +12,7 @@ Published weights as downloaded, converted on first use into WORKDIR/converted (
     python -m launch.sample --config=configs/dit.py:xl2_512 --workdir=out/dit512 \
         --config.model.pretrained=DiT-XL-2-512x512.pt --config.vae.pretrained=sd-vae-ft-ema
     python -m launch.sample --config=configs/dit.py:sit_xl2_256 --workdir=out/sit \
-        --config.model.pretrained=SiT-XL-2-256.pt --config.vae.pretrained=sd-vae-ft-ema
+        --config.model.pretrained=SiT-XL-2-256x256.pt --config.vae.pretrained=sd-vae-ft-ema
     python -m launch.sample --config=configs/dit.py:tiny --workdir=out/tiny   # CPU, seconds
 
 Or convert ahead of time (launch.convert --source=dit-pt / diffusers-dit / diffusers-vae)
