@@ -315,3 +315,28 @@ def test_make_guider_names():
     assert G.make_guider("erg+cads").cads is not None
     assert G.make_guider("cfg+pag").num_branches == 3
     assert G.make_guider("none").num_branches == 1
+
+
+@pytest.mark.parametrize("t", [0.1, 0.25, 0.6, 0.9])
+def test_weight_schedule_shapes_between_the_checked_points(t):
+    # Written out from the definitions: linear 2 (1 - t), cosine 1 + cos(pi t), on (w - 1).
+    w = 3.0
+    assert float(G.schedule(w, "linear")(t)) == pytest.approx(1 + (w - 1) * 2 * (1 - t), 1e-6)
+    cosine = 1 + (w - 1) * (1 + np.cos(np.pi * t))
+    assert float(G.schedule(w, "cosine")(t)) == pytest.approx(cosine, 1e-6)
+
+
+def test_guidance_interval_is_closed_and_its_ends_are_checked_by_name():
+    sched = G.schedule(3.0, interval=(0.2, 0.8))
+    assert [float(sched(t)) for t in (0.19, 0.2, 0.8, 0.81)] == [1.0, 3.0, 3.0, 1.0]
+    with pytest.raises(ValueError, match=r"interval\[0\] must be in \[0.0, 1.0\]"):
+        G.schedule(3.0, interval=(-0.1, 0.5))
+    with pytest.raises(ValueError, match=r"interval\[1\] must be in \[0.0, 1.0\]"):
+        G.schedule(3.0, interval=(0.2, 1.5))
+
+
+def test_apg_momentum_range_is_open():
+    for m in (-1.0, 1.0):
+        with pytest.raises(ValueError, match="momentum"):
+            G.apg(2.0, momentum=m)
+    G.apg(2.0, momentum=-0.99)  # inside the open range

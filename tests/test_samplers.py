@@ -271,3 +271,25 @@ def test_flow_sampler_evaluates_on_the_sd3_shifted_grid():
     jax.effects_barrier()
     t = np.array([1.0, 2 / 3, 1 / 3])
     np.testing.assert_allclose(seen, 3 * t / (1 + 2 * t), rtol=1e-6)  # SD3 eq. 23, s = 3
+
+
+def test_one_step_grid_starts_at_the_last_training_step():
+    np.testing.assert_array_equal(P.diffusion_grid(1, 1000), [999])
+    np.testing.assert_array_equal(P.diffusion_grid(3, 1000), [999, 500, 0])
+
+
+def test_the_last_ddpm_step_adds_no_noise():
+    # A learned-sigma denoiser whose x0 estimate is 0 and whose variance channel is +1 (the
+    # variance is beta, not 0, even at the last step): the last step must still return
+    # that x0 exactly, whatever noise it draws.
+    smp = S.make_sampler("ddpm", 4, learned_sigma=True)
+    keys = S.sample_keys(0, jnp.arange(2))
+    noise = S.initial_noise(keys, (2, 2, 1))
+    abar = jnp.asarray(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000)), jnp.float32)
+
+    def den(x, t, cond, attention=None):
+        eps = x / jnp.sqrt(1.0 - abar[t][:, None, None, None])  # x0 = 0
+        return jnp.concatenate([eps, jnp.ones_like(x)], axis=-1)
+
+    out = S.sample(den, noise, {"cond": jnp.zeros((2,))}, G.none(), smp, keys=keys, num_layers=1)
+    np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-5)
