@@ -217,14 +217,15 @@ def load_vae(vc, mesh, seed_key, latent_channels: int, sources: Sources):
         vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
         abstract = jax.eval_shape(lambda k: vae.init_params(vcfg, k), seed_key)
         params = host_random_params(abstract, int(jax.random.randint(seed_key, (), 0, 2**30)))
+        if vc.dtype:
+            params = jax.tree_util.tree_map(lambda a: a.astype(vc.dtype), params)
         params = jax.device_put(params, replicated)
-    else:
+    else:  # restored straight in vae.dtype
         params, vcfg = checkpoint.restore(
             _vae_checkpoint(vc, sources), replicated, dtype=vc.dtype or None
         )
     if vc.dtype:
         vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
-        params = jax.tree_util.tree_map(lambda a: a.astype(vc.dtype), params)
     if int(vcfg["latent_channels"]) != latent_channels:
         raise ValueError(
             f"vae: {vcfg['latent_channels']} latent channels, the model has {latent_channels}"
