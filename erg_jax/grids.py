@@ -82,7 +82,7 @@ _REFUSED = {
     "rescale_betas_zero_snr": "zero-terminal-SNR betas are not implemented here",
 }
 _BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _VARIANCES = ("fixed_small", "fixed_small_log", "learned_range")
 # Sampler fields the scheduler config decides; a caller changes them through overrides.
 _FROM_CONFIG = (
@@ -242,7 +242,7 @@ def sampler_from_scheduler(
                 f"{cfg['num_train_timesteps']}, time 'sd3' feeds 1000 sigma"
             )
         return S.make_sampler(solver, steps, grid=grid, **sampler_kw)
-    prediction = _PREDICTIONS[cfg["prediction_type"]]
+    prediction = PREDICTIONS[cfg["prediction_type"]]
     if sampler_kw.pop("prediction", prediction) != prediction:
         raise ValueError(
             f"prediction: the scheduler's prediction_type {cfg['prediction_type']!r} means "
@@ -344,9 +344,9 @@ def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None) -> np.nd
     if cfg["beta_schedule"] == "linear" and n != 1000:
         # Our "linear" scales its end points by 1000 / T (ADM); diffusers' does not.
         raise ValueError(f"num_train_timesteps must be 1000 with linear betas, got {n}")
-    if cfg["prediction_type"] not in _PREDICTIONS:
+    if cfg["prediction_type"] not in PREDICTIONS:
         raise ValueError(
-            f"prediction_type must be one of {tuple(_PREDICTIONS)}, got {cfg['prediction_type']!r}"
+            f"prediction_type must be one of {tuple(PREDICTIONS)}, got {cfg['prediction_type']!r}"
         )
     if rules == DDPM and cfg["variance_type"] not in _VARIANCES:
         raise ValueError(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from erg_jax import checkpoint, sharding
+from erg_jax import checkpoint, grids, sharding
 from erg_jax import samplers as S
 from erg_jax.conditioning import TextConditions
 from erg_jax.convert import pipeline as pipe
@@ -59,12 +59,13 @@ def check_path(path: str, field: str) -> None:
 def resolve_sources(config, workdir: str) -> Sources:
     """Checks which parts come from where; every conflict is a ValueError naming fields."""
     mc, vc, t = config.model, config.vae, config.text
+    cache_dir = mc.cache_dir or os.path.join(workdir, "converted")
     if not mc.pretrained:
         if not mc.random_init:
             check_path(mc.checkpoint, "model.checkpoint")
         if vc.enabled and not vc.random_init and not vc.pretrained:
             check_path(vc.checkpoint, "vae.checkpoint")
-        return Sources(None, mc.cache_dir or os.path.join(workdir, "converted"))
+        return Sources(None, cache_dir)
     if mc.checkpoint or mc.random_init:
         raise ValueError(
             "model.pretrained is set: leave model.checkpoint empty and model.random_init "
@@ -87,7 +88,7 @@ def resolve_sources(config, workdir: str) -> Sources:
         check_path(vc.checkpoint, "vae.checkpoint")
     if src.kind == "sd3" and t.layout != "sd3":
         raise ValueError(f"text.layout must be 'sd3' for an SD3 pipeline, got {t.layout!r}")
-    return Sources(src, mc.cache_dir or os.path.join(workdir, "converted"))
+    return Sources(src, cache_dir)
 
 
 def _runtime(mc) -> dict:
@@ -108,12 +109,13 @@ def _model_module(kind: str):
     raise ValueError(f"model.kind must be 'dit' or 'mmdit', got {kind!r}")
 
 
-def _overrides(spec: str) -> dict:
+def _overrides(spec: str, field: str = "model.overrides") -> dict:
+    """'a=1,b=0.5,c=text' -> {a: 1, b: 0.5, c: 'text'}."""
     out = {}
     for item in [x for x in str(spec).split(",") if x.strip()]:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"model.overrides must be 'field=value,...', got {spec!r}")
+            raise ValueError(f"{field} must be 'field=value,...', got {spec!r}")
         try:
             out[key.strip()] = int(value)
         except ValueError:
@@ -334,13 +336,6 @@ def _scheduler_config(smp, sources: Sources) -> dict | None:
     return pipe.read_json(path, "scheduler config")
 
 
-def _parse_overrides(spec: str) -> dict:
-    out = {}
-    for key, value in _overrides(spec).items():
-        out[key] = {"true": True, "false": False, "none": None}.get(str(value).lower(), value)
-    return out
-
-
 def check_scheduler(smp, sources: Sources) -> None:
     """The sampler section's errors, raised before any weights are read or converted."""
     if smp.steps < 1:
@@ -353,8 +348,7 @@ def check_scheduler(smp, sources: Sources) -> None:
     stand_in = {"prediction": "velocity", "time": "sd3", "sample_size": 64, "patch_size": 2}
     if not flow:
         pred = (reference or {}).get("prediction_type", "epsilon")
-        stand_in.update(prediction={"v_prediction": "v", "sample": "x0"}.get(pred, "eps"))
-        stand_in.update(time="ddpm")
+        stand_in.update(prediction=grids.PREDICTIONS.get(pred, "eps"), time="ddpm")
     make_sampler(smp, stand_in, sources)
 
 
@@ -383,9 +377,12 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
             shift=smp.shift,
             eta=smp.eta,
         )
-    from erg_jax import grids
-
-    overrides = _parse_overrides(smp.scheduler_overrides)
+    # scheduler_config.json fields may be booleans or null
+    literal = {"true": True, "false": False, "none": None}
+    overrides = {
+        k: literal.get(str(v).lower(), v)
+        for k, v in _overrides(smp.scheduler_overrides, "sampler.scheduler_overrides").items()
+    }
     native = float(reference.get("shift", 1.0) or 1.0)
     own_shift = float(overrides.get("shift", native))
     # sampler.shift may restate the scheduler's own shift (the SD3 configs' 3.0) or the
