@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
             param_dtype="",
             precision="",  # matmul precision: default / high / highest
             scan_blocks=False,  # nn.scan over like blocks: compile time flat in depth
+            # "" picks per backend and length; einsum / chunked / fused / cudnn / splash
+            attention_implementation="",
         )
     )
     c.vae = ml_collections.ConfigDict(
@@ -98,6 +100,19 @@ def base_config() -> ml_collections.ConfigDict:
             sweep="",  # e.g. "scale=2,3,4": every method at each value, compiled once
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Devices per mesh axis within a slice (one size may be -1: the devices left over) and
+    # across slices over the data-centre network (dcn_*: slices per axis, multi-slice TPU).
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    )
+    # Overrides of the logical -> mesh axis rules, "logical=mesh+mesh,...", e.g.
+    # "embed=,mlp=fsdp" ("" after = replicates); the rest keep erg_jax.sharding.DEFAULT_RULES
+    c.logical_axis_rules = ""
+    # JAX's persistent compilation cache: a restarted job loads its programs from here
+    c.compile_cache_dir = ""
+    # True: build abstract parameters (no weights read), compile one guided step for the
+    # mesh and print per-device memory and the batch that fits dry_run_memory_gb
+    c.dry_run = False
+    c.dry_run_memory_gb = 16.0
     c.output = ml_collections.ConfigDict(dict(num_samples=16, grid_size=16, progress=True))
     return c

@@ -5,12 +5,20 @@ Modules name each parameter dimension with a logical axis ('embed', 'heads', 'ml
 and logical axes to mesh axes (``DEFAULT_RULES``); from these we build NamedShardings
 and place host (numpy or memory-mapped) parameters directly onto their devices, each
 device reading only its own slice.
+
+Multi-slice TPU jobs give each mesh axis a size within a slice (ICI) and a number of
+slices (DCN, ``dcn_<axis>``); ``mesh_from_config`` builds the hybrid mesh with
+``jax.experimental.mesh_utils.create_hybrid_device_mesh``, so that only the axes given
+DCN sizes communicate across slices. Keep DCN on 'data' (or 'fsdp'): 'tensor' moves
+activations every layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = Sequence[tuple[str, Any]]
 
 DEFAULT_AXES = {"data": -1, "fsdp": 1, "tensor": 1}
+DCN_PREFIX = "dcn_"
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -35,6 +44,119 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("buckets", None),
     ("layers", None),
 )
+
+
+_ACTIVE = threading.local()
+
+
+def current_rules() -> Rules:
+    """The rules set by the innermost ``use_rules``, else ``DEFAULT_RULES``."""
+    return getattr(_ACTIVE, "rules", None) or DEFAULT_RULES
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules | None) -> Iterator[None]:
+    """Within the block, functions given ``rules=None`` use these rules (None: defaults)."""
+    old = getattr(_ACTIVE, "rules", None)
+    _ACTIVE.rules = tuple(rules) if rules else None
+    try:
+        yield
+    finally:
+        _ACTIVE.rules = old
+
+
+def parse_rules(spec: str, field: str = "logical_axis_rules") -> tuple[tuple[str, Any], ...]:
+    """``DEFAULT_RULES`` with the overrides of "logical=mesh+mesh,...".
+
+    "embed=" replicates the embedding dimension, "batch=data+fsdp" splits the batch over
+    both axes, "mlp=fsdp" moves the MLP width to fsdp. A logical name that no model uses
+    is refused, as is a mesh axis other than data / fsdp / tensor.
+    """
+    table = dict(DEFAULT_RULES)
+    for item in [x.strip() for x in str(spec).split(",") if x.strip()]:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in table:
+            raise ValueError(
+                f"{field} must be 'logical=mesh[+mesh],...' with logical one of "
+                f"{sorted(table)}, got {item!r}"
+            )
+        axes = tuple(a.strip() for a in value.split("+") if a.strip())
+        bad = [a for a in axes if a not in DEFAULT_AXES]
+        if bad:
+            raise ValueError(
+                f"{field}: {name}={value!r} names mesh axes {bad}; allowed: {sorted(DEFAULT_AXES)}"
+            )
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())
+
+
+def mesh_from_config(mesh_config: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    """The job's mesh from its config section: ICI sizes per axis plus ``dcn_<axis>``.
+
+    Without DCN sizes (all 1) this is ``make_mesh``. With them, the devices fall into
+    slices (TPU ``slice_index``; with none, processes; in one process without slices,
+    consecutive runs of devices, which lays out the same mesh for testing) and
+    ``create_hybrid_device_mesh`` places each slice's devices along the ICI axes and the
+    slices along the DCN axes: mesh axis a has size ici_a * dcn_a.
+
+    Raises:
+      ValueError: a DCN size < 1 or on an unknown axis, or device counts that do not
+        factor into the slices and the ICI sizes.
+    """
+    items = dict(mesh_config)
+    dcn = {k[len(DCN_PREFIX) :]: int(v) for k, v in items.items() if k.startswith(DCN_PREFIX)}
+    ici = {k: int(v) for k, v in items.items() if not k.startswith(DCN_PREFIX)}
+    for name, size in dcn.items():
+        if name not in ici:
+            raise ValueError(f"mesh.{DCN_PREFIX}{name}: no mesh axis {name!r} (have {list(ici)})")
+        if size < 1:
+            raise ValueError(f"mesh.{DCN_PREFIX}{name} must be >= 1, got {size}")
+    slices = math.prod(dcn.values()) if dcn else 1
+    devices = list(jax.devices() if devices is None else devices)
+    if slices == 1:
+        return make_mesh(ici, devices)
+    if len(devices) % slices:
+        raise ValueError(
+            f"mesh: {len(devices)} devices do not split into {slices} slices "
+            f"(the product of the dcn_* sizes {dcn})"
+        )
+    per_slice = len(devices) // slices
+    try:  # resolve -1 and check the ICI sizes against one slice's devices
+        ici = dict(make_mesh(ici, devices[:per_slice]).shape)
+    except ValueError as e:
+        raise ValueError(f"{e} in each of the {slices} slices (dcn sizes {dcn})") from e
+    from jax.experimental import mesh_utils
+
+    names = list(ici)
+    ici_shape = [ici[a] for a in names]
+    dcn_shape = [dcn.get(a, 1) for a in names]
+    if hasattr(devices[0], "slice_index"):
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+    elif len({d.process_index for d in devices}) == slices:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=True
+        )
+    elif jax.process_count() == 1:
+        views = [_SliceView(d, i // per_slice) for i, d in enumerate(devices)]
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, views)
+        grid = np.vectorize(lambda v: v.device, otypes=[object])(grid)
+    else:
+        raise ValueError(
+            f"mesh: {slices} DCN slices asked for, but the devices carry no slice_index and "
+            f"the job has {jax.process_count()} processes"
+        )
+    return Mesh(grid, tuple(names))
+
+
+class _SliceView:
+    """A device seen as belonging to a given slice (one process without slices)."""
+
+    def __init__(self, device, slice_index: int):
+        self.device, self.slice_index = device, slice_index
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
@@ -86,7 +208,7 @@ def logical_spec(
     dimension its mesh axes do not divide stays replicated rather than failing, so small
     tensors (norm scales, a bias table with few heads) are simply copied.
     """
-    table = dict(DEFAULT_RULES if rules is None else rules)
+    table = dict(current_rules() if rules is None else rules)
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape, strict=True):
@@ -108,7 +230,7 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Rules | None = None) -> An
         ``nn.LogicallyPartitioned`` boxes (from ``nn.with_logical_partitioning``) or
         plain ShapeDtypeStructs, which are replicated.
       mesh: the device mesh.
-      rules: (logical, mesh axes) pairs; defaults to ``DEFAULT_RULES``.
+      rules: (logical, mesh axes) pairs; defaults to ``current_rules()``.
 
     Returns:
       The unboxed tree with a NamedSharding at each leaf.
