@@ -14,6 +14,7 @@ flight and exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax import output, sharding
+from erg_jax import compile_cache, output, sharding
 from erg_jax import samplers as S
 from erg_jax.job_setup import Plan, build_plan
 
@@ -62,10 +63,8 @@ def _global_array(host: np.ndarray, spec) -> jax.Array:
     return jax.make_array_from_callback(host.shape, spec, lambda idx: host[idx])
 
 
-def _put_tree(tree, mesh):
-    return jax.tree_util.tree_map(
-        lambda a: _global_array(np.asarray(a), sharding.batch_sharding(mesh, np.shape(a))), tree
-    )
+def _put_tree(tree, bspec):
+    return jax.tree_util.tree_map(lambda a: _global_array(np.asarray(a), bspec(np.shape(a))), tree)
 
 
 def _owned_rows(spec, shape) -> list[int]:
@@ -141,12 +140,29 @@ def run_sampling(config, workdir: str) -> dict:
       samples/s per method, seconds to the first written image.
     """
     t_start = time.perf_counter()
+    cache_dir = str(config.get("compile_cache_dir", ""))
+    if cache_dir:
+        compile_cache.enable(os.path.abspath(cache_dir))
+    with compile_cache.Counter() as compiles:
+        summary = _run(config, workdir, t_start)
+        if cache_dir:
+            summary["compile_cache"] = {
+                "dir": os.path.abspath(cache_dir),
+                "hits": compiles.hits,
+                "misses": compiles.misses,
+            }
+    if jax.process_index() == 0:
+        output.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def _run(config, workdir: str, t_start: float) -> dict:
     plan = build_plan(config, workdir)  # every check happens here, before compiling
     cfg = plan.config_dict
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
     n, batch = plan.num_samples, plan.batch_size
-    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape)  # noqa: E731
+    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)  # noqa: E731
     summary: dict[str, Any] = {
         "config": cfg,
         "devices": [str(d) for d in jax.devices()],
@@ -176,7 +192,8 @@ def run_sampling(config, workdir: str) -> dict:
             if structure not in compiled_cache:
                 t0 = time.perf_counter()
                 fn = jax.jit(_generate_fn(plan))
-                compiled_cache[structure] = fn.lower(*example).compile()
+                with _mesh_context(plan):
+                    compiled_cache[structure] = fn.lower(*example).compile()
                 stats["compile_seconds"] = time.perf_counter() - t0
                 summary["compiles"] += 1
                 logger.info("%s: compiled in %.1fs", method, stats["compile_seconds"])
@@ -229,8 +246,16 @@ def run_sampling(config, workdir: str) -> dict:
         if not stopped:
             for method in plan.methods:
                 _grid(workdir, method, plan)
-        output.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def _mesh_context(plan: Plan):
+    """The mesh and axis rules that kernels outside GSPMD (splash attention) read while
+    a program is traced: they shard themselves over the same axes as the inputs."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(plan.mesh))
+    stack.enter_context(sharding.use_rules(plan.rules))
+    return stack
 
 
 def _manifest(workdir: str, cfg: dict, plan: Plan) -> None:
@@ -256,7 +281,7 @@ def _batch_inputs(plan: Plan, idx: np.ndarray, bspec):
     conds = plan.conditions.slots(idx)
     return (
         _global_array(noise, bspec(noise.shape)),
-        _put_tree(conds, plan.mesh),
+        _put_tree(conds, bspec),
         jax.random.wrap_key_data(_global_array(key_data, bspec(key_data.shape))),
     )
 
@@ -275,7 +300,7 @@ def generate(plan: Plan, method: str, indices) -> np.ndarray:
     """
     if method not in plan.methods:
         raise ValueError(f"method must be one of {sorted(plan.methods)}, got {method!r}")
-    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape)  # noqa: E731
+    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)  # noqa: E731
     fn = jax.jit(_generate_fn(plan))
     idx = np.asarray(indices, np.int64)
     out = []
@@ -283,7 +308,8 @@ def generate(plan: Plan, method: str, indices) -> np.ndarray:
         chunk = idx[start : start + plan.batch_size]
         padded = np.concatenate([chunk, np.full(plan.batch_size - len(chunk), chunk[-1])])
         noise, conds, keys = _batch_inputs(plan, padded, bspec)
-        images = fn(plan.params, plan.vae_params, noise, conds, keys, plan.methods[method])
+        with _mesh_context(plan):
+            images = fn(plan.params, plan.vae_params, noise, conds, keys, plan.methods[method])
         out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out)
 

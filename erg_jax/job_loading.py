@@ -92,7 +92,8 @@ def resolve_sources(config, workdir: str) -> Sources:
 
 
 def _runtime(mc) -> dict:
-    out = {k: mc[k] for k in ("dtype", "param_dtype", "precision") if mc[k]}
+    fields = ("dtype", "param_dtype", "precision", "attention_implementation")
+    out = {k: mc[k] for k in fields if mc.get(k)}
     out["scan_blocks"] = bool(mc.scan_blocks)
     return out
 

@@ -20,7 +20,7 @@ from erg_jax import job_loading as L
 from erg_jax import output, sharding
 from erg_jax import samplers as S
 from erg_jax.conditioning import ClassConditions, parse_classes
-from erg_jax.energy import Energy
+from erg_jax.energy import IMPLEMENTATIONS, Energy
 
 BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg")
 MODIFIERS = ("apg", "cads")
@@ -54,6 +54,7 @@ class Plan:
     progress: bool
     grid_size: int
     conversions: dict
+    rules: tuple = sharding.DEFAULT_RULES
 
 
 def _layers(spec: str, field: str):
@@ -193,7 +194,14 @@ def build_plan(config, workdir: str) -> Plan:
     L.check_scheduler(smp, sources)
     if text:
         L.text_folders(config.text, sources)  # missing folders are named before loading
-    mesh = sharding.make_mesh(dict(config.mesh))
+    impl = str(config.model.attention_implementation)
+    if impl and impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_implementation must be '' (per backend) or one of "
+            f"{IMPLEMENTATIONS}, got {impl!r}"
+        )
+    rules = sharding.parse_rules(config.logical_axis_rules)
+    mesh = sharding.mesh_from_config(dict(config.mesh))
     data = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
     if smp.batch_size % data:
         raise ValueError(
@@ -201,7 +209,15 @@ def build_plan(config, workdir: str) -> Plan:
             f"data axes (data x fsdp = {data})"
         )
     output.check_workdir(workdir, cfg)
+    # the mesh context lets kernels outside GSPMD (splash attention) in the text encoders
+    # shard themselves over the mesh
+    with sharding.use_rules(rules), jax.set_mesh(mesh):
+        return _load(config, cfg, mesh, rules, methods, sources, text)
 
+
+def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
+    """The Plan's models, conditions and sampler, once every setting is checked."""
+    out, smp = config.output, config.sampler
     key = jax.random.key(config.model.init_seed)
     mod, mcfg, params = L.load_model(config.model, mesh, key, sources)
     latent = (int(mcfg["sample_size"]),) * 2 + (int(mcfg["in_channels"]),)
@@ -240,4 +256,5 @@ def build_plan(config, workdir: str) -> Plan:
         progress=bool(out.progress),
         grid_size=int(out.grid_size),
         conversions=dict(sources.conversions),
+        rules=rules,
     )

@@ -29,7 +29,12 @@ NEUTRAL_FIELDS = (
     ("sampler", "batch_size"),
     ("guidance", "methods"),
     ("mesh",),
+    ("logical_axis_rules",),
+    ("compile_cache_dir",),
+    ("dry_run",),
+    ("dry_run_memory_gb",),
     ("model", "scan_blocks"),
+    ("model", "attention_implementation"),
 )
 
 

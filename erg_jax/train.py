@@ -284,7 +284,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> dict:
     t_cfg = config.train
     mcfg = model_config(config)
     module, tx = _module(mcfg), make_optimizer(t_cfg)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    mesh = sharding.mesh_from_config(dict(config.mesh))
     if t_cfg.batch_size % mesh.shape["data"]:
         raise ValueError(f"train.batch_size {t_cfg.batch_size} is not divisible by the mesh")
     replicated = NamedSharding(mesh, PartitionSpec())

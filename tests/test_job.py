@@ -217,6 +217,35 @@ def test_fsdp_sharded_params_give_the_same_images(tmp_path):
     assert np.max(np.abs(a - b)) <= 1
 
 
+def test_a_multi_slice_mesh_and_custom_axis_rules_give_the_same_images(tmp_path):
+    base = {"guidance.methods": "cfg", "output.num_samples": 8}
+    _sample(tmp_path / "rep", **base)
+    hybrid = {"mesh.data": -1, "mesh.fsdp": 2, "mesh.dcn_data": 2}
+    s = _sample(tmp_path / "dcn", **base, **hybrid, **{"logical_axis_rules": "embed=,mlp=fsdp"})
+    assert s["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    a = _images(str(tmp_path / "rep"), "cfg").astype(int)
+    b = _images(str(tmp_path / "dcn"), "cfg").astype(int)
+    assert np.max(np.abs(a - b)) <= 1
+
+
+def test_a_restarted_job_loads_its_programs_from_the_compile_cache(tmp_path):
+    cache = str(tmp_path / "cache")
+    args = ("--config.guidance.methods=cfg", "--config.output.num_samples=4")
+    args += ("--config.sampler.batch_size=4", f"--config.compile_cache_dir={cache}")
+    summaries = []
+    for name in ("first", "second"):  # two workdirs: the second samples everything again
+        _run("configs/dit.py:tiny", str(tmp_path / name), *args)
+        summaries.append(json.load(open(tmp_path / name / "summary.json")))
+    first, second = (s["compile_cache"] for s in summaries)
+    assert first["misses"] > 0 and os.listdir(cache)
+    # every program of the rerun comes from the folder (the first run already hits
+    # where it compiles one program twice, as separate jit objects)
+    assert second["misses"] == 0, (first, second)
+    assert second["hits"] == first["hits"] + first["misses"], (first, second)
+    seconds = [s["methods"]["cfg"]["compile_seconds"] for s in summaries]
+    assert seconds[1] < seconds[0], seconds
+
+
 def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
     base = {"guidance.methods": "erg", "output.num_samples": 8}
     _sample(tmp_path / "base", **base)
@@ -303,6 +332,10 @@ def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
         ({"guidance.kappa": 2.0}, "kappa"),
         ({"sampler.solver": "rk45"}, "solver"),
         ({"conditioning.classes": "3,99"}, "conditioning.classes"),
+        ({"model.attention_implementation": "flash"}, "model.attention_implementation"),
+        ({"logical_axis_rules": "embd=fsdp"}, "logical_axis_rules"),
+        ({"logical_axis_rules": "embed=pipeline"}, "logical_axis_rules"),
+        ({"mesh.dcn_data": 3}, "3 slices"),
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, changes, field, monkeypatch):
