@@ -1,7 +1,7 @@
 """Per-layer attention controls: how a guidance branch perturbs a denoiser's attention.
 
 One control carries, for every attention layer of a model (leading axis = layer), the
-perturbations the guiders of DESIGN.md need, all as traced data:
+perturbations the guiders of docs/METHOD.md need, all as traced data:
 
 - ``energy`` and ``steps``: I-ERG (Energy per layer; ``steps`` energy updates, 1 = one);
 - ``identity``: PAG (Ahn et al. 2024), the attention output replaced by the values;

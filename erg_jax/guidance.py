@@ -1,6 +1,6 @@
 """Guiders: which branches a sampling step evaluates, and how their predictions combine.
 
-Every method is a sum of differences against one strong branch D_s = D(x, c) (DESIGN.md):
+Every method is a sum of differences against one strong branch D_s = D(x, c) (docs/METHOD.md):
 
     D = D_s + sum_j (w_j(t) - 1) * P_j(D_s - D_j)
 

@@ -1,4 +1,4 @@
-"""Device meshes and logical-axis sharding of parameters (DESIGN.md, "Sharding").
+"""Device meshes and logical-axis sharding of parameters (docs/INTERFACES.md).
 
 Modules name each parameter dimension with a logical axis ('embed', 'heads', 'mlp',
 'vocab', ...). A config maps mesh axes to sizes ({'data': -1, 'fsdp': 1, 'tensor': 1})

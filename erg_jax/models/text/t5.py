@@ -2,7 +2,7 @@
 
 Pre-norm blocks with RMSNorm and no biases; attention logits have no 1/sqrt(d) and add
 a bucketed relative position bias B shared by all layers (the table lives in layer 0 of
-the checkpoint). C-ERG tempers the whole logit, ``tau_c * (q.k + B)``, as DESIGN.md's
+the checkpoint). C-ERG tempers the whole logit, ``tau_c * (q.k + B)``, as docs/METHOD.md's
 ``tau * (beta * Q K^T + B)`` with beta = 1; masked keys stay masked.
 """
 
