@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
             seg_sigma=math.inf,
             seg_layers="",
             slg_layers="",
+            # weak branches every cache_every-th step inside the noise levels
+            # [cache_t_min, cache_t_max], their difference reused between; 1 = every step
+            cache_every=1,
+            cache_t_min=0.0,
+            cache_t_max=1.0,
             sweep="",  # e.g. "scale=2,3,4": every method at each value, compiled once
         )
     )

@@ -13,10 +13,11 @@ a model (0, or 1 for AutoGuidance's weaker parameters) and attention perturbatio
 - PAG: identity attention.           in chosen layers after the kickoff kappa.
 - SEG: query blur (sigma).        - SLG: skipped layers.   - AutoGuidance: model 1.
 
-Predictions are combined as x0 estimates; CFG rescale (phi, Lin et al. 2024) and CADS
-(Sadat et al. 2024) act on the whole guider. Every number is traced data, so a sweep of
-weights, temperatures or kickoffs compiles once; what is static is the structure (how
-many terms, which perturbations, the energy's step count).
+Predictions are combined as x0 estimates; CFG rescale (phi, Lin et al. 2024), CADS
+(Sadat et al. 2024) and weak-branch caching (``cache``) act on the whole guider. Every
+number is traced data, so a sweep of weights, temperatures or kickoffs compiles once;
+what is static is the structure (how many terms, which perturbations, the energy's step
+count).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class CADS:
 
 
 @struct.dataclass
+class Cache:
+    """Weak-branch reuse: inside the noise-level window [t_min, t_max] the weak branches
+    run at the window's first evaluation and every ``every``-th after it; in between the
+    step reuses their last difference to the strong x0 estimate. Outside it, every step."""
+
+    every: Any = 1
+    t_min: Any = 0.0
+    t_max: Any = 1.0
+
+
+@struct.dataclass
 class Term:
     """One guidance difference and its weak branch (see the module docstring).
 
@@ -98,6 +110,7 @@ class Guider:
     terms: tuple = ()
     rescale: Any = 0.0
     cads: CADS | None = None
+    cache: Cache | None = None
     name: str = struct.field(pytree_node=False, default="none")
 
     @property
@@ -409,10 +422,29 @@ def with_cads(guider: Guider, *, tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0) 
     return guider.replace(cads=CADS(tau1, tau2, noise_scale, psi), name=guider.name + "+cads")
 
 
+def cache(guider: Guider, *, every=2, window=(0.0, 1.0)) -> Guider:
+    """The guider with its weak branches evaluated only every ``every``-th step inside
+    the noise-level ``window``, their x0 difference to the strong branch reused between.
+
+    Each skipped step costs the strong branch alone; ``every=1`` is the guider itself.
+    ``every`` and the window are traced, so a sweep over them compiles once. The sampler
+    carries the cached differences (``samplers.sample``).
+    """
+    check_range(every, "cache every", 1.0, math.inf)
+    if not isinstance(every, jax.core.Tracer) and float(every) % 1:
+        raise ValueError(f"cache every must be a whole number >= 1, got {every!r}")
+    lo, hi = window
+    check_range(lo, "cache window[0]", 0.0, 1.0)
+    check_range(hi, "cache window[1]", 0.0, 1.0)
+    if float(lo) > float(hi):
+        raise ValueError(f"cache window must have window[0] <= window[1], got {window}")
+    return guider.replace(cache=Cache(every, lo, hi), name=guider.name + "+cache")
+
+
 def compose(*guiders: Guider, rescale=0.0) -> Guider:
     """One strong branch, every guider's terms added (for example CFG + PAG)."""
-    if any(g.cads is not None for g in guiders):
-        raise ValueError("compose guiders first, then add CADS with with_cads")
+    if any(g.cads is not None or g.cache is not None for g in guiders):
+        raise ValueError("compose guiders first, then add CADS (with_cads) or a cache")
     terms = tuple(t for g in guiders for t in g.terms)
     return Guider(terms, rescale, name="+".join(g.name for g in guiders))
 

@@ -75,9 +75,10 @@ def _f32(tree):
     )
 
 
-def make_method(method: str, g, *, text: bool) -> G.Guider:
+def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider:
     """A guider from a method name ("cfg", "erg+apg", "cfg+pag", ...) and the flat
-    guidance section of a job config."""
+    guidance section of a job config; under the weak-branch cache when
+    ``guidance.cache_every`` is not 1 or ``cached`` (a sweep over the cache fields)."""
     parts = [p.strip() for p in method.split("+")]
     shape, interval = g.schedule, (g.interval_min, g.interval_max)
     common = dict(shape=shape, interval=interval)
@@ -150,6 +151,9 @@ def make_method(method: str, g, *, text: bool) -> G.Guider:
                 noise_scale=g.cads_noise_scale,
                 psi=g.cads_psi,
             )
+    if (cached or g.cache_every != 1) and guider.terms:
+        window = (g.cache_t_min, g.cache_t_max)
+        guider = G.cache(guider, every=g.cache_every, window=window)
     return _f32(guider.replace(name=method))
 
 
@@ -176,7 +180,8 @@ def make_methods(config, *, text: bool) -> dict:
                 type(g[field])(float(v)) if isinstance(g[field], float) else type(g[field])(v)
             )
         for m in names:
-            out[f"{m}_{field}{v.strip()}"] = make_method(m, gv, text=text)
+            cached = field.startswith("cache_")
+            out[f"{m}_{field}{v.strip()}"] = make_method(m, gv, text=text, cached=cached)
     return out
 
 

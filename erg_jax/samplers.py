@@ -237,6 +237,11 @@ def evaluate(
             out = map_branches(lambda c, a, den=den: den(x, native, c, a), cs, ctl)
         for j, i in enumerate(idx):
             raw[i] = out[j]
+    return _to_x0(raw, x, point, sampler)
+
+
+def _to_x0(raw: list, x, point: _Point, sampler: Sampler):
+    """The x0 estimates of raw outputs, and the first one's variance channels."""
     c = x.shape[-1]
     var = raw[0][..., c:] if sampler.learned_sigma else None
     sign = -1.0 if sampler.time == "sit" else 1.0
@@ -245,6 +250,44 @@ def evaluate(
         for r in raw
     ]
     return x0s, var
+
+
+def evaluate_cached(dens, x, point, guider, conds, sampler, keys, step, num_layers, cache):
+    """``evaluate`` under the guider's weak-branch cache (``guidance.cache``).
+
+    cache = (the weak branches' last x0 differences to the strong one, the count of
+    evaluations inside the window so far). A refreshing evaluation runs every branch and
+    stores the differences; the others run the strong branch alone and rebuild the weak
+    x0 estimates as strong - difference. Returns (x0s, var, new cache).
+    """
+    diffs, count = cache
+    c = guider.cache
+    every = jnp.maximum(jnp.asarray(c.every).astype(jnp.int32), 1)
+    inside = (point.t >= c.t_min) & (point.t <= c.t_max)
+    refresh = jnp.logical_not(inside) | (count % every == 0)
+
+    def full(diffs):
+        x0s, var = evaluate(dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        return x0s, var, tuple(x0s[0] - w for w in x0s[1:])
+
+    def strong_only(diffs):
+        native = jnp.broadcast_to(point.native, (x.shape[0],))
+        cond = guider.conditions(conds, point.t, keys, step)[0]
+        raw = dens[0](x, native, cond, guider.controls(point.t, num_layers)[0])
+        (x0,), var = _to_x0([raw], x, point, sampler)
+        return [x0] + [x0 - d for d in diffs], var, diffs
+
+    x0s, var, diffs = jax.lax.cond(refresh, full, strong_only, diffs)
+    return x0s, var, (diffs, jnp.where(inside, count + 1, 0))
+
+
+def initial_carry(guider: Guider, x: Array) -> tuple:
+    """The carry ``make_step`` starts from at x: (x, (guider state, weak-branch cache))."""
+    state = guider.init_state(x.astype(jnp.float32))
+    if guider.cache is None:
+        return x, (state, None)
+    diffs = tuple(jnp.zeros(x.shape, jnp.float32) for _ in guider.terms)
+    return x, (state, (diffs, jnp.zeros((), jnp.int32)))
 
 
 def map_branches(fn: Callable, *xs: Any) -> Any:
@@ -281,7 +324,8 @@ def make_step(
     keys: Array,
     num_layers: int,
 ):
-    """The solver step ``(carry, i) -> (carry, None)``; carry = (x, guider state)."""
+    """The solver step ``(carry, i) -> (carry, None)``; carry = (x, (guider state,
+    weak-branch cache)), from ``initial_carry``."""
     dens = _denoisers(denoiser)
     if max(guider.models) >= len(dens):
         raise ValueError(
@@ -290,9 +334,14 @@ def make_step(
         )
 
     def guided(x, point, state, step):
-        x0s, var = evaluate(dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        state, cache = state
+        args = (dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        if cache is None:
+            x0s, var = evaluate(*args)
+        else:
+            x0s, var, cache = evaluate_cached(*args, cache)
         x0, state = guider.combine(x0s, point.t, state)
-        return x0, var, state
+        return x0, var, (state, cache)
 
     if sampler.is_flow:
         grid = (
@@ -388,7 +437,7 @@ def sample(
       (b, H, W, C) samples x0, dtype of noise.
     """
     step = make_step(denoiser, conds, guider, sampler, keys, num_layers)
-    carry = (noise, guider.init_state(noise.astype(jnp.float32)))
+    carry = initial_carry(guider, noise)
     (x, _), _ = jax.lax.scan(step, carry, jnp.arange(sampler.steps))
     return x
 

@@ -265,6 +265,18 @@ def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
     assert np.max(np.abs(same - ref)) <= 1  # the tiny config's scale is 3
 
 
+def test_a_sweep_over_the_weak_branch_cache_compiles_once(tmp_path):
+    base = {"guidance.methods": "cfg", "output.num_samples": 8}
+    _sample(tmp_path / "plain", **base)
+    s = _sample(tmp_path / "sweep", **base, **{"guidance.sweep": "cache_every=1,3"})
+    assert s["compiles"] == 1
+    plain = _images(str(tmp_path / "plain"), "cfg").astype(int)
+    every1 = _images(str(tmp_path / "sweep"), "cfg_cache_every1").astype(int)
+    every3 = _images(str(tmp_path / "sweep"), "cfg_cache_every3").astype(int)
+    assert np.max(np.abs(every1 - plain)) <= 1  # every step: the uncached sampler
+    assert np.mean(np.abs(every3 - plain) > 1) > 0.005
+
+
 def test_a_restart_removes_its_own_unfinished_files_and_no_other_hosts(tmp_path):
     _sample(tmp_path, **{"guidance.methods": "cfg", "output.num_samples": 4})
     folder = os.path.join(tmp_path, "cfg")

@@ -132,7 +132,7 @@ def jitted_step(setup: Setup, guider: G.Guider, den: Callable | None = None, dty
         x = x.astype(dtype)
     step = S.make_step(den or setup.den, setup.conds, guider, setup.sampler, keys, setup.num_layers)
     fn = jax.jit(lambda carry, i: step(carry, i)[0], donate_argnums=0)
-    carry = (x, guider.init_state(x.astype(jnp.float32)))
+    carry = S.initial_carry(guider, x)
     return fn, carry
 
 
