@@ -22,6 +22,7 @@ import numpy as np
 
 from erg_jax import data, metrics
 from erg_jax import guidance as G
+from erg_jax import predictions as P
 from erg_jax import samplers as S
 from erg_jax.energy import Energy
 
@@ -82,8 +83,20 @@ def load_demo(
     return DemoModel(kind, den, int(cfg["num_layers"]), shape, cfg["time"], conditions)
 
 
+CACHE_TAG = "@cache"
+
+
 def method_guider(method: str, scale: float, settings: dict) -> G.Guider:
-    """The bench's guiders; ``settings`` holds tau, kappa, layers, apg and cads fields."""
+    """The bench's guiders; ``settings`` holds tau, kappa, layers, apg and cads fields.
+
+    A method name may end in "@cacheK" (e.g. "erg@cache2"): the guider under the
+    weak-branch cache, its weak branches every K-th step (``guidance.cache``).
+    """
+    if CACHE_TAG in method:
+        base, _, every = method.partition(CACHE_TAG)
+        if not every.isdigit() or int(every) < 1:
+            raise ValueError(f"eval methods: {method!r} must end in @cacheK with K >= 1")
+        return G.cache(method_guider(base, scale, settings), every=int(every))
     erg = dict(
         energy=Energy(tau=settings["tau"]),
         layers=settings["layers"],
@@ -177,8 +190,24 @@ class _Scorer:
             predictions=(read["shape"], read["colour"]),
             conditions=(self.cond_set["shape"], self.cond_set["colour"]),
         )
-        row.update(nfe=guider.num_branches * self.steps, seconds=seconds)
+        row.update(nfe=forwards(guider, self.smp), seconds=seconds)
         return row
+
+
+def forwards(guider: G.Guider, sampler: S.Sampler) -> int:
+    """Denoiser forwards per sample of an Euler run: the strong branch every step, each
+    weak branch at every step or, under a cache, at the steps that refresh it."""
+    steps = sampler.steps
+    if guider.cache is None:
+        return guider.num_branches * steps
+    grid = sampler.grid if sampler.grid is not None else P.flow_grid(steps, sampler.shift)
+    c, count, weak = guider.cache, 0, 0
+    lo, hi, every = np.float32(c.t_min), np.float32(c.t_max), int(c.every)
+    for t in np.asarray(grid, np.float32)[:-1]:
+        inside = bool(lo <= t <= hi)
+        weak += int(not inside or count % every == 0)
+        count = count + 1 if inside else 0
+    return steps + weak * len(guider.terms)
 
 
 def _parse_layers(spec: str) -> list[int] | None:

@@ -19,10 +19,13 @@ from erg_jax.bench import setups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDERS = ("none", "cfg", "erg", "erg_k3", "erg_all_layers", "erg+apg", "pag", "seg")
+GUIDERS += ("cfg_cache2", "erg_cache2")
 TARGETS = (
     "erg_over_cfg",
     "erg_all_layers_over_cfg",
     "cfg_over_none",
+    "erg_cache2_over_cfg",
+    "mmdit_erg_over_cfg",
     "scan_over_loop",
     "compile_250_over_25",
     "compiles_per_sweep",
@@ -108,6 +111,13 @@ def test_stepper_walks_the_grid_and_starts_over():
     again = [np.asarray(stepper()[0]) for _ in range(2)]
     np.testing.assert_array_equal(first[1], again[1])  # the donated start is intact
     assert not np.array_equal(first[0], first[1])
+    # a cached guider's cycle: two steps a call, the same walk
+    fn, carry = setups.jitted_step(setup, setups.guiders(setup.num_layers)["cfg_cache2"])
+    one, two = setups.Stepper(fn, carry, 4), setups.Stepper(fn, carry, 4, per_call=2)
+    singles = [np.asarray(one()[0]) for _ in range(4)]
+    pairs = [np.asarray(two()[0]) for _ in range(2)]
+    np.testing.assert_array_equal(pairs[0], singles[1])
+    np.testing.assert_array_equal(pairs[1], singles[3])
 
 
 def _numpy_energy_attention(q, k, v, tau, alpha, gamma, bias, mask, steps):

@@ -183,3 +183,20 @@ def test_scores_of_generated_copies_of_the_real_set():
     assert abs(row["fd"]) < 1e-6
     for key in ("precision", "recall", "coverage", "consistency"):
         assert row[key] == 1.0, key
+
+
+def test_cached_methods_and_their_forward_counts():
+    from erg_jax import guidance as G
+    from erg_jax import samplers as S
+    from erg_jax.evaluate import forwards, method_guider
+
+    settings = dict(tau=0.5, layers=None, kappa=0.0)
+    sampler = S.make_sampler("euler", 20)
+    erg3 = method_guider("erg@cache3", 2.0, settings)
+    assert erg3.cache is not None and int(erg3.cache.every) == 3
+    assert forwards(method_guider("erg", 2.0, settings), sampler) == 40
+    assert forwards(erg3, sampler) == 20 + 7  # weak branch at steps 0, 3, ..., 18
+    assert forwards(method_guider("cfg@cache2", 2.0, settings), sampler) == 30
+    assert forwards(G.cache(G.cfg(2.0), every=2, window=(0.0, 0.52)), sampler) == 20 + 10 + 5
+    with pytest.raises(ValueError, match="@cacheK"):
+        method_guider("cfg@cachex", 2.0, settings)

@@ -27,7 +27,9 @@ def _steppers(setup: setups.Setup, names, plain_names=()) -> dict:
     gs = setups.guiders(setup.num_layers)
     out = {}
     for name in names:
-        out[name] = setups.Stepper(*setups.jitted_step(setup, gs[name]), setup.sampler.steps)
+        g = gs[name]
+        every = int(g.cache.every) if g.cache is not None else 1
+        out[name] = setups.Stepper(*setups.jitted_step(setup, g), setup.sampler.steps, every)
     for name in plain_names:
         den = setups.plain(setup.den)
         fn, carry = setups.jitted_step(setup, gs[name], den)
@@ -37,9 +39,12 @@ def _steppers(setup: setups.Setup, names, plain_names=()) -> dict:
 
 def guidance_costs(setup: setups.Setup, repeats: int = 5) -> dict:
     """Milliseconds per step of every guider, ratios to CFG / none, the prefix's saving."""
-    names = list(setups.guiders(setup.num_layers))
+    gs = setups.guiders(setup.num_layers)
+    names = list(gs)
     plain_names = SHARED if hasattr(setup.den, "branched") else ()
-    secs = interleaved_medians(_steppers(setup, names, plain_names), repeats)
+    steppers = _steppers(setup, names, plain_names)
+    secs = interleaved_medians(steppers, repeats)
+    secs = {k: v / steppers[k].per_call for k, v in secs.items()}  # seconds per step
     out = {
         "model": setup.name,
         "batch": setup.batch,

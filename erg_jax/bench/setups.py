@@ -6,6 +6,7 @@ width 256, 32x32x16 latents, 32 text tokens), or tiny versions of both (``small`
 Every guider runs at its usual cost-relevant settings; the perturbed layers are the
 second half of the network (ERG) or its middle layer (PAG, SEG), so the branches share
 the first half where they share their condition (``erg_jax.models.shared_prefix``).
+The ``_cache2`` guiders evaluate their weak branch every second step (``guidance.cache``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def guiders(num_layers: int) -> dict[str, G.Guider]:
         "erg+apg": G.with_apg(erg, momentum=-0.5, eta=0.0),
         "pag": G.pag(3.0, layers=mid),
         "seg": G.seg(3.0, sigma=math.inf, layers=mid),
+        "cfg_cache2": G.cache(G.cfg(4.0), every=2),
+        "erg_cache2": G.cache(erg, every=2),
     }
 
 
@@ -140,16 +143,19 @@ class Stepper:
     """A no-argument callable that advances its own carry by one donated step, walking
     the sampler's grid as a sampling loop does and starting over at its end."""
 
-    def __init__(self, fn, carry, steps: int):
-        self.fn, self.start, self.steps = fn, carry, steps
+    def __init__(self, fn, carry, steps: int, per_call: int = 1):
+        self.fn, self.start, self.steps, self.per_call = fn, carry, steps, per_call
         self.carry, self.index = self._fresh(), 0
 
     def _fresh(self):
         return jax.tree_util.tree_map(jnp.copy, self.start)
 
     def __call__(self):
-        if self.index == self.steps:
-            self.carry, self.index = self._fresh(), 0
-        self.carry = self.fn(self.carry, jnp.int32(self.index))
-        self.index += 1
+        """``per_call`` consecutive steps (a cached guider's cycle: its time per call
+        over per_call is its mean step, refreshing and reusing steps together)."""
+        for _ in range(self.per_call):
+            if self.index == self.steps:
+                self.carry, self.index = self._fresh(), 0
+            self.carry = self.fn(self.carry, jnp.int32(self.index))
+            self.index += 1
         return self.carry
