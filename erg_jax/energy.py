@@ -1,6 +1,7 @@
 """Energy attention: attention as a modern-Hopfield update with temperature.
 
-Follows DESIGN.md ("The method, exactly") and ERG (Berrada Ifriqi et al., 2025, eq. 4-6).
+Follows docs/METHOD.md ("Attention as an energy minimisation") and ERG (Berrada Ifriqi
+et al., 2025, eq. 4-6).
 For queries Q, keys K, values V, scale beta and additive bias B::
 
     logits(Q) = tau * (beta * Q K^T + B)           (masked entries excluded)
@@ -22,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from erg_jax import splash
+
 Array = jax.Array
-Implementation = Literal["einsum", "chunked", "fused", "cudnn"]
-IMPLEMENTATIONS = ("einsum", "chunked", "fused", "cudnn")
+Implementation = Literal["einsum", "chunked", "fused", "cudnn", "splash"]
+IMPLEMENTATIONS = ("einsum", "chunked", "fused", "cudnn", "splash")
 # Above this many bytes of float32 logits (b * h * n * m * 4) the default einsum path
 # switches to query chunks, which bound the memory and run faster once the attention
 # matrix no longer fits the caches (``python -m launch.benchmark --only=attention``).
@@ -108,12 +111,23 @@ def chunk_budget(backend: str | None = None) -> int:
 def _pick_implementation(
     q: Array, k: Array, bias: Array | None = None, mask: Array | None = None, backend=None
 ) -> Implementation:
-    """The backend's default; cuDNN for half-precision GPU inputs it takes; query chunks
-    when the attention matrix would not fit the backend's budget."""
+    """The backend's default; cuDNN for half-precision GPU inputs it takes; splash for
+    bfloat16 TPU inputs it takes from ``splash.MIN_KV`` keys on; query chunks when the
+    attention matrix would not fit the backend's budget."""
     backend = backend or jax.default_backend()
     impl = default_implementation(backend)
     if backend == "gpu" and cudnn_supports(q, k, bias, mask):
         return "cudnn"
+    # Splash by default only in bfloat16, as cuDNN on GPU: the kernel sets its own matmul
+    # precision, where the einsum path follows ``precision`` for float32 inputs. Named,
+    # splash takes float32 too.
+    if (
+        backend == "tpu"
+        and q.dtype == jnp.bfloat16
+        and k.shape[1] >= splash.MIN_KV
+        and splash.problem(q, k, k, bias, mask) is None
+    ):
+        return "splash"
     b, n, h, _ = q.shape
     budget = chunk_budget(backend)
     if 4 * b * h * n * k.shape[1] > budget and _chunk_size(q, k, budget) < n:
@@ -270,6 +284,13 @@ def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=Non
     return _with_precision(precision, attend)
 
 
+def _attend_splash(q, k, v, tau, keep, scale):
+    # tau * beta folded into the query, as for the fused path: one kernel, built once per
+    # shape, then serves every temperature and every step.
+    qs = q * (tau * scale)[..., None].astype(q.dtype)
+    return splash.attend(qs, k, v, keep).astype(jnp.float32)
+
+
 def _with_precision(precision, fn):
     """fn() in float32, under ``precision`` when one is given; None keeps jax's default,
     including one the user set globally."""
@@ -309,7 +330,7 @@ def energy_attention(
     implementation: Implementation | None = None,
     precision: str | jax.lax.Precision | None = None,
 ) -> Array:
-    """Multi-step Hopfield attention update (DESIGN.md, "The method, exactly").
+    """Multi-step Hopfield attention update (docs/METHOD.md).
 
     Args:
       q: queries (b, n, h, d).
@@ -322,10 +343,13 @@ def energy_attention(
         masked at any temperature.
       scale: beta; defaults to 1 / sqrt(d). T5 passes 1.
       implementation: "einsum" (plain XLA), "chunked" (einsum over query chunks, bounded
-        memory), "fused" (jax.nn.dot_product_attention) or "cudnn" (its cuDNN flash
-        kernel); None picks the faster for the backend and the sequence length.
+        memory), "fused" (jax.nn.dot_product_attention), "cudnn" (its cuDNN flash
+        kernel) or "splash" (the Pallas TPU flash kernel, ``erg_jax.splash``: TPU, or
+        CPU in interpret mode for tests; float32 or bfloat16, no bias, a mask only as
+        key padding (b, 1, 1, m); else ValueError); None picks the faster for the
+        backend and the sequence length.
       precision: matmul precision ("default", "high", "highest" or a lax.Precision);
-        None follows jax's default.
+        None follows jax's default. The splash kernel sets its own.
 
     Returns:
       The updated queries Q_steps, shaped and typed like q.
@@ -343,6 +367,10 @@ def energy_attention(
     bias, mask = _as4d(bias, "bias"), _as4d(mask, "mask")
     if mask is not None:
         mask = mask.astype(bool)
+    keep = None
+    if implementation == "splash":
+        splash.check(q, k, v, bias, mask)
+        keep = splash.key_padding(mask, q.shape[0], k.shape[1])
 
     tau = _per_query(energy.tau, q)
     alpha = _per_query(energy.alpha, q)[..., None]
@@ -356,6 +384,8 @@ def energy_attention(
             retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale, precision)
         elif implementation == "chunked":
             retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
+        elif implementation == "splash":
+            retrieved = _attend_splash(x, k, v, tau, keep, scale)
         else:
             retrieved = _attend_fused(
                 x, k, v, tau, bias, mask, scale, implementation, precision, fallback=chosen
@@ -399,7 +429,7 @@ def hopfield_energy(
     mask: Array | None = None,
     scale: float | None = None,
 ) -> Array:
-    """The energy E(xi) of every query (DESIGN.md), shape (b, n, h), float32.
+    """The energy E(xi) of every query (docs/METHOD.md), shape (b, n, h), float32.
 
     Its gradient in q is ``q - alpha * softmax(logits) K`` (keys repeated over query
     groups), so with v = k one ``energy_attention`` step is ``q - gamma * grad E``.

@@ -160,9 +160,10 @@ def fingerprint(config: dict) -> str:
     pruned = json.loads(json.dumps(config, default=str))
     for path in NEUTRAL_FIELDS:
         node = pruned
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
+        for key in path[:-1]:  # a section may be missing, or not a section at all
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(pruned, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,9 @@
     python -m launch.sample --config=configs/dit.py:tiny --workdir=out/tiny
     python -m launch.sample --config=configs/sd3.py:medium --workdir=out/sd3 \
         --config.guidance.methods=cfg,erg,erg+apg --config.guidance.scale=4
+    # will it fit? per-device bytes and the batch that fits, nothing loaded (dry_run.json)
+    python -m launch.sample --config=configs/sd3.py:large --workdir=out/dry \
+        --config.dry_run=True --config.mesh.fsdp=8 --config.dry_run_memory_gb=16
 
 On several hosts (a TPU pod: launch/tpu_pod.sh) every process runs the same command;
 jax.distributed is initialised from the environment. Elsewhere, start each process by
@@ -46,9 +49,23 @@ def _several_processes() -> bool:
     )
 
 
+def _dry_run(config, workdir: str) -> None:
+    """Prints the dry run's table (erg_jax/dry_run.py). The CPU backend gets as many
+    devices as the mesh names (an axis of -1 counted as 1) unless XLA_FLAGS says how many;
+    on a host with accelerators, JAX_PLATFORMS=cpu makes it use CPU devices instead."""
+    from erg_jax import dry_run
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", dry_run.devices_needed(config.mesh))
+    print(dry_run.format_table(dry_run.dry_run(config, workdir)))
+
+
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    if FLAGS.config.dry_run:
+        _dry_run(FLAGS.config, FLAGS.workdir)
+        return
     by_hand = dict(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from erg_jax import Energy, attention_entropy, energy_attention, hopfield_energy
+from erg_jax.energy import attention_weights
 
 IMPLS = ("einsum", "fused")
 
@@ -128,6 +129,8 @@ def test_per_head_energy_broadcasts():
         (dict(energy=Energy(tau=-1.0)), "tau"),
         (dict(energy=Energy(gamma=0.0)), "gamma"),
         (dict(steps=0), "steps"),
+        (dict(steps=True), "steps"),  # a bool is not a step count
+        (dict(steps=2.0), "steps"),
         (dict(implementation="flash"), "implementation"),
     ],
 )
@@ -205,3 +208,20 @@ def test_cudnn_path_equals_einsum_in_bfloat16(hk):
         np.testing.assert_allclose(
             got.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2, rtol=3e-2
         )
+
+
+def test_attention_weights_and_entropy_match_numpy():
+    # softmax(tau (q.k / sqrt(d) + B)) over the unmasked keys (kv head j // (h / hk)),
+    # and its Shannon entropy in nats, the default scale 1 / sqrt(d) left implicit
+    q, k, _, bias, mask = _qkv(seed=4, hk=2)
+    tau = 0.6
+    kr = np.repeat(np.asarray(k, np.float64), 2, axis=2)
+    s = np.einsum("bnhd,bmhd->bhnm", np.asarray(q, np.float64), kr) / np.sqrt(q.shape[-1])
+    s = np.where(np.asarray(mask), tau * (s + np.asarray(bias)), -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    got = attention_weights(q, k, Energy(tau=tau), bias=bias, mask=mask)
+    np.testing.assert_allclose(got, p, atol=1e-6)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    entropy = attention_entropy(q, k, Energy(tau=tau), bias=bias, mask=mask)
+    np.testing.assert_allclose(entropy, -plogp.sum(-1).transpose(0, 2, 1), atol=1e-5)

@@ -340,3 +340,28 @@ def test_apg_momentum_range_is_open():
         with pytest.raises(ValueError, match="momentum"):
             G.apg(2.0, momentum=m)
     G.apg(2.0, momentum=-0.99)  # inside the open range
+
+
+@pytest.mark.parametrize("make", [G.cfg, G.apg, G.erg, G.pag, G.seg, G.slg, G.autoguidance])
+def test_every_method_guides_over_the_whole_interval_by_default(make):
+    weight = make(2.5).terms[0].weight
+    assert [float(weight(t)) for t in (0.0, 0.3, 1.0)] == [2.5, 2.5, 2.5]
+
+
+def test_with_apg_defaults_are_apgs():
+    # the paper's projection: no momentum, no cap, the parallel component dropped (eta 0)
+    assert (
+        G.with_apg(G.cfg(3.0)).terms[0].apg == G.apg(3.0).terms[0].apg == G.APG(0.0, math.inf, 0.0)
+    )
+
+
+def test_equal_ends_are_allowed_for_cads_and_the_cache_window():
+    # CADS with tau1 = tau2: a step from the condition itself to the annealed one
+    g = G.with_cads(G.cfg(3.0), tau1=0.7, tau2=0.7)
+    keys = S.sample_keys(0, jnp.arange(2))
+    cond = jax.random.normal(jax.random.key(1), (2, 8))
+    conds = {"cond": cond, "null": jnp.zeros_like(cond)}
+    np.testing.assert_array_equal(g.conditions(conds, 0.7, keys)[0], cond)
+    assert float(jnp.max(jnp.abs(g.conditions(conds, 0.71, keys)[0] - cond))) > 0.1
+    # a cache window of one noise level
+    assert (G.cache(G.cfg(3.0), window=(0.5, 0.5)).cache.t_min, 0.5) == (0.5, 0.5)

@@ -106,3 +106,76 @@ def test_consistency_and_compute_metrics():
     assert out["fd"] == metrics.frechet_distance(real, fake)
     assert out["coverage"] == metrics.prdc(real, fake, 3)["coverage"]
     assert out["consistency"] == 0.5
+
+
+def test_balls_are_open_as_in_the_prdc_package():
+    # 1-D integer points, so distances are exact and some equal a radius (k = 1):
+    # real 7, 8, 13, 17 have radii 1, 1, 4, 4; fakes 6, 11, 12 have radii 5, 1, 1.
+    # A point at exactly a radius is outside: fake 6 (1 from real 7), real 13 (1 from
+    # fake 12) and real 7's nearest fake are the ties; with closed balls every value
+    # below would be larger (1, 0.75, 1, 0.5).
+    real = np.array([[7.0], [8.0], [13.0], [17.0]])
+    fake = np.array([[6.0], [11.0], [12.0]])
+    got = metrics.prdc(real, fake, nearest_k=1)
+    want = dict(precision=2 / 3, recall=0.5, density=2 / 3, coverage=0.25)
+    assert got == pytest.approx(want, abs=1e-12)
+    # the bench's k is the paper's 5
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(30, 3)), rng.normal(size=(20, 3))
+    full = metrics.compute_metrics(a, b)
+    assert {key: full[key] for key in want} == metrics.prdc(a, b, 5)
+
+
+def test_radii_scale_with_the_points_below_unit_distances():
+    # the same points as above, 100 times closer: every distance is under 1
+    x = np.array([[0.0], [1.0], [3.0], [7.0]]) / 100
+    np.testing.assert_allclose(metrics.nearest_neighbour_radii(x, 1), [0.01, 0.01, 0.02, 0.04])
+    np.testing.assert_allclose(metrics.nearest_neighbour_radii(x, 3), [0.07, 0.06, 0.04, 0.07])
+
+
+def test_bad_shapes_and_k_are_named():
+    x = np.zeros((4, 2))
+    for k in (0, 4):  # k counts the point itself as the 0th: 1 .. n - 1
+        with pytest.raises(ValueError, match=r"nearest_k must be in \[1, 3\]"):
+            metrics.nearest_neighbour_radii(x, k)
+    for real, fake in [(x[:, 0], x), (x, x[:, 0]), (x, np.zeros((4, 3)))]:
+        with pytest.raises(ValueError, match="real and fake must be"):
+            metrics.prdc(real, fake, 1)
+    for features in (np.zeros(5), np.zeros((1, 3))):
+        with pytest.raises(ValueError, match="features must be"):
+            metrics.feature_statistics(features)
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.frechet_distance_from_statistics(np.zeros(3), np.eye(3), np.zeros(4), np.eye(3))
+
+
+def test_two_samples_and_one_feature_are_enough():
+    # n = 2: mean (a + b) / 2, unbiased variance (a - b)^2 / 2; d = 1: FD = dmu^2 + (sa - sb)^2
+    a, b = np.array([[1.0], [3.0]]), np.array([[0.0], [6.0], [3.0]])
+    mu, cov = metrics.feature_statistics(a)
+    assert (float(mu[0]), float(cov)) == (2.0, 2.0)
+    want = (2.0 - 3.0) ** 2 + (np.sqrt(2.0) - 3.0) ** 2  # b: mean 3, variance 9
+    np.testing.assert_allclose(metrics.frechet_distance(a, b), want, rtol=1e-12)
+
+
+def test_a_non_finite_root_is_taken_again_with_eps_on_both_diagonals(monkeypatch):
+    # pytorch-fid's fallback; covariances near eps, so where and how eps enters shows.
+    sqrtm = scipy.linalg.sqrtm
+    calls = []
+
+    def failing_once(m):
+        calls.append(m)
+        return np.full_like(m, np.nan) if len(calls) == 1 else sqrtm(m)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
+    va, vb = np.array([1e-6, 3e-6]), np.array([4e-6, 0.5e-6])
+    got = metrics.frechet_distance_from_statistics(
+        np.zeros(2), np.diag(va), np.ones(2), np.diag(vb)
+    )
+    # diagonal: tr sqrtm((Sa + eps)(Sb + eps)) = sum sqrt((va + eps)(vb + eps)), eps = 1e-6
+    want = 2.0 + np.sum(va) + np.sum(vb) - 2 * np.sum(np.sqrt((va + 1e-6) * (vb + 1e-6)))
+    assert len(calls) == 2
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    calls.clear()
+    got = metrics.frechet_distance(np.array([[0.0], [2e-3]]), np.array([[1.0], [1.0 + 4e-3]]))
+    want = 1.001**2 + 2e-6 + 8e-6 - 2 * np.sqrt((2e-6 + 1e-6) * (8e-6 + 1e-6))
+    np.testing.assert_allclose(got, want, rtol=1e-9)

@@ -143,7 +143,7 @@ def test_scan_equals_a_python_loop(solver):
     g = G.apg(2.0, momentum=-0.5)
     scanned = S.sample(den, noise, conds, g, smp, keys=keys, num_layers=1)
     step = jax.jit(S.make_step(den, conds, g, smp, keys, 1))
-    carry = (noise, g.init_state(noise))
+    carry = S.initial_carry(g, noise)
     for i in range(smp.steps):
         carry, _ = step(carry, jnp.int32(i))
     np.testing.assert_allclose(scanned, carry[0], atol=1e-5)
@@ -228,7 +228,7 @@ def test_learned_sigma_interpolates_between_posterior_variance_and_beta(steps, s
             assert beta == pytest.approx(np.linspace(1e-4, 0.02, 1000)[ks[i]])
         frac = (v + 1.0) / 2.0
         std = np.sqrt(beta**frac * post_var ** (1.0 - frac)).reshape(n, 1, 1, 1)
-        (x_new, _), _ = step((x, G.none().init_state(x)), jnp.int32(i))
+        (x_new, _), _ = step(S.initial_carry(G.none(), x), jnp.int32(i))
         noise = jax.vmap(lambda k, i=i: jax.random.normal(jax.random.fold_in(k, i), SHAPE))(keys)
         mean = (np.sqrt(ab_prev) * beta / (1 - ab)) * x0 + (
             np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
@@ -293,3 +293,67 @@ def test_the_last_ddpm_step_adds_no_noise():
 
     out = S.sample(den, noise, {"cond": jnp.zeros((2,))}, G.none(), smp, keys=keys, num_layers=1)
     np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "time, native", [("unit", lambda t: t), ("sd3", lambda t: 1000 * t), ("sit", lambda t: 1 - t)]
+)
+def test_the_model_sees_its_own_clock(time, native):
+    # Heun on the even grid 1, 2/3, 1/3, 0: both evaluations of a step, the last step Euler.
+    seen = []
+
+    def den(x, t, cond, attention=None):
+        jax.debug.callback(lambda tt: seen.append(float(tt[0])), t, ordered=True)
+        return jnp.zeros_like(x)
+
+    keys = S.sample_keys(0, jnp.arange(2))
+    smp = S.make_sampler("heun", 3, time=time)
+    conds = {"cond": jnp.zeros((2,))}
+    S.sample(den, jnp.zeros((2,) + SHAPE), conds, G.none(), smp, keys=keys, num_layers=1)
+    jax.effects_barrier()
+    t = np.array([1.0, 2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(seen, native(t), rtol=1e-6, atol=1e-6)
+
+
+def test_only_shift_eta_and_grid_are_traced():
+    # The docstring's split: the rest shapes the program and must stay out of a jit's args.
+    smp = S.make_sampler("ddim", 4, eta=0.5, beta_schedule="cosine", clip_x0=1.0)
+    assert jax.tree_util.tree_leaves(smp) == [1.0, 0.5]
+    traces = []
+
+    @jax.jit
+    def eta_twice(s):
+        traces.append(s.solver)
+        return 2 * s.eta
+
+    assert [float(eta_twice(smp.replace(eta=e))) for e in (0.5, 0.25)] == [1.0, 0.5]
+    assert traces == ["ddim"]
+
+
+def test_grid_errors_state_what_was_expected():
+    with pytest.raises(ValueError, match=r"\(steps \+ 1,\) = \(4,\), got \(3,\)"):
+        S.make_sampler("euler", 3, grid=np.array([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="row 0 .* strictly decrease"):  # a repeated step
+        S.make_sampler("ddim", 3, grid=np.array([[999, 500, 500], [500, 400, -1]]))
+
+
+def test_every_heun_evaluation_anneals_with_its_own_step_index():
+    # CADS noise is folded in with the evaluation's index: 2i and 2i + 1 for Heun's two
+    # evaluations of step i. The window (0, 0.1) makes every condition pure annealed noise.
+    seen = []
+
+    def den(x, t, cond, attention=None):
+        jax.debug.callback(lambda c: seen.append(np.asarray(c)), cond, ordered=True)
+        return jnp.zeros_like(x)
+
+    keys = S.sample_keys(0, jnp.arange(2))
+    conds = {"cond": jax.random.normal(jax.random.key(2), (2, 6))}
+    g = G.with_cads(G.none(), tau1=0.0, tau2=0.1)
+    smp = S.make_sampler("heun", 3)
+    S.sample(den, jnp.zeros((2,) + SHAPE), conds, g, smp, keys=keys, num_layers=1)
+    jax.effects_barrier()
+    ts = [1.0, 2 / 3, 2 / 3, 1 / 3, 1 / 3]
+    assert len(seen) == len(ts)
+    for j, t in enumerate(ts):
+        want = g.conditions(conds, jnp.float32(t), keys, step=j)[0]
+        np.testing.assert_allclose(seen[j], want, atol=1e-5, err_msg=f"evaluation {j}")

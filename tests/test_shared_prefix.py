@@ -1,4 +1,7 @@
-"""The DiT's shared-prefix branch evaluation against the plain vmap over branches."""
+"""The shared-prefix branch evaluation of the DiT and the MMDiT against the plain map
+over the branches."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import pytest
 from erg_jax import Energy
 from erg_jax import guidance as G
 from erg_jax import samplers as S
-from erg_jax.models import dit
+from erg_jax.models import dit, mmdit
 from erg_jax.models.shared_prefix import first_perturbed_layer
 
 L = 4
@@ -119,3 +122,154 @@ def test_a_sweep_over_layers_and_kickoff_compiles_once():
         err = np.max(np.abs(np.asarray(outs[-1]) - np.asarray(ref)))
         assert err <= 1e-5 * np.max(np.abs(np.asarray(ref)))
     assert run._cache_size() == 1
+
+
+# The tiny SD3.5-style MMDiT (QK RMSNorm): block 0 dual-attention, blocks 1-2 plain (one
+# scanned run with scan_blocks, starting at layer 1), block 3 context-pre-only.
+ML = 4
+
+
+@functools.cache
+def _mmdit(scan: bool):
+    cfg = mmdit.mmdit_config("tiny", num_layers=ML, dual_attention_layers=(0,))
+    params = mmdit.init_params(cfg, jax.random.key(0))
+    if scan:  # the same weights in the scanned layout
+        cfg = dict(cfg, scan_blocks=True)
+        params = mmdit.stack_blocks(params, cfg)
+    return mmdit.make_denoiser(cfg, params)
+
+
+def _text(b=2, seed=2):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return dict(
+        context=jax.random.normal(k[0], (b, 5, 32)), pooled=jax.random.normal(k[1], (b, 32))
+    )
+
+
+def _latents(b=2):
+    return jax.random.normal(jax.random.key(1), (b, 8, 12, 4))  # a 4x6 token grid
+
+
+def _every_kind(erg, pag, seg, slg, kappa):
+    """One weak branch per perturbation kind, each in one layer (traced, as data)."""
+    at = lambda i: jnp.asarray([i], jnp.int32)  # noqa: E731
+    return G.compose(
+        G.erg(3.0, energy=Energy(0.3, 0.9, 0.7), layers=at(erg), kappa=kappa, steps=2),
+        G.pag(3.0, layers=at(pag)),
+        G.seg(3.0, sigma=1.5, layers=at(seg)),
+        G.slg(3.0, layers=at(slg)),
+    )
+
+
+@functools.cache
+def _mmdit_runs(scan: bool):
+    """Jitted (shared prefix, plain per-branch map, first perturbed layer) of a guider."""
+    den = _mmdit(scan)
+    t = jnp.array([900.0, 300.0])
+
+    def stacked(guider):
+        ctl = guider.controls(jnp.float32(0.5), ML)
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ctl)
+
+    fast = jax.jit(lambda g, x, c: den.branched(x, t, c, stacked(g)))
+    slow = jax.jit(lambda g, x, c: jax.vmap(lambda a: den(x, t, c, a))(stacked(g)))
+    first = jax.jit(lambda g: first_perturbed_layer(stacked(g), ML))
+    return fast, slow, first
+
+
+# (erg, pag, seg, slg layers, kappa) at t = 0.5, and the first perturbed layer.
+MMDIT_CASES = {
+    "erg_first": ((1, 2, 3, 3, 0.0), 1),
+    "erg_before_kickoff": ((0, 3, 2, 3, 0.8), 2),  # SEG first, inside the scanned run
+    "pag_first_dual_block": ((3, 0, 2, 3, 0.0), 0),
+    "seg_first_dual_block": ((2, 3, 0, 1, 0.0), 0),
+    "slg_first": ((3, 3, 3, 1, 0.0), 1),
+    "all_in_the_last_block": ((3, 3, 3, 3, 0.0), 3),
+}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("case", sorted(MMDIT_CASES))
+def test_mmdit_branched_equals_the_separate_branches(case, scan):
+    (erg, *rest), first = MMDIT_CASES[case]
+    guider = _every_kind(erg, *rest)
+    fast, slow, first_of = _mmdit_runs(scan)
+    x, text = _latents(), _text()
+    assert int(first_of(guider)) == first
+    got, want = np.asarray(fast(guider, x, text)), np.asarray(slow(guider, x, text))
+    assert got.dtype == np.float32 and got.shape == want.shape == (5, 2, 8, 12, 4)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # Every weak branch is perturbed (ERG only after its kickoff): not a vacuous match.
+    gaps = np.max(np.abs(want[1:] - want[:1]), axis=(1, 2, 3, 4))
+    np.testing.assert_array_equal(gaps > 1e-4, [rest[-1] < 0.5, True, True, True])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_mmdit_branched_without_controls_is_the_plain_forward(scan):
+    den, x, text = _mmdit(scan), _latents(), _text()
+    t = jnp.array([900.0, 300.0])
+    got = jax.jit(lambda x, c: den.branched(x, t, c, None))(x, text)
+    assert got.shape == (1, 2, 8, 12, 4) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(den(x, t, text)), atol=1e-5)
+
+
+def test_mmdit_layers_before_the_first_perturbed_one_run_once(monkeypatch):
+    calls, block = [], mmdit.JointBlock
+
+    class Counted:
+        """JointBlock whose every run (per branch, per layer) is logged at run time."""
+
+        def __init__(self, *args, **kw):
+            self.block = block(*args, **kw)
+
+        def apply(self, variables, carry, y, control):
+            jax.debug.callback(lambda v: calls.append(v), carry[0][0, 0, 0])
+            return self.block.apply(variables, carry, y, control)
+
+    plain = _mmdit(False)  # built (init) before the patch
+    monkeypatch.setattr(mmdit, "JointBlock", Counted)
+    den = mmdit.make_denoiser(plain.config, plain.params)
+    x, text, t = _latents(), _text(), jnp.array([900.0, 300.0])
+    run = jax.jit(
+        lambda g, s: den.branched(
+            x, t, text, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *g.controls(s, ML))
+        )
+    )
+    late = G.erg(3.0, energy=Energy(0.3), layers=jnp.asarray([2]), kappa=0.4, condition="cond")
+    # Before the kickoff the branches are one network; after it, 2 shared + 2 x 2 split.
+    for s, runs in ((0.9, ML), (0.5, 2 + 2 * 2)):
+        calls.clear()
+        jax.block_until_ready(run(late, jnp.float32(s)))
+        assert len(calls) == runs
+    calls.clear()
+    every = _every_kind(3, 3, 3, 1, 0.0)  # five branches split from layer 1
+    jax.block_until_ready(run(every, jnp.float32(0.5)))
+    assert len(calls) == 1 + 5 * 3
+    assert run._cache_size() == 2  # one per guider structure, not per layer or kickoff
+
+
+def test_mmdit_sampling_with_and_without_the_shared_prefix_agrees():
+    den, used = _mmdit(False), []
+
+    def spy(x, t, c, a=None):
+        return den(x, t, c, a)
+
+    def branched(*args):
+        used.append(1)  # at trace time: the sampler takes the shared-prefix path
+        return den.branched(*args)
+
+    spy.branched = branched
+    x, text = _latents(), _text()
+    keys = S.sample_keys(0, jnp.arange(2))
+    # With shift 3 the 4 Euler steps evaluate t = 1, 0.9, 0.75, 0.5: ERG kicks off at 0.8.
+    guider = G.erg(3.0, energy=Energy(0.3), layers=[2, 3], kappa=0.2, condition="cond")
+    smp = S.make_sampler("euler", 4, time="sd3", shift=3.0)
+
+    def run(d):
+        return jax.jit(
+            lambda n: S.sample(d, n, {"cond": text}, guider, smp, keys=keys, num_layers=ML)
+        )(x)
+
+    fast, slow = np.asarray(run(spy)), np.asarray(run(_plain(den)))
+    assert used
+    assert np.max(np.abs(fast - slow)) <= 1e-5 * np.max(np.abs(slow))

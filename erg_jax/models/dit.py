@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+from erg_jax.models.shared_prefix import Layers, branched_layers
 
 Array = jax.Array
 
@@ -283,11 +284,8 @@ class Block(nn.Module):
 
 
 class DiT(nn.Module):
-    """The DiT / SiT network (module docstring).
-
-    ``embed``, the blocks and ``head`` are separate methods so that
-    ``erg_jax.models.shared_prefix`` can run the prefix once for many branches.
-    """
+    """The DiT / SiT network (module docstring); ``embed``, the blocks and ``head`` are
+    apart so that ``DiTDenoiser.branched`` can run the prefix once for many branches."""
 
     s: Spec
 
@@ -364,13 +362,13 @@ class DiT(nn.Module):
         return h, nn.silu(c)
 
     def head(self, h: Array, y: Array, shape: tuple[int, ...]) -> Array:
-        """Final adaLN, linear and unpatchify: tokens (b, n, D) -> (b, H, W, out)."""
+        """Final adaLN, linear and unpatchify: tokens (..., b, n, D) -> (..., b, H, W, out)."""
         s, p = self.s, self.s.patch
-        b, hgt, wid, _ = shape
+        hgt, wid = shape[1:3]
         shift, scale = jnp.split(self.final_modulation(y), 2, -1)
         h = self.final_linear(_modulate(_layer_norm(h, 1e-6), shift, scale))
-        h = h.reshape(b, hgt // p, wid // p, p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return h.reshape(b, hgt, wid, s.out_channels)[..., : s.keep_channels]
+        h = h.reshape(h.shape[:-2] + (hgt // p, wid // p, p, p, -1))[..., : s.keep_channels]
+        return jnp.swapaxes(h, -4, -3).reshape(h.shape[:-5] + (hgt, wid, -1))
 
     def __call__(
         self,
@@ -481,15 +479,16 @@ class DiTDenoiser:
         table = self.params["class_embed"]["embedding"]
         return jnp.take(table, jnp.asarray(labels, jnp.int32), axis=0).astype(self.module.s.dtype)
 
-    def branched(
-        self, x: Array, t: Array, cond: Array | None, controls: AttentionControl | None
-    ) -> Array:
-        """Outputs (B, b, H, W, out) of B branches sharing x, t and cond, which differ
-        only in their stacked controls (leaves (B, L)); the layers before the first one a
-        control perturbs run once (``erg_jax.models.shared_prefix``)."""
-        from erg_jax.models.shared_prefix import dit_branched
-
-        return dit_branched(self.module, self.params, x, t, cond, controls)
+    def branched(self, x: Array, t: Array, cond: Any, controls: AttentionControl | None) -> Array:
+        """Outputs (B, b, H, W, out) of B branches sharing x, t, cond, differing in stacked
+        controls (leaves (B, L); None: B = 1); the prefix runs once (``shared_prefix``)."""
+        s, p = self.module.s, self.params
+        h, y = self.module.apply({"params": p}, x, t, cond, method=DiT.embed)
+        block = Block(s, (x.shape[1] // s.patch, x.shape[2] // s.patch))
+        blocks = p["blocks"] if s.scan else [p[f"blocks_{i}"] for i in range(s.num_layers)]
+        run = Layers(lambda q, h, c: block.apply({"params": q}, h, y, c)[0], blocks, s.scan)
+        hb = branched_layers(h, [run], controls)
+        return self.module.apply({"params": p}, hb, y, x.shape, method=DiT.head)
 
 
 def make_denoiser(config: dict, params: Any) -> DiTDenoiser:

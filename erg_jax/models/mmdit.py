@@ -24,11 +24,17 @@ with the same parameters (``segments``: in SD3.5-medium the dual-attention block
 the plain blocks 13..22, then the last, text-free block 23), which keeps compile time
 flat in the depth; either can be rematerialised. A scanned run stores its params stacked
 under ``blocks_{first}_to_{last}``; ``stack_blocks`` and ``unstack_blocks`` convert.
+
+Guidance branches that share their condition (I-ERG with the strong text, PAG, SEG, SLG)
+differ only from the first block a control perturbs: the denoiser's ``branched`` runs
+the blocks before it once for all of them (``erg_jax.models.shared_prefix``), entering
+the network through ``MMDiT``'s ``blocks`` argument.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -50,6 +56,7 @@ from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     stack_blocks,
     unstack_blocks,
 )
+from erg_jax.models.shared_prefix import Layers, branched_layers
 
 Array = jax.Array
 
@@ -245,6 +252,36 @@ class MMDiT(nn.Module):
 
     s: Spec
 
+    def _blocks(self, carry, y, grid, attention):
+        """The blocks, loops or scans of like runs: (x, c) -> the image tokens x (b, N, D)."""
+        s, (h, c) = self.s, carry
+        block = nn.remat(JointBlock, prevent_cse=not s.scan) if s.remat else JointBlock
+        for seg in segments(s):
+            if _scanned(seg, s.scan):
+                run = nn.scan(
+                    block,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0),
+                    length=seg.stop - seg.start,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                controls = None
+                if attention is not None:
+                    controls = jax.tree_util.tree_map(
+                        lambda a, seg=seg: a[seg.start : seg.stop], attention
+                    )
+                (h, c), _ = run(s, grid, seg.dual, seg.pre_only, name=segment_name(seg))(
+                    (h, c), y, controls
+                )
+                continue
+            for i in range(seg.start, seg.stop):
+                control = None if attention is None else attention.layer(i)
+                (h, c), _ = block(s, grid, seg.dual, seg.pre_only, name=f"blocks_{i}")(
+                    (h, c), y, control
+                )
+        return h
+
     @nn.compact
     def __call__(
         self,
@@ -253,6 +290,7 @@ class MMDiT(nn.Module):
         context: Array,
         pooled: Array,
         attention: AttentionControl | None = None,
+        blocks: Callable | None = None,
     ) -> Array:
         """Velocity prediction.
 
@@ -262,9 +300,13 @@ class MMDiT(nn.Module):
           context: (b, L, joint_attention_dim) text-encoder tokens.
           pooled: (b, pooled_projection_dim) pooled text embedding.
           attention: AttentionControl with one entry per block, or None.
+          blocks: replaces the blocks (``branched``): ``blocks((x, c), y) -> x`` from the
+            embedded image tokens x (b, N, D), text tokens c (b, L, D) and conditioning
+            y (b, D) to the image tokens after the last block, (..., b, N, D) with any
+            leading (branch) axes, which the output keeps.
 
         Returns:
-          (b, H, W, out_channels) in the activation dtype.
+          (..., b, H, W, out_channels) in the activation dtype.
         """
         s, p, d = self.s, self.s.patch_size, self.s.dim
         b, hgt, wid, _ = x.shape
@@ -308,37 +350,12 @@ class MMDiT(nn.Module):
         y = nn.silu(y)
         c = _dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
 
-        block = nn.remat(JointBlock, prevent_cse=not s.scan) if s.remat else JointBlock
-        for seg in segments(s):
-            if _scanned(seg, s.scan):
-                run = nn.scan(
-                    block,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True},
-                    in_axes=(nn.broadcast, 0),
-                    length=seg.stop - seg.start,
-                    metadata_params={nn.PARTITION_NAME: "layers"},
-                )
-                controls = None
-                if attention is not None:
-                    controls = jax.tree_util.tree_map(
-                        lambda a, seg=seg: a[seg.start : seg.stop], attention
-                    )
-                (h, c), _ = run(s, grid, seg.dual, seg.pre_only, name=segment_name(seg))(
-                    (h, c), y, controls
-                )
-                continue
-            for i in range(seg.start, seg.stop):
-                control = None if attention is None else attention.layer(i)
-                (h, c), _ = block(s, grid, seg.dual, seg.pre_only, name=f"blocks_{i}")(
-                    (h, c), y, control
-                )
-
+        h = self._blocks((h, c), y, grid, attention) if blocks is None else blocks((h, c), y)
         scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
         h = _modulate(_layer_norm(h), shift, scale)
         h = _dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
-        h = h.reshape(b, grid[0], grid[1], p, p, s.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return h.reshape(b, hgt, wid, s.out_channels)
+        h = h.reshape(h.shape[:-2] + (grid[0], grid[1], p, p, s.out_channels))
+        return jnp.swapaxes(h, -4, -3).reshape(h.shape[:-5] + (hgt, wid, s.out_channels))
 
 
 def mmdit_module(config: dict) -> MMDiT:
@@ -400,6 +417,30 @@ def make_denoiser(config: dict, params: Any):
         out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], attention)
         return out.astype(jnp.float32)
 
+    def branched(x: Array, t: Array, cond: dict, controls: AttentionControl | None) -> Array:
+        """Outputs (B, b, H, W, out) of B branches sharing x, t and cond, differing only in
+        their stacked controls (leaves (B, L); None: B = 1); the blocks before the first
+        one a control perturbs run once (``erg_jax.models.shared_prefix``)."""
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        s, p = module.s, module.s.patch_size
+        grid = (x.shape[1] // p, x.shape[2] // p)
+
+        def blocks(state, y):
+            runs = []
+            for seg in segments(s):
+                blk = JointBlock(s, grid, seg.dual, seg.pre_only, parent=None)
+                apply = lambda q, st, c, blk=blk: blk.apply({"params": q}, st, y, c)[0]
+                if _scanned(seg, s.scan):
+                    runs.append(Layers(apply, params[segment_name(seg)], stacked=True))
+                else:
+                    layers = [params[f"blocks_{i}"] for i in range(seg.start, seg.stop)]
+                    runs.append(Layers(apply, layers))
+            return branched_layers(state, runs, controls)[0]  # the image tokens
+
+        out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], blocks=blocks)
+        return out.astype(jnp.float32)
+
+    denoiser.branched = branched
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])

@@ -1,0 +1,478 @@
+"""A dry run of the sampling job: does the configured model fit the chips, at which batch?
+
+Nothing is read but config files, nothing large is allocated. The denoiser's parameters
+are built abstractly (``jax.eval_shape`` of its init, in the dtype the job would load
+them in) and given the NamedShardings of their logical axes on the job's mesh; the VAE
+and, where their folders are known, the text encoders likewise. The job's own program
+(``job._generate_fn``: noise -> a scan of guided steps, every branch of the first method
+in ``guidance.methods`` -> VAE decode) is then lowered with abstract, sharded inputs and
+compiled for the mesh at the configured batch b and at 2b; a scan holds one step's
+working memory whatever the number of steps. XLA's ``memory_analysis`` gives per device
+
+    need(b) = arguments (denoiser and VAE params, the batch's inputs) + outputs
+              + temporaries  ~  fixed + per_sample * b   (the line through b and 2b)
+
+The configured batch fits when need(b) <= ``dry_run_memory_gb`` (GiB). The line's
+largest batch (a multiple of the data-parallel size) is compiled to check it, and
+bisected down while it does not fit: XLA's need is not linear in b. The text encoders
+run, and are freed, before sampling: their parameters make a separate, earlier peak.
+
+The compiler is the one of the machine the dry run runs on: on a CPU host its layouts,
+fusions and attention paths differ from a TPU's (docs/BENCHMARKS.md, "Dry run").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import types
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from erg_jax import checkpoint, output, sharding
+from erg_jax import job_loading as L
+from erg_jax import samplers as S
+from erg_jax.convert import pipeline as pipe
+from erg_jax.energy import IMPLEMENTATIONS, Energy
+from erg_jax.job import _generate_fn
+from erg_jax.job_setup import make_methods
+
+GIB = 2**30
+CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's
+
+
+def devices_needed(mesh_config) -> int:
+    """Devices the mesh asks for, an axis of size -1 counted as 1 (the launcher makes
+    this many CPU devices for a dry run on a host without them)."""
+    return math.prod(max(int(v), 1) for v in dict(mesh_config).values())
+
+
+def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any, dict, str]:
+    """(model module, model config, where it came from), from config files only.
+
+    model.pretrained: the pipeline's transformer/config.json mapped as the converters map
+    it (a DiT / SiT .pt file holds no config: model.preset at model.sample_size stands
+    in); model.checkpoint: its config.json; otherwise model.preset with model.overrides,
+    at model.sample_size where the preset stands in for a checkpoint not yet given.
+    ``pretrained`` is model.pretrained already opened (``pipeline.open_pretrained``).
+    """
+    mc = config.model
+    mod = L._model_module(mc.kind)
+    preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
+    size = {"sample_size": int(mc.sample_size)} if mc.sample_size else {}
+    stored = None
+    if mc.pretrained:
+        src = pretrained or pipe.open_pretrained(mc.pretrained)
+        if L.PIPELINE_MODEL_KIND[src.kind] != mc.kind:
+            raise ValueError(
+                f"model.kind is {mc.kind!r}, but model.pretrained holds a {src.kind} model"
+            )
+        dtype = mc.param_dtype or "float32"  # what the conversion stores
+        if src.kind == "dit-pt":
+            source = f"preset {mc.preset!r} (a .pt file holds no config file)"
+            stored = preset(mc.preset, param_dtype=dtype, **size)
+        else:
+            from erg_jax.convert import dit as dit_convert
+            from erg_jax.convert import sd3 as sd3_convert
+
+            source = os.path.join(src.transformer, "config.json")
+            raw = pipe.read_json(source, "transformer config")
+            convert = sd3_convert if src.kind == "sd3" else dit_convert
+            stored = convert.config_from_diffusers(raw, param_dtype=dtype)
+    elif mc.checkpoint and not mc.random_init:
+        stored = checkpoint.read_config(mc.checkpoint)
+        source = os.path.join(mc.checkpoint, checkpoint.CONFIG)
+        if stored.get("kind") != mc.kind:
+            raise ValueError(
+                f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}"
+            )
+    runtime = L._runtime(mc)
+    if stored is not None:
+        if size and int(stored["sample_size"]) != size["sample_size"]:
+            raise ValueError(
+                f"model.sample_size is {mc.sample_size}, but {source} describes a model of "
+                f"latent side {stored['sample_size']}"
+            )
+        return mod, dict(stored, **runtime), source
+    overrides = L._overrides(mc.overrides)
+    if not mc.random_init:  # standing in for a checkpoint: at the size it must have
+        overrides = {**size, **overrides}
+    return mod, preset(mc.preset, **runtime, **overrides), f"preset {mc.preset!r}"
+
+
+def sharded_abstract(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their NamedShardings (jit's abstract arguments)."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def param_bytes(tree: Any) -> dict:
+    """Bytes of sharded abstract params: per device (each device holds one shard of every
+    leaf, the same shape on every device), of which replicated, and in all."""
+    per_device = replicated = total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        item = np.dtype(leaf.dtype).itemsize
+        shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * item
+        per_device += shard
+        total += math.prod(leaf.shape) * item
+        replicated += shard if leaf.sharding.is_fully_replicated else 0
+    return {"per_device": per_device, "replicated": replicated, "total": total}
+
+
+def _vae(config, latent_channels: int, pretrained) -> tuple[Any, Any, str]:
+    """The VAE's abstract params (in the dtype the job restores them in), its decode as
+    ``job_loading.load_vae`` builds it, and where its config came from; Nones if disabled."""
+    vc = config.vae
+    if not vc.enabled:
+        return None, None, "disabled"
+    from erg_jax.models import vae
+
+    folder = vc.pretrained or (pretrained.vae if pretrained is not None else None)
+    if vc.checkpoint and not vc.random_init:
+        vcfg, source = checkpoint.read_config(vc.checkpoint), vc.checkpoint
+    elif folder and not vc.random_init:
+        from erg_jax.convert.vae import config_from_diffusers
+
+        source = os.path.join(folder, "config.json")
+        vcfg = config_from_diffusers(pipe.read_json(source, "VAE config"))
+    else:
+        vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
+        source = f"preset {vc.preset!r}"
+    if vc.dtype:
+        vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
+    dtype = jnp.dtype(vcfg.get("param_dtype", "float32"))
+    shapes = jax.eval_shape(lambda k: vae.init_params(vcfg, k), jax.random.key(0))
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)
+    module = vae.vae_module(vcfg)
+
+    def decode(p, z):
+        z = vae.unscale_latents(z.astype(jnp.float32), vcfg)
+        return module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
+
+    return abstract, decode, source
+
+
+def _text_encoders(config, mesh, rules, pretrained) -> list[dict] | None:
+    """Per known encoder folder: its parameter bytes per device as the job shards them
+    (config.json and the safetensors header only; the weights stay memory-mapped)."""
+    from erg_jax.convert.common import read_config
+    from erg_jax.convert.text import read_folder
+    from erg_jax.models.text.encoder import FAMILIES
+
+    t = config.text
+    folders = L.text_folders(t, L.Sources(pretrained, ""))
+    if not folders:
+        return None
+    dtype = jnp.dtype(t.dtype or "float32")
+    out = []
+    for pair in folders:
+        if pair is None:  # an SD3 pipeline without its T5
+            continue
+        hf = read_config(pair[0])
+        if hf.get("model_type") not in FAMILIES:
+            raise ValueError(
+                f"{pair[0]}: text encoder model_type {hf.get('model_type')!r} is not one of "
+                f"{sorted(FAMILIES)}"
+            )
+        family, module_cls = FAMILIES[hf["model_type"]]
+        cfg = family.make_config(hf, read_folder(pair[0])[0])
+        module = module_cls(cfg, dtype=dtype, param_dtype=dtype)
+        boxed = jax.eval_shape(
+            lambda m=module: m.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32), None, Energy())
+        )["params"]
+        shardings = sharding.param_shardings(boxed, mesh, rules)
+        out.append({"folder": pair[0], **param_bytes(sharded_abstract(nn.unbox(boxed), shardings))})
+    return out
+
+
+def text_tokens(config) -> int:
+    """Tokens of the denoiser's text context: the sd3 layout's CLIP tokens (text.max_length
+    or CLIP's 77) and T5's max_sequence_length; "single": text.max_length, else 77."""
+    t = config.text
+    clip = int(t.max_length) or CLIP_TOKENS
+    return clip + int(t.max_sequence_length) if t.layout == "sd3" else clip
+
+
+def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
+    """Abstract, batch-sharded (noise, conditions, keys) of one batch, as the job's."""
+
+    def spec(shape, dtype):
+        where = sharding.batch_sharding(mesh, shape, rules)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
+
+    side, channels = int(mcfg["sample_size"]), int(mcfg["in_channels"])
+    keys = jax.eval_shape(lambda: S.sample_keys(0, jnp.arange(batch)))
+    if mcfg["kind"] == "dit":
+        conds = {slot: spec((batch,), jnp.int32) for slot in ("cond", "null")}
+    else:
+        dtype, tokens = jnp.dtype(config.text.dtype or "float32"), text_tokens(config)
+        width, pooled = int(mcfg["joint_attention_dim"]), int(mcfg["pooled_projection_dim"])
+        conds = {
+            slot: {
+                "context": spec((batch, tokens, width), dtype),
+                "pooled": spec((batch, pooled), dtype),
+            }
+            for slot in ("cond", "tempered", "null")
+        }
+    noise = spec((batch, side, side, channels), jnp.dtype(jnp.float32))
+    return noise, conds, spec(keys.shape, keys.dtype)
+
+
+def job_program(mod, mcfg: dict, sampler: S.Sampler, decode):
+    """The job's program ``(params, vae_params, noise, conds, keys, guider) -> images``."""
+
+    def embed(den, conds):  # CADS anneals class embeddings, as the job's plan does
+        return {k: den.embed_classes(v) for k, v in conds.items()}
+
+    plan = types.SimpleNamespace(
+        make_denoiser=lambda p: mod.make_denoiser(mcfg, p),
+        embed_conditions=embed if mcfg["kind"] == "dit" else None,
+        sampler=sampler,
+        num_layers=int(mcfg["num_layers"]),
+        decode=decode,
+    )
+    return _generate_fn(plan)
+
+
+def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
+    """Lowers and compiles ``program(*args, guider)`` for the mesh, every argument kept
+    (the job holds them all on the devices); XLA's per-device bytes and the seconds."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def abstract(v):
+        return jax.ShapeDtypeStruct(np.shape(v), np.result_type(v), sharding=replicated)
+
+    guider = jax.tree_util.tree_map(abstract, guider)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        compiled = jax.jit(program, keep_unused=True).lower(*args, guider).compile()
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    if m is None:
+        raise ValueError(f"the {jax.default_backend()} backend gives no memory analysis")
+    out = {
+        "temp": int(m.temp_size_in_bytes),
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+    }
+    out["need"] = out["temp"] + out["arguments"] + out["outputs"] - out["aliased"]
+    return dict(out, compile_seconds=seconds)
+
+
+def verdict(report: dict, memory: float) -> dict:
+    """Whether the configured batch fits ``memory`` bytes per device, and the largest batch
+    (a multiple of the data axes) the line need(b) = fixed + per_sample * b says fits
+    (None where it does not grow with b). Not compiled: (False, 0) where the denoiser's and
+    the VAE's parameters alone exceed the memory, else (None, None)."""
+    if not report["compiled"]:
+        over = report["params_bytes_per_device"] + report["vae"]["bytes_per_device"] > memory
+        return {"fits": False if over else None, "largest_batch_line": 0 if over else None}
+    line, unit = report["fit"]["need"], report["data_parallel"]
+    largest = None
+    if line["per_sample"] > 0:
+        largest = max(int((memory - line["fixed"]) // line["per_sample"]) // unit, 0) * unit
+    return {"fits": report["compiled"][0]["need"] <= memory, "largest_batch_line": largest}
+
+
+def _checked_batch(compile_at, report: dict, memory: float, checks: int) -> int:
+    """The largest compiled batch that fits: the line's estimate compiled and, while it
+    does not fit, the gap to the largest batch known to fit halved, ``checks`` compiles
+    at most. Off the compiled batches the line missed by up to 29% (SD3.5-large;
+    docs/BENCHMARKS.md, "Dry run")."""
+    unit, compiled = report["data_parallel"], report["compiled"]
+    lo = max([c["batch"] for c in compiled if c["need"] <= memory], default=0)
+    hi, candidate = None, report["largest_batch_line"]
+    for _ in range(checks):
+        if candidate is None or candidate <= lo or candidate in [c["batch"] for c in compiled]:
+            break
+        compiled.append(compile_at(candidate))
+        if compiled[-1]["need"] <= memory:
+            lo = candidate
+            if hi is None:  # the line's own estimate fits
+                break
+        else:
+            hi = candidate
+        candidate = (lo + hi) // 2 // unit * unit
+    return lo
+
+
+def _checked_config(config) -> tuple:
+    """(methods, axis rules, mesh, data-parallel size, memory bytes) of a config whose
+    every setting the dry run reads is checked, as ``job_setup.build_plan`` checks them."""
+    smp, mc = config.sampler, config.model
+    if smp.batch_size < 1:
+        raise ValueError(f"sampler.batch_size must be >= 1, got {smp.batch_size}")
+    memory = float(config.dry_run_memory_gb) * GIB
+    if memory <= 0:
+        raise ValueError(f"dry_run_memory_gb must be > 0, got {config.dry_run_memory_gb}")
+    methods = make_methods(config, text=mc.kind == "mmdit")
+    impl = str(mc.attention_implementation)
+    if impl and impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_implementation must be '' (per backend) or one of "
+            f"{IMPLEMENTATIONS}, got {impl!r}"
+        )
+    rules = sharding.parse_rules(config.logical_axis_rules)
+    mesh = sharding.mesh_from_config(dict(config.mesh))
+    unit = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    if smp.batch_size % unit:
+        raise ValueError(
+            f"sampler.batch_size {smp.batch_size} is not divisible by the mesh's "
+            f"data axes (data x fsdp = {unit})"
+        )
+    return methods, rules, mesh, unit, memory
+
+
+def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks: int = 3) -> dict:
+    """Per-device memory of a sampling-job config and the batch that fits (module
+    docstring); also written to WORKDIR/dry_run.json and printable by ``format_table``.
+
+    Args:
+      config: a sampling-job config (configs/dit.py, configs/sd3.py).
+      workdir: where dry_run.json goes (None: nowhere).
+      compile: False reports the parameters only, compiling nothing.
+      checks: compiles at most spent checking the line's largest batch.
+
+    Raises:
+      ValueError: a config error (unknown method, mesh the devices do not form, batch
+        the data axes do not divide, ...), named before anything compiles.
+    """
+    methods, rules, mesh, unit, memory = _checked_config(config)
+    smp, mc = config.sampler, config.model
+    pretrained = pipe.open_pretrained(mc.pretrained) if mc.pretrained else None
+    mod, mcfg, source = model_config(config, pretrained)
+    sampler = L.make_sampler(smp, mcfg, L.Sources(pretrained, ""))
+    abstract = mod.abstract_params(mcfg)
+    shardings = sharding.shardings_from_axes(mod.param_axes(mcfg), abstract, mesh, rules)
+    params = sharded_abstract(abstract, shardings)
+    vae_abstract, decode, vae_source = _vae(config, int(mcfg["in_channels"]), pretrained)
+    vae_params = None
+    if vae_abstract is not None:  # replicated, as the job places it
+        everywhere = NamedSharding(mesh, PartitionSpec())
+        vae_params = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), vae_abstract
+        )
+    encoders = _text_encoders(config, mesh, rules, pretrained) if mc.kind == "mmdit" else None
+    method, guider = next(iter(methods.items()))
+    p = param_bytes(params)
+    vae_bytes = param_bytes(vae_params)["per_device"] if vae_params else 0
+    report: dict[str, Any] = {
+        "model": {
+            "kind": mc.kind,
+            "source": source,
+            "param_dtype": str(jnp.dtype(mcfg["param_dtype"])),
+            "scan_blocks": bool(mcfg.get("scan_blocks")),
+            "num_params": int(sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(params))),
+            "latent_shape": [int(mcfg["sample_size"])] * 2 + [int(mcfg["in_channels"])],
+        },
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "devices": f"{mesh.size} {jax.default_backend()}",
+        "method": method,
+        "branches": guider.num_branches,
+        "sampler": f"{sampler.solver}, {sampler.steps} steps",
+        "params_bytes_per_device": p["per_device"],
+        "params_replicated_bytes_per_device": p["replicated"],
+        "params_bytes_total": p["total"],
+        "vae": {"source": vae_source, "bytes_per_device": vae_bytes},
+        "text_encoders": encoders,
+        "memory_bytes": int(memory),
+        "batch_size": int(smp.batch_size),
+        "data_parallel": unit,
+        "compiled": [],
+    }
+    if encoders:
+        report["encoding_peak_bytes_per_device"] = (
+            p["per_device"] + vae_bytes + sum(e["per_device"] for e in encoders)
+        )
+    report.update(verdict(report, memory))
+    report["largest_batch"] = report["largest_batch_line"]
+    if compile:
+        program = job_program(mod, mcfg, sampler, decode)
+
+        def compile_at(b: int) -> dict:
+            args = (params, vae_params, *batch_inputs(config, mcfg, b, mesh, rules))
+            return {"batch": b, **compile_program(program, args, guider, mesh, rules)}
+
+        report["compiled"] = [compile_at(smp.batch_size), compile_at(2 * smp.batch_size)]
+        (b1, c1), (b2, c2) = ((c["batch"], c) for c in report["compiled"])
+        report["fit"] = {}
+        for key in ("temp", "need"):
+            per_sample = (c2[key] - c1[key]) / (b2 - b1)
+            report["fit"][key] = {"fixed": c1[key] - per_sample * b1, "per_sample": per_sample}
+        report.update(verdict(report, memory))
+        report["largest_batch"] = _checked_batch(compile_at, report, memory, checks)
+    if workdir and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        output.atomic_write_json(os.path.join(workdir, "dry_run.json"), report)
+    return report
+
+
+def _size(n: float | None) -> str:
+    """Bytes in GiB, MiB or KiB, whichever shows them as at least 1."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def format_table(report: dict) -> str:
+    """The report as an aligned table of per-device figures."""
+    m = report["model"]
+    rows = [
+        ("model", f"{m['kind']} from {m['source']}, {m['num_params'] / 1e6:,.1f}M params"),
+        ("param dtype", f"{m['param_dtype']}" + (", scanned blocks" if m["scan_blocks"] else "")),
+        (
+            "mesh",
+            " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+            + f" ({report['devices']} devices)",
+        ),
+        ("program", f"{report['method']} ({report['branches']} branches), {report['sampler']}"),
+        (
+            "denoiser params / device",
+            _size(report["params_bytes_per_device"])
+            + f" (replicated {_size(report['params_replicated_bytes_per_device'])}, "
+            f"all devices' worth {_size(report['params_bytes_total'])})",
+        ),
+        (
+            "VAE params / device",
+            _size(report["vae"]["bytes_per_device"]) + f" ({report['vae']['source']})",
+        ),
+    ]
+    for enc in report["text_encoders"] or []:
+        rows.append(("text encoder / device", f"{_size(enc['per_device'])} ({enc['folder']})"))
+    if "encoding_peak_bytes_per_device" in report:
+        rows.append(("peak while encoding", _size(report["encoding_peak_bytes_per_device"])))
+    for s in report["compiled"]:
+        rows.append(
+            (
+                f"compiled at batch {s['batch']}",
+                f"temp {_size(s['temp'])}, args {_size(s['arguments'])}, out {_size(s['outputs'])};"
+                f" need {_size(s['need'])}; compiled in {s['compile_seconds']:.1f} s",
+            )
+        )
+    if "fit" in report:
+        t, n = report["fit"]["temp"], report["fit"]["need"]
+        rows.append(("temp(b)", f"{_size(t['fixed'])} + {_size(t['per_sample'])} per sample"))
+        rows.append(("need(b)", f"{_size(n['fixed'])} + {_size(n['per_sample'])} per sample"))
+    said = {True: "fits", False: "does not fit", None: "not compiled"}[report["fits"]]
+    unit, line = report["data_parallel"], report["largest_batch_line"]
+    largest = "-" if report["largest_batch"] is None else str(report["largest_batch"])
+    if report["compiled"]:
+        largest += f" (largest compiled that fits; the line said {line})"
+    rows += [
+        ("memory / device", _size(report["memory_bytes"])),
+        (f"batch {report['batch_size']} in that", said),
+        (f"largest batch, x{unit}", largest),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

