@@ -111,10 +111,11 @@ def _block(length: int) -> int:
     return next(b for b in BLOCKS if length % b == 0)
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, n: int, m: int, mqa: bool, interpret: bool):
     """The splash kernel for (heads, n, d) queries against (m, d) keys per kv head, padded
-    lengths n and m; built once per shape (mask analysis runs in numpy)."""
+    lengths n and m (the mask analysis runs in numpy). Built afresh in every trace: a
+    kernel cached across traces can hold a tracer of the first (its block tables are jax
+    arrays), which a scanned or partially evaluated body then finds out of scope."""
     bq, bkv = _block(n), _block(m)
     blocks = sa.BlockSizes(
         block_q=bq,
@@ -129,10 +130,7 @@ def _kernel(heads: int, n: int, m: int, mqa: bool, interpret: bool):
     )
     mask = sa.MultiHeadMask([sa.FullMask((n, m))] * heads)
     make = sa.make_splash_mqa if mqa else sa.make_splash_mha
-    # The kernel stores its block tables as jax arrays: made concrete here, not tracers of
-    # whichever jit first asked for the kernel, so the cached kernel serves every trace.
-    with jax.ensure_compile_time_eval():
-        return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return make(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _pad(x: Array, axis: int, size: int) -> Array:

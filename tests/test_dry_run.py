@@ -290,3 +290,11 @@ def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
     _, conds, _ = D.batch_inputs(config, mcfg, 8, mesh, sharding.DEFAULT_RULES)
     shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, np.dtype(a.dtype)), tree)
     assert shapes(conds) == shapes(plan.conditions.slots(np.arange(8)))  # 77 + 16 tokens
+
+
+def test_a_job_with_splash_attention_in_scanned_blocks_compiles_twice():
+    # the kernel's block tables once leaked a tracer of the first trace into the second
+    fields = dict(model__attention_implementation="splash", model__scan_blocks=True)
+    for _ in range(2):
+        report = D.dry_run(_config("dit:tiny", **fields), checks=0)
+        assert report["compiled"][0]["arguments"] > 0
