@@ -210,7 +210,7 @@ def evaluate(
     channels (DiT's learned sigma; None otherwise).
 
     Branches of one model run together (``map_branches``); when they also share their
-    condition and the denoiser offers ``branched(x, t, cond, controls)`` (the DiT), it
+    condition and the denoiser offers ``branched(x, t, cond, controls)`` (DiT, MMDiT), it
     runs everything before the first perturbed layer once (``models.shared_prefix``)."""
     b = x.shape[0]
     native = jnp.broadcast_to(point.native, (b,))

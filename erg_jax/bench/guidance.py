@@ -2,7 +2,7 @@
 
 - ``guidance_costs``: seconds per donated, jitted sampling step of every guider of
   ``setups.guiders`` (interleaved, medians), as ratios to CFG and to no guidance; for a
-  denoiser with a shared prefix (the DiT) also the same guiders through the plain vmap,
+  denoiser with a shared prefix (DiT, MMDiT) also the same guiders through the plain vmap,
   which is what the prefix saves.
 - ``floor``: the step's FLOPs from XLA's cost analysis over this machine's measured
   float32 matmul rate, and the share of that rate the step achieves.
