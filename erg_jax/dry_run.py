@@ -39,9 +39,9 @@ from erg_jax import checkpoint, output, sharding
 from erg_jax import job_loading as L
 from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
-from erg_jax.energy import IMPLEMENTATIONS, Energy
+from erg_jax.energy import Energy
 from erg_jax.job import _generate_fn
-from erg_jax.job_setup import make_methods
+from erg_jax.job_setup import checked_layout, make_methods
 
 GIB = 2**30
 CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's
@@ -314,20 +314,7 @@ def _checked_config(config) -> tuple:
     if memory <= 0:
         raise ValueError(f"dry_run_memory_gb must be > 0, got {config.dry_run_memory_gb}")
     methods = make_methods(config, text=mc.kind == "mmdit")
-    impl = str(mc.attention_implementation)
-    if impl and impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attention_implementation must be '' (per backend) or one of "
-            f"{IMPLEMENTATIONS}, got {impl!r}"
-        )
-    rules = sharding.parse_rules(config.logical_axis_rules)
-    mesh = sharding.mesh_from_config(dict(config.mesh))
-    unit = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
-    if smp.batch_size % unit:
-        raise ValueError(
-            f"sampler.batch_size {smp.batch_size} is not divisible by the mesh's "
-            f"data axes (data x fsdp = {unit})"
-        )
+    rules, mesh, unit = checked_layout(config)
     return methods, rules, mesh, unit, memory
 
 

@@ -185,6 +185,27 @@ def make_methods(config, *, text: bool) -> dict:
     return out
 
 
+def checked_layout(config):
+    """(axis rules, mesh, data-parallel size) of a job config, its attention
+    implementation, rules, mesh and batch checked, each error naming its field."""
+    impl = str(config.model.attention_implementation)
+    if impl and impl not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_implementation must be '' (per backend) or one of "
+            f"{IMPLEMENTATIONS}, got {impl!r}"
+        )
+    rules = sharding.parse_rules(config.logical_axis_rules)
+    mesh = sharding.mesh_from_config(dict(config.mesh))
+    data = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    batch = config.sampler.batch_size
+    if batch % data:
+        raise ValueError(
+            f"sampler.batch_size {batch} is not divisible by the mesh's "
+            f"data axes (data x fsdp = {data})"
+        )
+    return rules, mesh, data
+
+
 def build_plan(config, workdir: str) -> Plan:
     """Checks a job config and builds its Plan (see module docstring)."""
     cfg = config.to_dict()
@@ -199,20 +220,7 @@ def build_plan(config, workdir: str) -> Plan:
     L.check_scheduler(smp, sources)
     if text:
         L.text_folders(config.text, sources)  # missing folders are named before loading
-    impl = str(config.model.attention_implementation)
-    if impl and impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attention_implementation must be '' (per backend) or one of "
-            f"{IMPLEMENTATIONS}, got {impl!r}"
-        )
-    rules = sharding.parse_rules(config.logical_axis_rules)
-    mesh = sharding.mesh_from_config(dict(config.mesh))
-    data = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
-    if smp.batch_size % data:
-        raise ValueError(
-            f"sampler.batch_size {smp.batch_size} is not divisible by the mesh's "
-            f"data axes (data x fsdp = {data})"
-        )
+    rules, mesh, _ = checked_layout(config)
     output.check_workdir(workdir, cfg)
     # the mesh context lets kernels outside GSPMD (splash attention) in the text encoders
     # shard themselves over the mesh
