@@ -14,7 +14,6 @@ flight and exits cleanly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -162,7 +161,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
     n, batch = plan.num_samples, plan.batch_size
-    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)  # noqa: E731
+    bspec = _batch_spec(plan)
     summary: dict[str, Any] = {
         "config": cfg,
         "devices": [str(d) for d in jax.devices()],
@@ -192,7 +191,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
             if structure not in compiled_cache:
                 t0 = time.perf_counter()
                 fn = jax.jit(_generate_fn(plan))
-                with _mesh_context(plan):
+                with sharding.mesh_context(plan.mesh, plan.rules):
                     compiled_cache[structure] = fn.lower(*example).compile()
                 stats["compile_seconds"] = time.perf_counter() - t0
                 summary["compiles"] += 1
@@ -249,13 +248,9 @@ def _run(config, workdir: str, t_start: float) -> dict:
     return summary
 
 
-def _mesh_context(plan: Plan):
-    """The mesh and axis rules that kernels outside GSPMD (splash attention) read while
-    a program is traced: they shard themselves over the same axes as the inputs."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(plan.mesh))
-    stack.enter_context(sharding.use_rules(plan.rules))
-    return stack
+def _batch_spec(plan: Plan):
+    """shape -> the NamedSharding of a batch-leading input on the plan's mesh and rules."""
+    return lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
 
 
 def _manifest(workdir: str, cfg: dict, plan: Plan) -> None:
@@ -300,7 +295,7 @@ def generate(plan: Plan, method: str, indices) -> np.ndarray:
     """
     if method not in plan.methods:
         raise ValueError(f"method must be one of {sorted(plan.methods)}, got {method!r}")
-    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)  # noqa: E731
+    bspec = _batch_spec(plan)
     fn = jax.jit(_generate_fn(plan))
     idx = np.asarray(indices, np.int64)
     out = []
@@ -308,7 +303,7 @@ def generate(plan: Plan, method: str, indices) -> np.ndarray:
         chunk = idx[start : start + plan.batch_size]
         padded = np.concatenate([chunk, np.full(plan.batch_size - len(chunk), chunk[-1])])
         noise, conds, keys = _batch_inputs(plan, padded, bspec)
-        with _mesh_context(plan):
+        with sharding.mesh_context(plan.mesh, plan.rules):
             images = fn(plan.params, plan.vae_params, noise, conds, keys, plan.methods[method])
         out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out)

@@ -224,7 +224,7 @@ def build_plan(config, workdir: str) -> Plan:
     output.check_workdir(workdir, cfg)
     # the mesh context lets kernels outside GSPMD (splash attention) in the text encoders
     # shard themselves over the mesh
-    with sharding.use_rules(rules), jax.set_mesh(mesh):
+    with sharding.mesh_context(mesh, rules):
         return _load(config, cfg, mesh, rules, methods, sources, text)
 
 

@@ -65,6 +65,15 @@ def use_rules(rules: Rules | None) -> Iterator[None]:
         _ACTIVE.rules = old
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
+    """The mesh (``jax.set_mesh``) and axis rules (``use_rules``) of a block: kernels
+    outside GSPMD (splash attention) read them while a program is traced and shard
+    themselves over the same axes as their inputs."""
+    with use_rules(rules), jax.set_mesh(mesh):
+        yield
+
+
 def parse_rules(spec: str, field: str = "logical_axis_rules") -> tuple[tuple[str, Any], ...]:
     """``DEFAULT_RULES`` with the overrides of "logical=mesh+mesh,...".
 
