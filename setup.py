@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
-        "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc"],
+        "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc", "kornia"],
         "notebook": ["nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )

@@ -93,6 +93,14 @@ def base_config() -> ml_collections.ConfigDict:
             cads_tau2=0.9,
             cads_noise_scale=0.25,
             cads_psi=1.0,
+            # combination rules (methods cfg_zero_star, tcfg, mambo, fdg, apg_mix, or
+            # "+name" after any method; apg_mix takes APG's numbers from apg_*)
+            zero_star_steps=1,  # CFG-Zero*: sampler steps with zero velocity first
+            mambo_alpha=8.0,  # MAMBO-G: decay of w with |D_s - D_w| / |D_w|
+            fdg_scales="",  # FDG band weights, finest first, e.g. "10,5"; "" = scale twice
+            fdg_parallel=1.0,  # FDG: weight of each band's component parallel to D_s
+            apg_mix_scale=10.0,  # APG-Mix: APG's weight after the CFG steps
+            apg_mix_cfg_steps=6,  # APG-Mix: sampler steps of CFG first
             pag_layers="",
             seg_sigma=math.inf,
             seg_layers="",

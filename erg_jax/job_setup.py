@@ -22,8 +22,39 @@ from erg_jax import samplers as S
 from erg_jax.conditioning import ClassConditions, parse_classes
 from erg_jax.energy import IMPLEMENTATIONS, Energy
 
-BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg")
-MODIFIERS = ("apg", "cads")
+# Combination rules: each a base method on CFG's null branch and a modifier of any method.
+RULES = {
+    "zero_star": G.with_zero_star,
+    "tcfg": G.with_tcfg,
+    "mambo": G.with_mambo,
+    "fdg": G.with_fdg,
+    "apg_mix": G.with_apg_mix,
+}
+RULE_BASES = {"cfg_zero_star": "zero_star", "tcfg": "tcfg", "mambo": "mambo", "fdg": "fdg"}
+RULE_BASES["apg_mix"] = "apg_mix"
+BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg", *RULE_BASES)
+MODIFIERS = ("apg", "cads", *RULES)
+
+
+def _rule_settings(name: str, g) -> dict:
+    """The keyword arguments of rule ``name`` from the job's guidance section."""
+    if name == "zero_star":
+        return dict(zero_steps=g.zero_star_steps)
+    if name == "mambo":
+        return dict(alpha=g.mambo_alpha)
+    if name == "fdg":
+        spec = str(g.fdg_scales).strip()
+        try:
+            scales = tuple(float(v) for v in spec.split(",")) if spec else (g.scale, g.scale)
+        except ValueError as e:
+            raise ValueError(
+                f"guidance.fdg_scales must be '' or weights like '10,5', got {spec!r}"
+            ) from e
+        return dict(scales=scales, parallel=g.fdg_parallel)
+    if name == "apg_mix":
+        apg = dict(momentum=g.apg_momentum, norm_threshold=g.apg_norm_threshold, eta=g.apg_eta)
+        return dict(scale=g.apg_mix_scale, cfg_steps=g.apg_mix_cfg_steps, **apg)
+    return {}
 
 
 @dataclasses.dataclass
@@ -133,13 +164,19 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
                     **common,
                 )
             )
+        elif p in RULE_BASES:
+            rule = RULE_BASES[p]
+            base = G.cfg(g.scale, rescale=g.rescale, **common)
+            bases.append(RULES[rule](base, **_rule_settings(rule, g)))
         elif p == "slg":
             bases.append(
                 G.slg(g.scale, layers=_layers(g.slg_layers, "guidance.slg_layers"), **common)
             )
     guider = bases[0] if len(bases) == 1 else G.compose(*bases)
     for m in mods:
-        if m == "apg":
+        if m in RULES:
+            guider = RULES[m](guider, **_rule_settings(m, g))
+        elif m == "apg":
             guider = G.with_apg(
                 guider, momentum=g.apg_momentum, norm_threshold=g.apg_norm_threshold, eta=g.apg_eta
             )

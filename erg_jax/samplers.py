@@ -333,14 +333,14 @@ def make_step(
             f"(AutoGuidance takes (model, weak_model)), got {len(dens)}"
         )
 
-    def guided(x, point, state, step):
+    def guided(x, point, state, step, index):
         state, cache = state
         args = (dens, x, point, guider, conds, sampler, keys, step, num_layers)
         if cache is None:
             x0s, var = evaluate(*args)
         else:
             x0s, var, cache = evaluate_cached(*args, cache)
-        x0, state = guider.combine(x0s, point.t, state)
+        x0, state = guider.combine(x0s, point.t, state, x=x, a=point.a, s=point.s, index=index)
         return x0, var, (state, cache)
 
     if sampler.is_flow:
@@ -351,14 +351,14 @@ def make_step(
         def step(carry, i):
             x, state = carry
             t, t_next = grid[i], grid[i + 1]
-            x0, _, state = guided(x, _flow_point(sampler, t), state, 2 * i)
+            x0, _, state = guided(x, _flow_point(sampler, t), state, 2 * i, i)
             u = P.velocity_from_x0(x0, x, t)
             x_euler = x + (t_next - t) * u
             if sampler.solver == "euler":
                 return (x_euler.astype(x.dtype), state), None
 
             def heun(state):
-                x0b, _, state = guided(x_euler, _flow_point(sampler, t_next), state, 2 * i + 1)
+                x0b, _, state = guided(x_euler, _flow_point(sampler, t_next), state, 2 * i + 1, i)
                 u2 = P.velocity_from_x0(x0b, x_euler, t_next)
                 return x + (t_next - t) * 0.5 * (u + u2), state
 
@@ -375,7 +375,7 @@ def make_step(
         k, abar, abar_prev = tables["k"][i], tables["abar"][i], tables["abar_prev"][i]
         a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
         point = _Point(k.astype(jnp.float32) / max(t_max, 1), a, s, k)
-        x0, var, state = guided(x, point, state, i)
+        x0, var, state = guided(x, point, state, i, i)
         eps = P.eps_from_x0(x0, x, a, s)
         if sampler.clip_x0 is not None:  # x0 only: DDIM keeps the unclipped noise estimate
             x0 = jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)

@@ -1,0 +1,265 @@
+"""The guider: a guidance method as data, and what it does at each sampling step.
+
+A ``Guider`` is one strong branch D_s = D(x, c) and terms, each a weak branch and a
+weight (docs/METHOD.md):
+
+    D = D_s + sum_j delta_j,     delta_j = (w_j(t) - 1) * (D_s - D_j)
+
+or a term's combination rule's change (``erg_jax.rules``: APG's projection, CFG-Zero*,
+TCFG, FDG, MAMBO-G, APG-Mix). Per step it names every branch's condition
+(``conditions``, CADS-annealed where enabled) and attention control (``controls``: I-ERG
+energy after the kickoff, PAG identity, SEG blur, SLG skips), then ``combine``s the
+branches' x0 estimates. The constructors live in ``erg_jax.guidance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from erg_jax.control import AttentionControl
+from erg_jax.energy import Energy, known_one
+from erg_jax.rules import APG, apg_project, rule_delta
+from erg_jax.schedules import WeightSchedule
+
+Array = jax.Array
+SLOTS = ("cond", "null", "tempered", "auto")
+
+
+@struct.dataclass
+class CADS:
+    """Condition-annealed sampling (Sadat et al. 2024, eq. 2-3).
+
+    c_hat = sqrt(g(t)) c + s sqrt(1 - g(t)) n, with g = 1 for t <= tau1, 0 for t >= tau2,
+    linear between; then c_hat is moved back to c's mean and std with weight psi.
+    """
+
+    tau1: Any = 0.6
+    tau2: Any = 0.9
+    noise_scale: Any = 0.25
+    psi: Any = 1.0
+
+
+@struct.dataclass
+class Cache:
+    """Weak-branch reuse: inside the noise-level window [t_min, t_max] the weak branches
+    run at the window's first evaluation and every ``every``-th after it; in between the
+    step reuses their last difference to the strong x0 estimate. Outside it, every step."""
+
+    every: Any = 1
+    t_min: Any = 0.0
+    t_max: Any = 1.0
+
+
+@struct.dataclass
+class Term:
+    """One guidance difference and its weak branch (see the module docstring).
+
+    Layers are None (every layer), integer indices (padded with -1 freely), or a boolean
+    mask over the model's layers (sweep layer choices without recompiling).
+    """
+
+    weight: WeightSchedule
+    condition: str = struct.field(pytree_node=False, default="null")
+    model: int = struct.field(pytree_node=False, default=0)
+    energy: Energy | None = None
+    energy_layers: Any = None
+    kappa: Any = 0.0
+    energy_steps: int = struct.field(pytree_node=False, default=1)
+    identity_layers: Any = None
+    blur_sigma: Any = None
+    blur_layers: Any = None
+    skip_layers: Any = None
+    apg: APG | None = None
+    rule: Any = None  # an erg_jax.rules rule (ZeroStar, Tangential, ...) or None
+    uses_identity: bool = struct.field(pytree_node=False, default=False)
+    uses_blur: bool = struct.field(pytree_node=False, default=False)
+    uses_skip: bool = struct.field(pytree_node=False, default=False)
+
+
+@struct.dataclass
+class Guider:
+    """A guidance method: terms sharing one strong branch, CFG rescale phi, CADS."""
+
+    terms: tuple = ()
+    rescale: Any = 0.0
+    cads: CADS | None = None
+    cache: Cache | None = None
+    name: str = struct.field(pytree_node=False, default="none")
+
+    @property
+    def models(self) -> tuple[int, ...]:
+        """The model index of every branch (strong first)."""
+        return (0,) + tuple(term.model for term in self.terms)
+
+    @property
+    def num_branches(self) -> int:
+        return 1 + len(self.terms)
+
+    def init_state(self, x: Array) -> tuple:
+        """Per term: its rule's state, APG's momentum buffer (like x), or None."""
+        return tuple(
+            t.rule.init(x)
+            if t.rule is not None
+            else jnp.zeros_like(x)
+            if t.apg is not None
+            else None
+            for t in self.terms
+        )
+
+    def conditions(self, conds: Mapping[str, Any], t, keys=None, step=0) -> list:
+        """The condition of every branch (strong first), CADS-annealed where enabled."""
+        slots = ["cond"] + [_slot(term.condition, conds) for term in self.terms]
+        for slot in slots:
+            if slot not in conds:
+                raise ValueError(f"{self.name} needs the '{slot}' condition; got {sorted(conds)}")
+        out = [conds[s] for s in slots]
+        if self.cads is not None:
+            if keys is None:
+                raise ValueError("CADS needs per-sample keys")
+            out = [
+                _cads(c, self.cads, t, keys, step) if s in ("cond", "tempered") else c
+                for s, c in zip(slots, out, strict=True)
+            ]
+        return out
+
+    def controls(self, t, num_layers: int) -> list:
+        """The AttentionControl of every branch (strong first), or None where unused."""
+        feats = [t_ for t_ in self.terms if t_.model == 0]
+        use_energy = any(term.energy is not None for term in feats)
+        max_steps = max([term.energy_steps for term in feats if term.energy is not None] + [1])
+        use = dict(
+            energy=use_energy,
+            identity=any(term.uses_identity for term in feats),
+            blur=any(term.uses_blur for term in feats),
+            skip=any(term.uses_skip for term in feats),
+        )
+        if not any(use.values()):
+            return [None] * self.num_branches
+        # alpha = gamma = 1 known now (not traced): the layers skip the update's passes.
+        update = not all(
+            known_one(term.energy.alpha) and known_one(term.energy.gamma)
+            for term in feats
+            if term.energy is not None
+        )
+        neutral = AttentionControl.neutral(
+            num_layers, max_steps=max_steps, energy_update=update, **use
+        )
+        out = [neutral]
+        for term in self.terms:
+            out.append(_term_control(term, neutral, t, num_layers) if term.model == 0 else None)
+        return out
+
+    def combine(
+        self, preds: Sequence[Array], t, state: tuple, *, x=None, a=None, s=None, index=0
+    ) -> tuple[Array, tuple]:
+        """Guided x0 from the branches' x0 estimates (strong first), and the new state.
+
+        x, a, s (x_t = a x0 + s eps) are needed by rules outside the x0 space; index is the
+        sampler's step number (CFG-Zero*'s zero steps, APG-Mix's switch)."""
+        strong = preds[0].astype(jnp.float32)
+        out = strong
+        new_state = []
+        for term, weak, buf in zip(self.terms, preds[1:], state, strict=True):
+            weak = weak.astype(jnp.float32)
+            if term.rule is not None:
+                args = (strong, weak, term.weight(t), buf, index, x, a, s)
+                delta, buf = rule_delta(term.rule, *args)
+                out = out + delta
+            else:
+                diff = strong - weak
+                if term.apg is not None:
+                    diff, buf = apg_project(diff, strong, buf, term.apg)
+                out = out + (term.weight(t) - 1.0) * diff
+            new_state.append(buf)
+        out = _rescale(out, strong, self.rescale)
+        return out.astype(preds[0].dtype), tuple(new_state)
+
+
+def _slot(condition: str, conds: Mapping[str, Any]) -> str:
+    if condition == "auto":  # ERG: the C-ERG condition when the caller made one
+        return "tempered" if "tempered" in conds else "cond"
+    return condition
+
+
+def _mask(layers, num_layers: int) -> Array:
+    if layers is None:
+        return jnp.ones((num_layers,), bool)
+    layers = jnp.asarray(layers)
+    if layers.dtype == jnp.bool_:
+        if layers.shape != (num_layers,):
+            raise ValueError(f"layer mask must have shape ({num_layers},), got {layers.shape}")
+        return layers
+    return jnp.any(jnp.arange(num_layers)[:, None] == layers.reshape(-1)[None, :], axis=1)
+
+
+def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int):
+    ctl = neutral
+    if term.energy is not None:
+        on = _mask(term.energy_layers, num_layers) & (t <= 1.0 - term.kappa)
+
+        def pick(value, one):
+            value = jnp.broadcast_to(jnp.asarray(value, jnp.float32), one.shape)
+            return jnp.where(on, value, one)
+
+        e = neutral.energy
+        energy = Energy(
+            pick(term.energy.tau, e.tau),
+            pick(term.energy.alpha, e.alpha),
+            pick(term.energy.gamma, e.gamma),
+        )
+        steps = None if ctl.steps is None else jnp.where(on, term.energy_steps, 1)
+        ctl = ctl.replace(
+            energy=energy, steps=steps.astype(jnp.int32) if steps is not None else None
+        )
+    if term.uses_identity:
+        ctl = ctl.replace(identity=_mask(term.identity_layers, num_layers).astype(jnp.float32))
+    if term.uses_blur:
+        sigma = jnp.asarray(term.blur_sigma, jnp.float32)
+        ctl = ctl.replace(blur=jnp.where(_mask(term.blur_layers, num_layers), sigma, 0.0))
+    if term.uses_skip:
+        ctl = ctl.replace(skip=_mask(term.skip_layers, num_layers).astype(jnp.float32))
+    return ctl
+
+
+def _per_sample(fn, x):
+    axes = tuple(range(1, x.ndim))
+    return fn(x, axis=axes, keepdims=True)
+
+
+def _rescale(out, strong, phi):
+    """CFG rescale: move the guided prediction's std toward the strong one's by phi."""
+    std_out = jnp.sqrt(_per_sample(jnp.var, out))
+    std_strong = jnp.sqrt(_per_sample(jnp.var, strong))
+    rescaled = out * std_strong / jnp.maximum(std_out, 1e-12)
+    return jnp.where(phi > 0, phi * rescaled + (1.0 - phi) * out, out)
+
+
+def _cads(cond, cads: CADS, t, keys, step):
+    """CADS on every floating leaf of a condition (b, ...), noise from each sample's key."""
+    g = jnp.clip((cads.tau2 - t) / jnp.maximum(cads.tau2 - cads.tau1, 1e-12), 0.0, 1.0)
+    g = jnp.where(t <= cads.tau1, 1.0, jnp.where(t >= cads.tau2, 0.0, g))
+    leaves, treedef = jax.tree_util.tree_flatten(cond)
+    if not any(jnp.issubdtype(jnp.asarray(c).dtype, jnp.floating) for c in leaves):
+        raise ValueError("CADS anneals condition embeddings: pass float conditions, not labels")
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    out = []
+    for i, c in enumerate(leaves):
+        c = jnp.asarray(c)
+        if not jnp.issubdtype(c.dtype, jnp.floating):
+            out.append(c)
+            continue
+        noise = jax.vmap(
+            lambda k, ci, i=i: jax.random.normal(jax.random.fold_in(k, i), ci.shape, ci.dtype)
+        )(step_keys, c)
+        hat = jnp.sqrt(g) * c + cads.noise_scale * jnp.sqrt(1.0 - g) * noise
+        mean_c, std_c = _per_sample(jnp.mean, c), jnp.sqrt(_per_sample(jnp.var, c))
+        mean_h, std_h = _per_sample(jnp.mean, hat), jnp.sqrt(_per_sample(jnp.var, hat))
+        moved = (hat - mean_h) / jnp.maximum(std_h, 1e-12) * std_c + mean_c
+        hat = cads.psi * moved + (1.0 - cads.psi) * hat
+        out.append(jnp.where(g >= 1.0, c, hat).astype(c.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
