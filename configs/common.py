@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
             energy_steps=1,
             layers="",  # "" = all layers, or "3,4,5"
             kappa=0.0,
+            kappa_unit="noise",  # "noise": on while t <= 1 - kappa; "steps": from that share
             tau_c=1.0,
             apg_momentum=0.0,
             apg_norm_threshold=math.inf,

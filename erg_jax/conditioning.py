@@ -138,7 +138,8 @@ class TextConditions:
 
         if not self.prompts:  # unconditional: the (negative or empty) prompt everywhere
             cond = take(self.table["cond"], null_rows)
-            return {"cond": cond, "tempered": cond, "null": cond}
+            # C-ERG still tempers the encoder on that prompt (tau_c = 1: the same encoding)
+            return {"cond": cond, "tempered": take(self.table["tempered"], null_rows), "null": cond}
         rows = self._rows(self.prompts, indices)
         return {
             "cond": take(self.table["cond"], rows),

@@ -83,6 +83,7 @@ def erg(
     energy: Energy | None = Energy(tau=0.5),
     layers=None,
     kappa=0.0,
+    kappa_unit: str = "noise",
     steps: int = 1,
     condition: str = "auto",
     shape="constant",
@@ -94,7 +95,10 @@ def erg(
       scale: w; 1 is no guidance.
       energy: I-ERG's Energy in the selected denoiser layers (None: no I-ERG).
       layers: the I-ERG layers (None = all), indices or a boolean mask.
-      kappa: kickoff; I-ERG is on while t <= 1 - kappa.
+      kappa: kickoff. With ``kappa_unit="noise"`` (the paper's definition) I-ERG is on
+        while the noise level t <= 1 - kappa; with "steps", from the step whose share of
+        the sampler's steps done is >= kappa (kappa = 0.1 of 50 steps: from step 5).
+        A shifted grid (SD3's shift 3) spends more steps at high noise, so the two differ.
       steps: energy updates K in those layers (static).
       condition: the weak branch's condition slot: "tempered" (C-ERG), "cond"
         (class-conditional or I-ERG only), "null", or "auto" (tempered when given).
@@ -104,6 +108,8 @@ def erg(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     check_range(kappa, "kappa", 0.0, 1.0)
+    if kappa_unit not in ("noise", "steps"):
+        raise ValueError(f"kappa_unit must be 'noise' or 'steps', got {kappa_unit!r}")
     if energy is not None:
         check_energy(energy)
     term = Term(
@@ -112,6 +118,7 @@ def erg(
         energy=energy,
         energy_layers=_layers(layers, "layers"),
         kappa=kappa,
+        kappa_unit=kappa_unit,
         energy_steps=steps,
     )
     return Guider((term,), name="erg")

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from erg_jax.control import AttentionControl
@@ -69,6 +70,7 @@ class Term:
     energy: Energy | None = None
     energy_layers: Any = None
     kappa: Any = 0.0
+    kappa_unit: str = struct.field(pytree_node=False, default="noise")
     energy_steps: int = struct.field(pytree_node=False, default=1)
     identity_layers: Any = None
     blur_sigma: Any = None
@@ -127,8 +129,11 @@ class Guider:
             ]
         return out
 
-    def controls(self, t, num_layers: int) -> list:
-        """The AttentionControl of every branch (strong first), or None where unused."""
+    def controls(self, t, num_layers: int, progress=None) -> list:
+        """The AttentionControl of every branch (strong first), or None where unused.
+
+        progress: the share of the sampler's steps done before this evaluation, in
+        [0, 1]; needed by a kickoff counted in steps (``kappa_unit="steps"``)."""
         feats = [t_ for t_ in self.terms if t_.model == 0]
         use_energy = any(term.energy is not None for term in feats)
         max_steps = max([term.energy_steps for term in feats if term.energy is not None] + [1])
@@ -149,9 +154,22 @@ class Guider:
         neutral = AttentionControl.neutral(
             num_layers, max_steps=max_steps, energy_update=update, **use
         )
+        shapes = {
+            energy_shape(term.energy, num_layers) for term in feats if term.energy is not None
+        }
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the terms' energies need one per-layer/per-head layout, got {shapes}"
+            )
+        if shapes and neutral.energy is not None:
+            shape = shapes.pop()  # (layers,) or (layers, heads): every branch alike
+            e = neutral.energy
+            grow = lambda f: jnp.broadcast_to(f.reshape(f.shape + (1,) * (len(shape) - 1)), shape)  # noqa: E731
+            neutral = neutral.replace(energy=Energy(grow(e.tau), grow(e.alpha), grow(e.gamma)))
         out = [neutral]
         for term in self.terms:
-            out.append(_term_control(term, neutral, t, num_layers) if term.model == 0 else None)
+            ctl = _term_control(term, neutral, t, num_layers, progress) if term.model == 0 else None
+            out.append(ctl)
         return out
 
     def combine(
@@ -197,14 +215,64 @@ def _mask(layers, num_layers: int) -> Array:
     return jnp.any(jnp.arange(num_layers)[:, None] == layers.reshape(-1)[None, :], axis=1)
 
 
-def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int):
+def energy_shape(energy: Energy, num_layers: int) -> tuple[int, ...]:
+    """(layers,) or (layers, heads): the control layout an Energy's fields need.
+
+    Each field is a scalar, per layer (num_layers,), per head (heads,) or
+    (num_layers, heads); a 1-D field as long as the model is deep counts per layer.
+    """
+    heads = set()
+    for name in ("tau", "alpha", "gamma"):
+        shape = jnp.shape(getattr(energy, name))
+        if len(shape) == 0 or shape == (num_layers,):
+            continue
+        if len(shape) == 1 or (len(shape) == 2 and shape[0] == num_layers):
+            heads.add(shape[-1])
+            continue
+        raise ValueError(
+            f"energy {name} must be a scalar, per layer ({num_layers},), per head (heads,) "
+            f"or ({num_layers}, heads); got shape {shape}"
+        )
+    if len(heads) > 1:
+        raise ValueError(f"energy fields disagree on the number of heads: {sorted(heads)}")
+    return (num_layers, heads.pop()) if heads else (num_layers,)
+
+
+def check_layers(guider: Guider, num_layers: int) -> None:
+    """Refuses layer indices at or past the model's depth (concrete values only: a
+    guider traced inside a jit is checked where it was built)."""
+    for term in guider.terms:
+        for name in ("energy_layers", "identity_layers", "blur_layers", "skip_layers"):
+            layers = getattr(term, name)
+            if layers is None or isinstance(layers, jax.core.Tracer):
+                continue
+            layers = np.asarray(layers)
+            if layers.dtype != np.bool_ and layers.size and int(layers.max()) >= num_layers:
+                raise ValueError(
+                    f"{guider.name}: layer {int(layers.max())} in {name} is past the model's "
+                    f"depth; it has {num_layers} attention layers (0..{num_layers - 1})"
+                )
+
+
+def _kicked_off(term: Term, t, progress):
+    if term.kappa_unit == "steps":
+        if progress is None:
+            raise ValueError("a kickoff counted in steps needs the sampler's progress")
+        return progress >= term.kappa
+    return t <= 1.0 - term.kappa
+
+
+def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int, progress=None):
     ctl = neutral
     if term.energy is not None:
-        on = _mask(term.energy_layers, num_layers) & (t <= 1.0 - term.kappa)
+        on = _mask(term.energy_layers, num_layers) & _kicked_off(term, t, progress)
+        on = on.reshape(on.shape + (1,) * (neutral.energy.tau.ndim - 1))
 
         def pick(value, one):
-            value = jnp.broadcast_to(jnp.asarray(value, jnp.float32), one.shape)
-            return jnp.where(on, value, one)
+            value = jnp.asarray(value, jnp.float32)
+            if value.shape == (num_layers,):
+                value = value.reshape(value.shape + (1,) * (one.ndim - 1))
+            return jnp.where(on, jnp.broadcast_to(value, one.shape), one)
 
         e = neutral.energy
         energy = Energy(
@@ -212,7 +280,8 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int):
             pick(term.energy.alpha, e.alpha),
             pick(term.energy.gamma, e.gamma),
         )
-        steps = None if ctl.steps is None else jnp.where(on, term.energy_steps, 1)
+        on_layer = on.reshape(num_layers, -1)[:, 0]
+        steps = None if ctl.steps is None else jnp.where(on_layer, term.energy_steps, 1)
         ctl = ctl.replace(
             energy=energy, steps=steps.astype(jnp.int32) if steps is not None else None
         )

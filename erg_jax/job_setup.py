@@ -21,6 +21,7 @@ from erg_jax import output, sharding
 from erg_jax import samplers as S
 from erg_jax.conditioning import ClassConditions, parse_classes
 from erg_jax.energy import IMPLEMENTATIONS, Energy
+from erg_jax.guider import check_layers
 
 # Combination rules: each a base method on CFG's null branch and a modifier of any method.
 RULES = {
@@ -146,6 +147,7 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
                     energy=energy,
                     layers=_layers(g.layers, "guidance.layers"),
                     kappa=g.kappa,
+                    kappa_unit=g.kappa_unit,
                     steps=g.energy_steps,
                     condition=cond,
                     **common,
@@ -270,6 +272,8 @@ def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
     out, smp = config.output, config.sampler
     key = jax.random.key(config.model.init_seed)
     mod, mcfg, params = L.load_model(config.model, mesh, key, sources)
+    for guider in methods.values():  # layer ids past the depth, named before compiling
+        check_layers(guider, int(mcfg["num_layers"]))
     latent = (int(mcfg["sample_size"]),) * 2 + (int(mcfg["in_channels"]),)
     vae_params, decode = L.load_vae(
         config.vae, mesh, jax.random.fold_in(key, 1), latent[-1], sources

@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from erg_jax import predictions as P
-from erg_jax.guidance import Guider
+from erg_jax.guider import Guider, check_layers
 
 Array = jax.Array
 Denoiser = Callable[..., Array]
@@ -205,6 +205,7 @@ def evaluate(
     keys,
     step,
     num_layers: int,
+    progress=None,
 ):
     """x0 estimates of every branch (strong first) and the strong branch's variance
     channels (DiT's learned sigma; None otherwise).
@@ -215,7 +216,7 @@ def evaluate(
     b = x.shape[0]
     native = jnp.broadcast_to(point.native, (b,))
     branch_conds = guider.conditions(conds, point.t, keys, step)
-    controls = guider.controls(point.t, num_layers)
+    controls = guider.controls(point.t, num_layers, progress)
     slots = _slots(guider, conds)
     raw = [None] * guider.num_branches
     for m in sorted(set(guider.models)):
@@ -252,7 +253,9 @@ def _to_x0(raw: list, x, point: _Point, sampler: Sampler):
     return x0s, var
 
 
-def evaluate_cached(dens, x, point, guider, conds, sampler, keys, step, num_layers, cache):
+def evaluate_cached(
+    dens, x, point, guider, conds, sampler, keys, step, num_layers, cache, progress=None
+):
     """``evaluate`` under the guider's weak-branch cache (``guidance.cache``).
 
     cache = (the weak branches' last x0 differences to the strong one, the count of
@@ -267,13 +270,14 @@ def evaluate_cached(dens, x, point, guider, conds, sampler, keys, step, num_laye
     refresh = jnp.logical_not(inside) | (count % every == 0)
 
     def full(diffs):
-        x0s, var = evaluate(dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        args = (dens, x, point, guider, conds, sampler, keys, step, num_layers)
+        x0s, var = evaluate(*args, progress)
         return x0s, var, tuple(x0s[0] - w for w in x0s[1:])
 
     def strong_only(diffs):
         native = jnp.broadcast_to(point.native, (x.shape[0],))
         cond = guider.conditions(conds, point.t, keys, step)[0]
-        raw = dens[0](x, native, cond, guider.controls(point.t, num_layers)[0])
+        raw = dens[0](x, native, cond, guider.controls(point.t, num_layers, progress)[0])
         (x0,), var = _to_x0([raw], x, point, sampler)
         return [x0] + [x0 - d for d in diffs], var, diffs
 
@@ -327,19 +331,22 @@ def make_step(
     """The solver step ``(carry, i) -> (carry, None)``; carry = (x, (guider state,
     weak-branch cache)), from ``initial_carry``."""
     dens = _denoisers(denoiser)
+    check_layers(guider, num_layers)
     if max(guider.models) >= len(dens):
         raise ValueError(
             f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "
             f"(AutoGuidance takes (model, weak_model)), got {len(dens)}"
         )
 
-    def guided(x, point, state, step, index):
+    def guided(x, point, state, step, index, done=None):
+        # done: the steps finished before this evaluation (Heun's corrector: index + 1)
         state, cache = state
+        progress = (index if done is None else done) / sampler.steps
         args = (dens, x, point, guider, conds, sampler, keys, step, num_layers)
         if cache is None:
-            x0s, var = evaluate(*args)
+            x0s, var = evaluate(*args, progress)
         else:
-            x0s, var, cache = evaluate_cached(*args, cache)
+            x0s, var, cache = evaluate_cached(*args, cache, progress)
         x0, state = guider.combine(x0s, point.t, state, x=x, a=point.a, s=point.s, index=index)
         return x0, var, (state, cache)
 
@@ -358,7 +365,9 @@ def make_step(
                 return (x_euler.astype(x.dtype), state), None
 
             def heun(state):
-                x0b, _, state = guided(x_euler, _flow_point(sampler, t_next), state, 2 * i + 1, i)
+                x0b, _, state = guided(
+                    x_euler, _flow_point(sampler, t_next), state, 2 * i + 1, i, i + 1
+                )
                 u2 = P.velocity_from_x0(x0b, x_euler, t_next)
                 return x + (t_next - t) * 0.5 * (u + u2), state
 
