@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
             kappa=0.0,
             kappa_unit="noise",  # "noise": on while t <= 1 - kappa; "steps": from that share
             tau_c=1.0,
+            # ERG's weak condition: "" = the tempered text (C-ERG) or the strong condition
+            # (class-conditional: the paper's reading); "null" = tempered null branch
+            erg_condition="",
             apg_momentum=0.0,
             apg_norm_threshold=math.inf,
             apg_eta=0.0,
@@ -102,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
             fdg_parallel=1.0,  # FDG: weight of each band's component parallel to D_s
             apg_mix_scale=10.0,  # APG-Mix: APG's weight after the CFG steps
             apg_mix_cfg_steps=6,  # APG-Mix: sampler steps of CFG first
+            # PAG / SEG / SLG layers: "" = every layer; each architecture's config sets
+            # the layers their papers use. Their w is the papers' scale + 1.
             pag_layers="",
             seg_sigma=math.inf,
             seg_layers="",

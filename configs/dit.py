@@ -47,6 +47,9 @@ def get_config(arg=None):
     c.guidance.methods = "cfg,erg"
     c.guidance.scale = 1.5  # DiT's FID scale at 256 and 512px (module docstring)
     c.guidance.layers = "10,11,12,13,14,15,16,17"
+    # PAG in block 1 (diffusers' default for its transformer pipelines), SEG and SLG in
+    # the middle block (the mid-block of the U-Nets their papers perturb).
+    c.guidance.pag_layers, c.guidance.seg_layers, c.guidance.slg_layers = "1", "14", "14"
     c.sampler.solver, c.sampler.steps = "", 250  # "": the scheduler's own, else DDPM
     if arg == "xl2_512":
         c.model.preset, c.model.sample_size = "XL/2", 64
@@ -62,6 +65,7 @@ def get_config(arg=None):
         c.vae.random_init = True
         c.vae.preset = "tiny"
         c.guidance.layers = ""
+        c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "1"
         c.guidance.scale = 3.0
         c.sampler.solver, c.sampler.steps = "ddim", 6
         c.sampler.batch_size = 8

@@ -58,12 +58,19 @@ def get_config(arg=None):
     c.guidance.kappa = 0.1
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.text.dtype = "bfloat16"
+    # The baselines' published layers: PAG in block 1 (diffusers' SD3 PAG pipeline), SLG
+    # skipping 7-9 (Stability's SD3.5 recipe, added to CFG as "cfg+slg"; the recipe also
+    # limits it to the first 1-20% of steps, set guidance.interval_* for that), SEG in
+    # the middle block (its paper blurs SD's mid-block attention).
+    c.guidance.pag_layers, c.guidance.slg_layers = "1", "7,8,9"
     if arg == "medium":
         c.model.preset = "sd3.5-medium"
         c.guidance.layers = "8,9,10,11,12"
+        c.guidance.seg_layers = "12"
     elif arg == "large":
         c.model.preset = "sd3.5-large"
         c.guidance.layers = "16,17,18,19,20,21,22,23"
+        c.guidance.seg_layers = "19"
         c.mesh.fsdp = -1
         c.mesh.data = 1
     else:
@@ -83,6 +90,7 @@ def get_config(arg=None):
         c.text.max_length = 16
         c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
         c.guidance.layers = ""
+        c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "1"
         c.sampler.steps = 4
         c.sampler.batch_size = 8
         c.output.num_samples = 8

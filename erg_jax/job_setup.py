@@ -141,6 +141,13 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
         elif p == "erg":
             energy = Energy(g.tau, g.alpha, g.gamma) if g.image_energy else None
             cond = "tempered" if text and g.tau_c != 1.0 else "cond"
+            if g.erg_condition:
+                if g.erg_condition not in ("cond", "null", "tempered"):
+                    raise ValueError(
+                        "guidance.erg_condition must be '', 'cond', 'null' or 'tempered', "
+                        f"got {g.erg_condition!r}"
+                    )
+                cond = g.erg_condition
             bases.append(
                 G.erg(
                     g.scale,
