@@ -20,6 +20,12 @@ and pass --config.model.checkpoint and --config.vae.checkpoint.
 
 Variants: xl2_512 (default), xl2_256, sit_xl2_256, tiny (random weights).
 
+ERG on a class-conditional model has two readings (docs/METHOD.md): by default the weak
+branch keeps the class and only its attention is tempered (the paper's c_tau = c: no
+guidance before the kickoff); ``--config.guidance.erg_condition=null`` tempers the
+null-class branch instead (CFG before the kickoff). On the shipped class model the first
+gives the better FD, the second the higher consistency (docs/RESULTS.md).
+
 ``model.sample_size`` is the latent side the checkpoint must have (64 for 512px, 32 for
 256px; 0 takes the checkpoint's), so a 256px file given to xl2_512 is refused rather than
 sampled at the wrong size. It is the only difference between xl2_512 and xl2_256: the

@@ -200,3 +200,12 @@ def test_cached_methods_and_their_forward_counts():
     assert forwards(G.cache(G.cfg(2.0), every=2, window=(0.0, 0.52)), sampler) == 20 + 10 + 5
     with pytest.raises(ValueError, match="@cacheK"):
         method_guider("cfg@cachex", 2.0, settings)
+
+
+def test_the_two_class_conditional_readings_of_erg():
+    from erg_jax.evaluate import method_guider
+
+    settings = dict(tau=0.5, layers=None, kappa=0.2)
+    ours, null = (method_guider(m, 2.0, settings).terms[0] for m in ("erg", "erg_null"))
+    assert ours.condition == "auto" and null.condition == "null"
+    assert float(null.energy.tau) == float(ours.energy.tau) == 0.5
