@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
             seg_sigma=math.inf,
             seg_layers="",
             slg_layers="",
+            slg_interval="",  # "lo,hi" noise levels of SLG alone; "" = interval_min/max
             # weak branches every cache_every-th step inside the noise levels
             # [cache_t_min, cache_t_max], their difference reused between; 1 = every step
             cache_every=1,

@@ -59,10 +59,11 @@ def get_config(arg=None):
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.text.dtype = "bfloat16"
     # The baselines' published layers: PAG in block 1 (diffusers' SD3 PAG pipeline), SLG
-    # skipping 7-9 (Stability's SD3.5 recipe, added to CFG as "cfg+slg"; the recipe also
-    # limits it to the first 1-20% of steps, set guidance.interval_* for that), SEG in
-    # the middle block (its paper blurs SD's mid-block attention).
+    # skipping 7-9 over 1-20% of the steps (Stability's SD3.5 recipe, added to CFG as
+    # "cfg+slg": at 28 steps and shift 3 those are steps 1-5, noise levels 0.93-0.99),
+    # SEG in the middle block (its paper blurs SD's mid-block attention).
     c.guidance.pag_layers, c.guidance.slg_layers = "1", "7,8,9"
+    c.guidance.slg_interval = "0.92,0.99"
     if arg == "medium":
         c.model.preset = "sd3.5-medium"
         c.guidance.layers = "8,9,10,11,12"

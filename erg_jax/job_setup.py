@@ -99,6 +99,17 @@ def _layers(spec: str, field: str):
         raise ValueError(f"{field} must be '' (all layers) or layer ids like '3,4,5'") from e
 
 
+def _interval(spec: str, default: tuple, field: str) -> tuple:
+    spec = str(spec).strip()
+    if not spec:
+        return default
+    try:
+        lo, hi = (float(v) for v in spec.split(","))
+    except ValueError as e:
+        raise ValueError(f"{field} must be '' or two noise levels 'lo,hi', got {spec!r}") from e
+    return lo, hi
+
+
 def _f32(tree):
     """Python numbers as float32 arrays, so every sweep value has the same type."""
     return jax.tree_util.tree_map(
@@ -178,9 +189,10 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
             base = G.cfg(g.scale, rescale=g.rescale, **common)
             bases.append(RULES[rule](base, **_rule_settings(rule, g)))
         elif p == "slg":
-            bases.append(
-                G.slg(g.scale, layers=_layers(g.slg_layers, "guidance.slg_layers"), **common)
+            slg = dict(
+                common, interval=_interval(g.slg_interval, interval, "guidance.slg_interval")
             )
+            bases.append(G.slg(g.scale, layers=_layers(g.slg_layers, "guidance.slg_layers"), **slg))
     guider = bases[0] if len(bases) == 1 else G.compose(*bases)
     for m in mods:
         if m in RULES:

@@ -120,3 +120,25 @@ def test_unconditional_c_erg_uses_the_tempered_empty_prompt():
     assert np.max(np.abs(np.asarray(cond))) > 0
     same = TextConditions([_FakeEncoder()], [], tau_c=1.0).slots(np.arange(2))
     np.testing.assert_array_equal(same["tempered"]["context"], same["cond"]["context"])
+
+
+def test_sd3_configs_slg_recipe_covers_steps_one_to_five():
+    """Stability's SD3.5 SLG recipe: layers 7-9 over 1-20% of 28 steps (diffusers runs it
+    at steps i with 0.28 < i < 5.6), here as a noise-level window on the shift-3 grid."""
+    from configs import sd3
+
+    from erg_jax import predictions as P
+    from erg_jax.job_setup import make_methods
+
+    config = sd3.get_config("medium")
+    config.guidance.methods = "cfg+slg"
+    guider = make_methods(config, text=True)["cfg+slg"]
+    cfg, slg = guider.terms
+    grid = np.asarray(P.flow_grid(config.sampler.steps, config.sampler.shift))[:-1]
+    on = [i for i, t in enumerate(grid) if float(slg.weight(t)) != 1.0]
+    assert on == [1, 2, 3, 4, 5]
+    assert all(float(cfg.weight(t)) != 1.0 for t in grid)
+    assert list(np.asarray(slg.skip_layers)) == [7, 8, 9]
+    config.guidance.slg_interval = "0.9"
+    with pytest.raises(ValueError, match="guidance.slg_interval"):
+        make_methods(config, text=True)
