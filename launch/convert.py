@@ -10,12 +10,14 @@
         --output=ckpt/dit-xl-2-256-diffusers
     python -m launch.convert --source=diffusers-sd3 --input=sd3.5-medium/transformer \\
         --output=ckpt/sd35m
+    python -m launch.convert --source=diffusers-flux --input=FLUX.1-dev/transformer \\
+        --output=ckpt/flux-dev
     python -m launch.convert --source=diffusers-vae --input=sd-vae-ft-ema --output=ckpt/vae
 
 Sources: dit-pt (original DiT / SiT .pt: the architecture, 256px or 512px included, is
 read off the tensors; --model only names the family, a name starting with "SiT" meaning
 SiT, and any size in it such as XL/2 must be the file's, as must --sample_size),
-diffusers-dit, diffusers-sd3, diffusers-vae. The output directory is what
+diffusers-dit, diffusers-sd3, diffusers-flux, diffusers-vae. The output directory is what
 ``erg_jax.models.load_denoiser`` and ``erg_jax.checkpoint.restore`` read.
 """
 
@@ -25,7 +27,7 @@ import json
 
 from absl import app, flags
 
-SOURCES = ("dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-vae")
+SOURCES = ("dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux", "diffusers-vae")
 
 
 def convert(
@@ -49,8 +51,8 @@ def convert(
         against the file's depth, width and patch.
       sample_size: dit-pt only, optional: the latent side the file must have (32 for
         256px, 64 for 512px); the file's is used either way.
-      scan_blocks: DiT and SD3: store the blocks stacked for ``nn.scan``.
-      param_dtype: DiT, SD3 and the VAE: dtype the params are stored in.
+      scan_blocks: DiT, SD3 and FLUX: store the blocks stacked for ``nn.scan``.
+      param_dtype: DiT, SD3, FLUX and the VAE: dtype the params are stored in.
 
     Returns:
       The config written beside the params.
@@ -75,6 +77,10 @@ def convert(
         from erg_jax.convert.sd3 import convert_diffusers_sd3
 
         params, config = convert_diffusers_sd3(input_path, **layout_kw)
+    elif source == "diffusers-flux":
+        from erg_jax.convert.flux import convert_diffusers_flux
+
+        params, config = convert_diffusers_flux(input_path, **layout_kw)
     elif source == "diffusers-vae":
         from erg_jax.convert.vae import convert_diffusers_vae
 
@@ -98,8 +104,8 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "sample_size", None, "dit-pt, optional: latent side the file must have (32: 256px, 64: 512px)"
 )
-flags.DEFINE_bool("scan_blocks", False, "DiT, SD3: store blocks stacked for nn.scan")
-flags.DEFINE_string("param_dtype", "float32", "DiT, SD3, VAE: dtype of the stored params")
+flags.DEFINE_bool("scan_blocks", False, "DiT, SD3, FLUX: store blocks stacked for nn.scan")
+flags.DEFINE_string("param_dtype", "float32", "DiT, SD3, FLUX, VAE: dtype of the stored params")
 
 
 def main(argv):

@@ -34,6 +34,12 @@ def relayout(params: dict, old: dict, new: dict) -> dict:
         if new.get("scan_blocks"):
             return dit.stack_blocks(params, layers)
         return dit.unstack_blocks(params, layers)
+    if new.get("kind") == "flux":
+        from erg_jax.models import flux
+
+        if new.get("scan_blocks"):
+            return flux.stack_blocks(params, new)
+        return flux.unstack_blocks(params, new)
     from erg_jax.models import mmdit
 
     if new.get("scan_blocks"):
@@ -73,7 +79,13 @@ def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
         from erg_jax.models import mmdit
 
         return mmdit.make_denoiser(config, relayout(params, stored, config))
-    raise ValueError(f"{directory} holds a {kind!r} model, not a denoiser ('dit' or 'mmdit')")
+    if kind == "flux":
+        from erg_jax.models import flux
+
+        return flux.make_denoiser(config, relayout(params, stored, config))
+    raise ValueError(
+        f"{directory} holds a {kind!r} model, not a denoiser ('dit', 'mmdit' or 'flux')"
+    )
 
 
 __all__ = ["RUNTIME_FIELDS", "load_denoiser", "relayout"]
