@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from erg_jax import splash
+from erg_jax import fused, splash
 
 Array = jax.Array
 Implementation = Literal["einsum", "chunked", "fused", "cudnn", "splash"]
@@ -190,10 +190,21 @@ def _heads_first(x: Array) -> Array:
 # (DiT-S/2 attention with its output projection, batch 8: 53 -> 19 ms; 1.5x faster at
 # 4096 tokens). The transposes are cheap next to either product.
 def _logits(q, k, tau, bias, mask, scale, precision=None):
-    """Tempered, masked logits in float32, shape (b, h, n, m)."""
+    """Tempered, masked logits tau * (beta * q.k + B) in float32, shape (b, h, n, m).
+
+    Masked entries are float32's lowest value rather than -inf, so a row with every key
+    masked is uniform over its m keys after the softmax (as on every other path) instead
+    of 0 / 0.
+    """
     b, n, h, d = q.shape
     hk, m = k.shape[2], k.shape[1]
-    qs = _heads_first(q * (tau * scale)[..., None].astype(q.dtype))
+    # tau * beta scales a float32 query, whose rounding is then float32's own, and costs
+    # (n, d) products instead of (n, m). A narrower query would round it to its own
+    # precision, 8 bits in bfloat16: a logit error that grows with tau (head_dim 72, tau
+    # 100: 0.57 off a float64 reference where jax.nn is 0.013; docs/INTERFACES.md), so
+    # there tau * beta scales the float32 product instead.
+    fold = jnp.finfo(q.dtype).bits >= 32
+    qs = _heads_first(q * (tau * scale)[..., None].astype(q.dtype) if fold else q)
     kt = _heads_first(k)
     if hk == h:
         s = jnp.einsum(
@@ -205,8 +216,11 @@ def _logits(q, k, tau, bias, mask, scale, precision=None):
             "bkgnd,bkmd->bkgnm", qg, kt, preferred_element_type=jnp.float32, precision=precision
         )
         s = s.reshape(b, h, n, m)
+    tau = _bhn(tau)
+    if not fold:
+        s = s * (tau * scale)
     if bias is not None:
-        s = s + _bhn(tau) * bias.astype(jnp.float32)
+        s = s + tau * bias.astype(jnp.float32)
     if mask is not None:
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     return s
@@ -257,57 +271,6 @@ def _attend_chunked(q, k, v, tau, bias, mask, scale, precision=None):
     return jnp.moveaxis(out, 0, 1).reshape(b, n, h, d)
 
 
-def _attend_fused(q, k, v, tau, bias, mask, scale, implementation, precision=None, fallback=False):
-    # The temperature goes into the query and the bias, so a fused kernel that only
-    # takes a static scale still computes tau * (beta * q.k + B).
-    qs = q * (tau * scale)[..., None].astype(q.dtype)
-    if bias is not None:
-        bias = (_bhn(tau) * bias.astype(jnp.float32)).astype(q.dtype)
-        bias = jnp.broadcast_to(bias, jnp.broadcast_shapes(bias.shape, (1, 1, 1, 1)))
-    if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-
-    def attend(impl=None):
-        return jax.nn.dot_product_attention(
-            qs, k, v, bias=bias, mask=mask, scale=1.0, implementation=impl
-        )
-
-    if implementation == "cudnn":
-        try:
-            return _with_precision(precision, lambda: attend("cudnn"))
-        except (NotImplementedError, ValueError, RuntimeError):
-            # cuDNN refuses some shapes (or is missing) when traced: a default choice
-            # falls back to XLA's attention; a cuDNN path the caller named raises.
-            if not fallback:
-                raise
-    return _with_precision(precision, attend)
-
-
-def _attend_splash(q, k, v, tau, keep, scale):
-    # tau * beta folded into the query, as for the fused path: one kernel, built once per
-    # shape, then serves every temperature and every step.
-    qs = q * (tau * scale)[..., None].astype(q.dtype)
-    return splash.attend(qs, k, v, keep).astype(jnp.float32)
-
-
-def _with_precision(precision, fn):
-    """fn() in float32, under ``precision`` when one is given; None keeps jax's default,
-    including one the user set globally."""
-    if precision is None:
-        return fn().astype(jnp.float32)
-    with jax.default_matmul_precision(_precision_name(precision)):
-        return fn().astype(jnp.float32)
-
-
-def _precision_name(precision) -> str | None:
-    if precision is None or isinstance(precision, str):
-        return precision
-    if isinstance(precision, jax.lax.Precision):
-        return {"DEFAULT": "default", "HIGH": "high", "HIGHEST": "highest"}[precision.name]
-    return None
-
-
 def _as4d(x: Array | None, name: str) -> Array | None:
     if x is None:
         return None
@@ -340,14 +303,17 @@ def energy_attention(
       steps: number of updates K (static); 1 with Energy() is standard attention.
       bias: additive logit bias broadcastable to (b, h, n, m); it is tempered too.
       mask: boolean, broadcastable to (b, h, n, m); True attends. Masked entries stay
-        masked at any temperature.
+        masked at any temperature; a query with every key masked attends to all m
+        keys uniformly.
       scale: beta; defaults to 1 / sqrt(d). T5 passes 1.
       implementation: "einsum" (plain XLA), "chunked" (einsum over query chunks, bounded
         memory), "fused" (jax.nn.dot_product_attention), "cudnn" (its cuDNN flash
         kernel) or "splash" (the Pallas TPU flash kernel, ``erg_jax.splash``: TPU, or
         CPU in interpret mode for tests; float32 or bfloat16, no bias, a mask only as
         key padding (b, 1, 1, m); else ValueError); None picks the faster for the
-        backend and the sequence length.
+        backend and the sequence length. The last three fold tau into the query
+        (``erg_jax.fused``), which in bfloat16 costs accuracy as tau grows; the einsum
+        paths do not (docs/INTERFACES.md, "Attention kernels").
       precision: matmul precision ("default", "high", "highest" or a lax.Precision);
         None follows jax's default. The splash kernel sets its own.
 
@@ -385,9 +351,9 @@ def energy_attention(
         elif implementation == "chunked":
             retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
         elif implementation == "splash":
-            retrieved = _attend_splash(x, k, v, tau, keep, scale)
+            retrieved = fused.splash_attend(x, k, v, tau, keep, scale)
         else:
-            retrieved = _attend_fused(
+            retrieved = fused.dot_product(
                 x, k, v, tau, bias, mask, scale, implementation, precision, fallback=chosen
             )
         x = retrieved if plain else (1.0 - gamma) * x + gamma * alpha * retrieved
@@ -410,7 +376,10 @@ def attention_weights(
     mask: Array | None = None,
     scale: float | None = None,
 ) -> Array:
-    """Softmax attention weights (b, h, n, m) at the energy's temperature, in float32."""
+    """Softmax attention weights (b, h, n, m) at the energy's temperature, in float32:
+    the distribution ``energy_attention`` reads the values with. Masked keys weigh zero;
+    a query with every key masked weighs all m keys equally, as the einsum, chunked,
+    fused and splash paths do."""
     _check_qkv(q, k, None)
     check_energy(energy)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -431,16 +400,38 @@ def hopfield_energy(
 ) -> Array:
     """The energy E(xi) of every query (docs/METHOD.md), shape (b, n, h), float32.
 
-    Its gradient in q is ``q - alpha * softmax(logits) K`` (keys repeated over query
-    groups), so with v = k one ``energy_attention`` step is ``q - gamma * grad E``.
+    Its gradient in q is ``q - alpha * p K`` with p the ``attention_weights`` (keys
+    repeated over query groups), so with v = k one ``energy_attention`` step is
+    ``q - gamma * grad E`` for every query.
+
+    A query with every key masked: ``energy_attention`` attends to all m keys uniformly
+    there (on every path that takes a mask), so E is the free energy at that uniform p,
+    with l_j = tau * (beta * xi.k_j + B_j) the logits before masking::
+
+        E(xi) = -(alpha / (tau * beta)) * (mean_j l_j + log m) + |xi|^2 / 2.
+
+    That is E's own variational form, log sum_j exp l_j = max_p (sum_j p_j l_j + H(p)),
+    held at the p the update uses (for any other query the max is the softmax, and the
+    two agree), so it is finite and keeps the gradient identity above. The log-sum-exp
+    over no key would be -inf, and E +inf.
     """
     _check_qkv(q, k, None)
     check_energy(energy)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     tau = _per_query(energy.tau, q)
     alpha = _per_query(energy.alpha, q)
-    logits = _logits(q, k, tau, _as4d(bias, "bias"), _as4d(mask, "mask"), scale)
-    lse = jnp.transpose(jax.nn.logsumexp(logits, axis=-1), (0, 2, 1))
+    logits = _logits(q, k, tau, _as4d(bias, "bias"), None, scale)
+    mask = _as4d(mask, "mask")
+    if mask is None:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+    else:
+        mask = jnp.broadcast_to(mask.astype(bool), logits.shape)
+        # float32's lowest, not -inf, for masked keys: the branch a fully masked row
+        # leaves unselected stays finite, and so does its (zero) share of the gradient.
+        kept = jax.nn.logsumexp(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+        uniform = jnp.mean(logits, axis=-1) + math.log(k.shape[1])
+        lse = jnp.where(jnp.any(mask, axis=-1), kept, uniform)
+    lse = jnp.transpose(lse, (0, 2, 1))
     sq = 0.5 * jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1)
     return -(alpha / (tau * scale)) * lse + sq
 
@@ -454,9 +445,12 @@ def attention_entropy(
     mask: Array | None = None,
     scale: float | None = None,
 ) -> Array:
-    """Shannon entropy (nats) of each query's attention distribution, (b, n, h).
+    """Shannon entropy (nats) of each query's attention distribution, (b, n, h), float32.
 
-    Masked keys carry zero weight. A uniform distribution over m keys gives log(m).
+    The distribution is ``attention_weights``, the one ``energy_attention`` reads with:
+    masked keys weigh zero, so a query keeping j keys has entropy at most log(j); a
+    query with every key masked attends to all m keys uniformly (the einsum, chunked,
+    fused and splash paths agree), so its entropy is log(m): finite, like its output.
     """
     p = attention_weights(q, k, energy, bias=bias, mask=mask, scale=scale)
     plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)

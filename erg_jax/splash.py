@@ -3,7 +3,7 @@
 Computes softmax(Q K^T) V per head, blockwise with an online softmax (FlashAttention,
 Dao et al., 2022), through ``jax.experimental.pallas.ops.tpu.splash_attention``, the
 kernel maxdiffusion runs as its TPU "flash" attention. The kernel applies no scale:
-``energy.py`` hands over queries already multiplied by tau * beta, so one kernel, built
+``erg_jax.fused`` hands over queries already multiplied by tau * beta, so one kernel, built
 once per shape, serves every temperature and every step of the update.
 
 Of JAX's two Pallas TPU attention kernels this is the one with an interpret mode, so the
