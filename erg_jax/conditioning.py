@@ -14,6 +14,11 @@ vmapped call (C-ERG, Berrada Ifriqi et al. 2025, sec. 3.2), plus the negative pr
   the two CLIPs' penultimate hidden states are concatenated on features and zero-padded
   to T5's width, then T5's tokens appended on the sequence axis (zeros when the
   pipeline has no T5); pooled = the two CLIPs' projected pooled outputs.
+- "flux": CLIP-L and T5 as FLUX.1 uses them (diffusers' FluxPipeline): context = T5's last
+  hidden state at ``max_sequence_length`` tokens, pooled = CLIP-L's unprojected pooled
+  output at 77 tokens, both encoders run on their padded length without a padding mask.
+  FLUX.1 [dev]'s distilled guidance scale is no part of the condition: it is a constant
+  of the job (``erg_jax.models.flux.with_distilled_guidance``), so CADS never anneals it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import numpy as np
 
 from erg_jax.energy import Energy
 
-LAYOUTS = ("single", "sd3")
+LAYOUTS = ("single", "sd3", "flux")
+ENCODERS = {"single": 1, "sd3": 3, "flux": 2}  # encoders per layout, in this order
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int] | None:
@@ -79,12 +85,12 @@ class TextConditions:
     prompt, by default the empty one).
 
     Args:
-      encoders: TextEncoder objects (``erg_jax.models.text``): one for "single", or
+      encoders: TextEncoder objects (``erg_jax.models.text``): one for "single",
         (clip_l, clip_g, t5) for "sd3", where t5 may be None (SD3 without its T5: the
-        pipeline then feeds zeros of ``t5_shape``).
+        pipeline then feeds zeros of ``t5_shape``), or (clip_l, t5) for "flux".
       prompts: the prompts, cycled over sample indices; empty = unconditional.
       tau_c: C-ERG's temperature in every encoder layer (1 = no C-ERG).
-      layout: "single" or "sd3".
+      layout: "single", "sd3" or "flux".
       negative_prompts: cycled over sample indices as the prompts are; empty = "".
       t5_shape: (tokens, width) of the zero T5 encoding when the sd3 layout has no T5.
     """
@@ -100,7 +106,7 @@ class TextConditions:
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"text.layout must be one of {LAYOUTS}, got {layout!r}")
-        need = 1 if layout == "single" else 3
+        need = ENCODERS[layout]
         if len(encoders) != need:
             raise ValueError(f"text layout {layout!r} needs {need} encoders, got {len(encoders)}")
         if layout == "sd3" and encoders[2] is None and t5_shape is None:
@@ -116,8 +122,8 @@ class TextConditions:
                 outs.append(None)
                 continue
             ids, mask = enc.tokenize(texts)
-            # SD3 was trained on CLIP and T5 run without a padding mask (every token
-            # attends to the padding), so its encoders are called the same way.
+            # SD3 and FLUX.1 were trained on CLIP and T5 run without a padding mask (every
+            # token attends to the padding), so their encoders are called the same way.
             out = enc.encode_branches(ids, mask if layout == "single" else None, energies)
             outs.append((out, np.asarray(mask)))
         both = _combine(outs, layout, t5_shape)
@@ -157,6 +163,12 @@ def _combine(outs, layout: str, t5_shape) -> dict:
         out, mask = outs[0]
         pooled = jax.vmap(lambda o: _pooled(o, mask))(out)
         return {"context": out["hidden_state"], "pooled": pooled}
+    if layout == "flux":
+        (clip, _), (t5, _) = outs
+        # FluxPipeline pools CLIPTextModel, which has no projection: a folder's
+        # CLIPTextModelWithProjection gives its unprojected pooler_output alike.
+        pooled = clip.get("pooler_output", clip["pooled"])
+        return {"context": t5["last_hidden_state"], "pooled": pooled}
     (l_out, _), (g_out, _), t5 = outs
     clip = jnp.concatenate([l_out["hidden_state"], g_out["hidden_state"]], axis=-1)
     if t5 is None:

@@ -64,7 +64,7 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
     """
     mc = config.model
     mod = L._model_module(mc.kind)
-    preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
+    preset = getattr(mod, L.PRESETS[mc.kind])
     size = {"sample_size": int(mc.sample_size)} if mc.sample_size else {}
     stored = None
     if mc.pretrained:
@@ -79,11 +79,12 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
             stored = preset(mc.preset, param_dtype=dtype, **size)
         else:
             from erg_jax.convert import dit as dit_convert
+            from erg_jax.convert import flux as flux_convert
             from erg_jax.convert import sd3 as sd3_convert
 
             source = os.path.join(src.transformer, "config.json")
             raw = pipe.read_json(source, "transformer config")
-            convert = sd3_convert if src.kind == "sd3" else dit_convert
+            convert = {"sd3": sd3_convert, "flux": flux_convert}.get(src.kind, dit_convert)
             stored = convert.config_from_diffusers(raw, param_dtype=dtype)
     elif mc.checkpoint and not mc.random_init:
         stored = checkpoint.read_config(mc.checkpoint)
@@ -93,6 +94,8 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
                 f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}"
             )
     runtime = L._runtime(mc)
+    if stored is not None and mc.kind == "flux":  # rotary positions: any latent side runs
+        stored = dict(stored, **size)
     if stored is not None:
         if size and int(stored["sample_size"]) != size["sample_size"]:
             raise ValueError(
@@ -194,8 +197,11 @@ def _text_encoders(config, mesh, rules, pretrained) -> list[dict] | None:
 
 def text_tokens(config) -> int:
     """Tokens of the denoiser's text context: the sd3 layout's CLIP tokens (text.max_length
-    or CLIP's 77) and T5's max_sequence_length; "single": text.max_length, else 77."""
+    or CLIP's 77) and T5's max_sequence_length; "flux": T5's max_sequence_length alone;
+    "single": text.max_length, else 77."""
     t = config.text
+    if t.layout == "flux":
+        return int(t.max_sequence_length)
     clip = int(t.max_length) or CLIP_TOKENS
     return clip + int(t.max_sequence_length) if t.layout == "sd3" else clip
 
@@ -225,14 +231,17 @@ def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
     return noise, conds, spec(keys.shape, keys.dtype)
 
 
-def job_program(mod, mcfg: dict, sampler: S.Sampler, decode):
-    """The job's program ``(params, vae_params, noise, conds, keys, guider) -> images``."""
+def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
+    """The job's program ``(params, vae_params, noise, conds, keys, guider) -> images``;
+    config: the job config, for FLUX.1 [dev]'s guidance.distilled."""
 
     def embed(den, conds):  # CADS anneals class embeddings, as the job's plan does
         return {k: den.embed_classes(v) for k, v in conds.items()}
 
     plan = types.SimpleNamespace(
-        make_denoiser=lambda p: mod.make_denoiser(mcfg, p),
+        make_denoiser=(
+            L.denoiser_maker(mod, mcfg, config) if config else lambda p: mod.make_denoiser(mcfg, p)
+        ),
         embed_conditions=embed if mcfg["kind"] == "dit" else None,
         sampler=sampler,
         num_layers=int(mcfg["num_layers"]),
@@ -313,7 +322,7 @@ def _checked_config(config) -> tuple:
     memory = float(config.dry_run_memory_gb) * GIB
     if memory <= 0:
         raise ValueError(f"dry_run_memory_gb must be > 0, got {config.dry_run_memory_gb}")
-    methods = make_methods(config, text=mc.kind == "mmdit")
+    methods = make_methods(config, text=mc.kind in L.TEXT_KINDS)
     rules, mesh, unit = checked_layout(config)
     return methods, rules, mesh, unit, memory
 
@@ -335,6 +344,7 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
     methods, rules, mesh, unit, memory = _checked_config(config)
     smp, mc = config.sampler, config.model
     pretrained = pipe.open_pretrained(mc.pretrained) if mc.pretrained else None
+    L.check_distilled(config, L.Sources(pretrained, ""))
     mod, mcfg, source = model_config(config, pretrained)
     sampler = L.make_sampler(smp, mcfg, L.Sources(pretrained, ""))
     abstract = mod.abstract_params(mcfg)
@@ -347,7 +357,7 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
         vae_params = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), vae_abstract
         )
-    encoders = _text_encoders(config, mesh, rules, pretrained) if mc.kind == "mmdit" else None
+    encoders = _text_encoders(config, mesh, rules, pretrained) if mc.kind in L.TEXT_KINDS else None
     method, guider = next(iter(methods.items()))
     p = param_bytes(params)
     vae_bytes = param_bytes(vae_params)["per_device"] if vae_params else 0
@@ -382,7 +392,7 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
     report.update(verdict(report, memory))
     report["largest_batch"] = report["largest_batch_line"]
     if compile:
-        program = job_program(mod, mcfg, sampler, decode)
+        program = job_program(mod, mcfg, sampler, decode, config)
 
         def compile_at(b: int) -> dict:
             args = (params, vae_params, *batch_inputs(config, mcfg, b, mesh, rules))

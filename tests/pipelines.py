@@ -7,6 +7,7 @@ configs and quirks of the published ones (stabilityai/stable-diffusion-3.5-*,
 facebook/DiT-XL-2-256) at tens of thousands of parameters. ``write_dit_pt`` writes the DiT as an
 original facebookresearch/DiT ``.pt`` state dict. ``run_sd3`` / ``run_dit`` run the
 diffusers pipelines from given latents: the torch reference of the parity tests.
+FLUX.1's (``flux_pipelines``) are made from the tokenizers and text encoders here.
 
 Quirks of the published folders kept here, which a reimplementation has to match:
 - SD3 pads both CLIP prompts to tokenizer.model_max_length = 77 with no attention mask;
@@ -167,7 +168,7 @@ def make_t5_tokenizer():
 # ----------------------------------------------------------------------------- models
 
 
-def _clip_model(sizes: dict, vocab_size: int):
+def _clip_model(sizes: dict, vocab_size: int, projection: bool = True):
     import transformers as tf
 
     cfg = tf.CLIPTextConfig(
@@ -179,7 +180,8 @@ def _clip_model(sizes: dict, vocab_size: int):
         pad_token_id=1,
         **sizes,
     )
-    return tf.CLIPTextModelWithProjection(cfg).eval()
+    cls = tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel
+    return cls(cfg).eval()
 
 
 def _t5_model(vocab_size: int):

@@ -3,8 +3,9 @@
 ``open_pretrained(path)`` says what a path holds and where each part sits:
 
 - a diffusers pipeline folder (``model_index.json`` beside ``transformer/``, ``vae/``,
-  ``scheduler/`` and, for Stable Diffusion 3 / 3.5, ``text_encoder*/`` with their
-  ``tokenizer*/``), as ``save_pretrained`` writes it and the Hugging Face hub serves it;
+  ``scheduler/`` and, for Stable Diffusion 3 / 3.5 and FLUX.1, ``text_encoder*/`` with
+  their ``tokenizer*/``), as ``save_pretrained`` writes it and the Hugging Face hub
+  serves it;
 - an original DiT / SiT ``.pt`` file (facebookresearch/DiT, willisma/SiT), whose size is
   read from its tensors.
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 PIPELINES = {
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
     "DiTPipeline": "dit",
 }
 PT_SUFFIXES = (".pt", ".pth")
@@ -35,6 +37,7 @@ PT_SUFFIXES = (".pt", ".pth")
 CONVERTER_VERSION = 1
 SD3_TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 SD3_T5 = ("text_encoder_3", "tokenizer_3")
+FLUX_TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # CLIP-L, T5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +45,8 @@ class Pretrained:
     """What a published checkpoint path holds.
 
     Attributes:
-      kind: "sd3" (StableDiffusion3Pipeline folder), "dit" (DiTPipeline folder) or
-        "dit-pt" (an original DiT / SiT .pt file).
+      kind: "sd3" (StableDiffusion3Pipeline folder), "flux" (FluxPipeline folder), "dit"
+        (DiTPipeline folder) or "dit-pt" (an original DiT / SiT .pt file).
       path: the folder or file.
       transformer: the denoiser's folder (or the .pt file).
       vae: the VAE folder, or None (.pt files carry none).
@@ -126,11 +129,11 @@ def open_pretrained(path: str, field: str = "model.pretrained") -> Pretrained:
         os.path.join(parts["scheduler"], "scheduler_config.json"), "scheduler config"
     )
     text = ()
-    if kind == "sd3":
+    if kind in ("sd3", "flux"):
         pairs = []
-        for enc, tok in SD3_TEXT + (SD3_T5,):
+        for enc, tok in SD3_TEXT + (SD3_T5,) if kind == "sd3" else FLUX_TEXT:
             e, t = _component(path, index, enc, field), _component(path, index, tok, field)
-            optional = enc == SD3_T5[0]
+            optional = kind == "sd3" and enc == SD3_T5[0]
             if e is None and optional:
                 pairs.append(None)
                 continue
@@ -173,6 +176,10 @@ def convert_component(source_kind: str, source: str, settings: dict) -> tuple:
         from erg_jax.convert.sd3 import convert_diffusers_sd3
 
         return convert_diffusers_sd3(source, **settings)
+    if source_kind == "diffusers-flux":
+        from erg_jax.convert.flux import convert_diffusers_flux
+
+        return convert_diffusers_flux(source, **settings)
     if source_kind == "diffusers-vae":
         from erg_jax.convert.vae import convert_diffusers_vae
 
@@ -184,7 +191,8 @@ def converted(source_kind: str, source: str, cache_dir: str, **settings) -> tupl
     """The erg_jax checkpoint of ``source``, converted into ``cache_dir`` on first use.
 
     Args:
-      source_kind: "dit-pt", "diffusers-dit", "diffusers-sd3" or "diffusers-vae".
+      source_kind: "dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux" or
+        "diffusers-vae".
       source: the .pt file or the component folder.
       cache_dir: where conversions are kept (one sub-folder per source and settings).
       **settings: passed to the converter (param_dtype, scan_blocks, family, ...); part

@@ -428,3 +428,41 @@ def make_denoiser(config: dict, params: Any):
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])
     return denoiser
+
+
+def with_distilled_guidance(denoiser: Callable, scale: float) -> Callable:
+    """The denoiser with FLUX.1 [dev]'s distilled guidance scale put into every cond.
+
+    FluxPipeline gives every call of the transformer, the negative prompt's of true CFG
+    too, the same guidance value (``guidance_scale``, (b,)). Filled in here rather than
+    carried in the condition slots, it is one constant for every branch: CADS, which
+    anneals the floating leaves of a condition, cannot reach it.
+
+    Args:
+      denoiser: a ``make_denoiser`` denoiser of a config with guidance_embeds.
+      scale: the guidance value (3.5 is FluxPipeline's default).
+
+    Returns:
+      ``(x, t, cond, attention=None) -> velocity`` with cond {'context', 'pooled'}, its
+      ``branched`` likewise, and the denoiser's config, params and num_layers.
+    """
+    if not denoiser.config.get("guidance_embeds"):
+        raise ValueError("this FLUX.1 has no guidance embedding (as schnell): no distilled scale")
+
+    def fill(x: Array, cond: dict) -> dict:
+        return dict(cond, guidance=jnp.full((x.shape[0],), scale, jnp.float32))
+
+    def guided(x: Array, t: Array, cond: dict, attention: AttentionControl | None = None):
+        return denoiser(x, t, fill(x, cond), attention)
+
+    def branched(x: Array, t: Array, cond: dict, controls: AttentionControl | None) -> Array:
+        return denoiser.branched(x, t, fill(x, cond), controls)
+
+    guided.branched = branched
+    if hasattr(denoiser, "with_attention_map"):  # SAG's capture, where the model has it
+        guided.with_attention_map = lambda x, t, cond, *args, **kw: denoiser.with_attention_map(
+            x, t, fill(x, cond), *args, **kw
+        )
+    guided.config, guided.params = denoiser.config, denoiser.params
+    guided.num_layers = denoiser.num_layers
+    return guided

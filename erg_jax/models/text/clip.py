@@ -128,10 +128,12 @@ def make_config(hf: dict, tensors: dict[str, np.ndarray]) -> ClipTextConfig:
 
 def convert(tensors: dict[str, np.ndarray], c: ClipTextConfig, source: str) -> dict:
     """Flax params of ``ClipText`` from a CLIP state dict (its vision tower is ignored)."""
+    # transformers >= 5 saves a bare CLIPTextModel without the text_model. prefix.
+    prefixed = any(k.startswith("text_model.") for k in tensors)
     text = {
         k.removeprefix("text_model."): v
         for k, v in tensors.items()
-        if k.startswith("text_model.") or k == "text_projection.weight"
+        if not prefixed or k.startswith("text_model.") or k == "text_projection.weight"
     }
     sd = StateDict(text, source)
     sd.skip("embeddings.position_ids")

@@ -1,0 +1,149 @@
+"""FLUX.1 pipeline folders end to end: a FluxPipeline folder in, diffusers' own images out.
+
+Tiny FluxPipeline folders, dev-like (a guidance embedding, the dynamic shift) and
+schnell-like (neither), are made by diffusers' own classes with random weights and saved
+as published folders (tests/flux_pipelines.py); diffusers samples them, and so does our
+job through ``model.pretrained`` with configs/flux.py, from the same starting latents
+(ours, packed as FluxPipeline packs them) and prompts, 3 steps. The comparison covers
+tokenization and truncation, CLIP-L's pooled output and T5's states without masks, the
+pipeline's own sigmas and shift, the distilled guidance value, true CFG against negative
+prompts, the transformer and the VAE's scale and shift.
+"""
+
+import os
+
+import flux_pipelines
+import numpy as np
+import pytest
+
+from configs import flux as flux_config
+from configs import sd3 as sd3_config
+from erg_jax import samplers as S
+from erg_jax.job import generate
+from erg_jax.job_setup import build_plan
+
+torch = pytest.importorskip("torch", reason="the reference pipelines need torch")
+pytest.importorskip("diffusers", reason="the reference pipelines need diffusers")
+
+pytestmark = pytest.mark.parity
+N = 8  # one batch over the 8 fake devices
+LONG = " ".join(["a big red dog sitting on the mat"] * 12)  # > 77 CLIP and > 16 T5 tokens
+PROMPTS = ["a photo of a cat", "a red car", LONG, "the dog"]
+NEGATIVES = ["blue", ""]
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _noise(seed: int, shape: tuple) -> np.ndarray:
+    """Our job's starting latents of samples 0..N-1, NHWC."""
+    return np.asarray(S.initial_noise(S.sample_keys(seed, np.arange(N)), shape))
+
+
+def _nchw(x):
+    return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+
+
+def _flux(folder, variant="dev", **fields):
+    c = flux_config.get_config(variant)
+    c.model.pretrained = str(folder)
+    c.model.sample_size = 8  # the tiny latents; the conversion stores FLUX.1's 128
+    c.model.dtype = c.model.param_dtype = c.text.dtype = ""
+    c.mesh.fsdp, c.mesh.data = 1, -1
+    c.guidance.methods = "none"
+    c.guidance.layers = "2,3"  # the tiny model's single blocks
+    c.sampler.steps, c.sampler.batch_size = 3, N
+    c.output.num_samples = N
+    c.text.prompts = "|".join(PROMPTS)
+    c.text.max_sequence_length = 16
+    for key, value in fields.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def _ours(config, workdir, *methods):
+    plan = build_plan(config, str(workdir))
+    images = [generate(plan, m, np.arange(N)) * 0.5 + 0.5 for m in methods or ("none",)]
+    return plan, images
+
+
+def _reference(guidance_embeds: bool, root):
+    folder = root / "pipeline"
+    pipe = flux_pipelines.make_flux_pipeline(str(folder), guidance_embeds=guidance_embeds)
+    latents = _nchw(_noise(0, (8, 8, 16)))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(N)]
+    out = {"folder": folder, "ref": flux_pipelines.run_flux(pipe, prompts, latents)}
+    out["sigmas"] = pipe.scheduler.sigmas.numpy()  # the grid FluxPipeline just stepped on
+    if guidance_embeds:
+        out["ref_g1"] = flux_pipelines.run_flux(pipe, prompts, latents, guidance_scale=1.0)
+        negatives = [NEGATIVES[i % len(NEGATIVES)] for i in range(N)]
+        out["ref_cfg"] = flux_pipelines.run_flux(
+            pipe, prompts, latents, true_cfg_scale=4.0, negative_prompts=negatives
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    return _reference(True, tmp_path_factory.mktemp("flux-dev"))
+
+
+@pytest.fixture(scope="module")
+def schnell(tmp_path_factory):
+    return _reference(False, tmp_path_factory.mktemp("flux-schnell"))
+
+
+def test_dev_folder_gives_diffusers_images_and_erg_changes_them(dev, tmp_path):
+    plan, (none, erg) = _ours(
+        _flux(dev["folder"], guidance__methods="none,erg"), tmp_path, "none", "erg"
+    )
+    assert rel_err(none, dev["ref"]) < 1e-3
+    # The distilled guidance value matters, so the parity above checks it is 3.5.
+    assert rel_err(dev["ref_g1"], dev["ref"]) > 1e-2
+    # FluxPipeline's own sigmas linspace(1, 1/3, 3), dynamically shifted for 16 tokens.
+    np.testing.assert_array_equal(np.asarray(plan.sampler.grid), dev["sigmas"])
+    assert plan.conversions == {"transformer": "converted", "vae": "converted"}
+    assert np.mean(np.abs(erg - none)) > 1e-3  # I-ERG in blocks 2, 3 and C-ERG at 0.5
+
+
+def test_schnell_folder_gives_diffusers_images(schnell, tmp_path):
+    plan, (ours,) = _ours(_flux(schnell["folder"], "schnell"), tmp_path)
+    assert rel_err(ours, schnell["ref"]) < 1e-3
+    np.testing.assert_array_equal(np.asarray(plan.sampler.grid), schnell["sigmas"])
+    np.testing.assert_allclose(schnell["sigmas"], [1, 2 / 3, 1 / 3, 0], rtol=1e-6)
+
+
+def test_true_cfg_with_negative_prompts_per_sample(dev, tmp_path):
+    c = _flux(dev["folder"], text__negative_prompts="|".join(NEGATIVES))
+    c.guidance.methods, c.guidance.scale = "cfg", 4.0
+    _, (ours,) = _ours(c, tmp_path, "cfg")
+    assert rel_err(ours, dev["ref_cfg"]) < 1e-3
+    assert rel_err(dev["ref_cfg"], dev["ref"]) > 1e-2  # true CFG matters
+
+
+def test_bad_inputs_are_named_before_anything_loads(dev, schnell, tmp_path):
+    cases = {
+        "layout": (_flux(dev["folder"], text__layout="single"), "text.layout must be 'flux'"),
+        "no-scale": (_flux(dev["folder"], guidance__distilled=0.0), "guidance.distilled: this"),
+        "schnell-scale": (
+            _flux(schnell["folder"], "schnell", guidance__distilled=3.5),
+            r"guidance.distilled=3.5: this FLUX.1 has no guidance embedding",
+        ),
+        "sweep": (
+            _flux(dev["folder"], guidance__sweep="distilled=2,3.5"),
+            "guidance.sweep cannot vary guidance.distilled",
+        ),
+    }
+    sd3 = sd3_config.get_config("medium")
+    sd3.model.pretrained = str(dev["folder"])
+    cases["kind"] = (sd3, r"model.kind is 'mmdit'.*configs/flux.py")
+    not_flux = sd3_config.get_config("tiny")
+    not_flux.guidance.distilled = 3.5
+    cases["other-kind"] = (not_flux, "model.kind 'mmdit' has none")
+    for name, (config, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            build_plan(config, str(tmp_path / name))
+        assert not os.path.exists(tmp_path / name / "converted"), name
