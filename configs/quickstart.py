@@ -4,8 +4,9 @@
     python -m launch.demo --config=configs/quickstart.py --workdir=out/demo \
         --config.guidance.scale=5 --config.guidance.tau=0.3
 
-Writes out/demo/grid.png (one row per method, the same noise in every row) and
-out/demo/metrics.json (consistency read by the shipped attribute classifier).
+Writes out/demo/grid.png (a labelled row per method, a column per prompt, the same noise
+in every row), out/demo/metrics.json and metrics.md (consistency read by the shipped
+attribute classifier, with its standard error) and out/demo/index.html (all of it).
 """
 
 import ml_collections
@@ -22,10 +23,11 @@ def get_config(arg=None):
         "a medium green triangle on the right|a small yellow cross at the bottom|"
         "a large purple ring in the lower left|a medium orange diamond at the top"
     )
-    c.samples_per_prompt = 4
+    c.samples_per_prompt = 16  # 96 samples per method: consistency +- about 0.05
+    c.grid_per_prompt = 2  # of which the grid shows the first two of each prompt
     c.steps = 20
     c.methods = "none,cfg,erg,erg+apg"
     c.guidance = ml_collections.ConfigDict(dict(scale=2.0, tau=0.8, tau_c=0.5, kappa=0.0))
     if arg == "runlocal":
-        c.samples_per_prompt, c.steps = 1, 4
+        c.samples_per_prompt, c.grid_per_prompt, c.steps = 1, 1, 4
     return c

@@ -93,11 +93,13 @@ def write_grid(path: str, rows: list) -> None:
 def run_quickstart(config, workdir: str) -> dict:
     """CFG against ERG on the shipped text-to-image model, from the same noise.
 
-    Writes workdir/grid.png (a row per method, a column per prompt and seed) and
-    workdir/metrics.json (per method: consistency read by the shipped classifier,
-    seconds, function evaluations).
+    Writes workdir/grid.png (a labelled row per method; columns: the first
+    ``grid_per_prompt`` samples of each prompt, labelled with it), workdir/metrics.json
+    and metrics.md (per method: consistency read by the shipped classifier with its
+    standard error, shape and colour accuracy, seconds, function evaluations) and
+    workdir/index.html (the grid, the table, the settings).
     """
-    from erg_jax import data, metrics
+    from erg_jax import data, metrics, report
     from erg_jax.evaluate import load_demo, method_guider
     from erg_jax.models.classifier import load_classifier
 
@@ -120,8 +122,14 @@ def run_quickstart(config, workdir: str) -> dict:
         apg_eta=0.0,
         apg_norm_threshold=math.inf,
     )
+    # grid columns: sample i of prompt p sits at index p + i * len(prompts)
+    shown = [
+        p + i * len(prompts) for p in range(len(prompts)) for i in range(config.grid_per_prompt)
+    ]
+    shown = [i for i in shown if i < n]
     results, rows = {}, []
-    for name in [m.strip() for m in config.methods.split(",") if m.strip()]:
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    for name in methods:
         guider = method_guider(name, g.scale, settings)
         conds = model.conditions(cond_set)
         run = jax.jit(
@@ -136,9 +144,66 @@ def run_quickstart(config, workdir: str) -> dict:
         scores = metrics.consistency_scores(
             read["shape"], read["colour"], [a[0] for a in attrs], [a[1] for a in attrs]
         )
+        p = scores["consistency"]
+        scores["consistency_se"] = math.sqrt(p * (1.0 - p) / n)
         results[name] = dict(scores, seconds=seconds, nfe=guider.num_branches * config.steps)
-        rows.append(x)
-    write_grid(os.path.join(workdir, "grid.png"), rows)
+        rows.append(x[shown])
+    labels = [f"{m} (w={g.scale:g})" if m != "none" else "none" for m in methods]
+    grid = report.labelled_grid(rows, labels, [captions[i] for i in shown], scale=3)
+    report.write_png(os.path.join(workdir, "grid.png"), grid)
+    table = _table(results, n)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump({"methods": results, "prompts": prompts, "config": config.to_dict()}, f, indent=2)
+    output.atomic_write_bytes(os.path.join(workdir, "metrics.md"), table.encode())
+    columns = ["method", "consistency", "+-", "shape", "colour", "seconds", "nfe"]
+    report.write_html(
+        os.path.join(workdir, "index.html"),
+        title="erg-jax demo: guidance on the shipped text-to-image model",
+        grid="grid.png",
+        grid_caption=(
+            f"rows: methods; columns: prompts ({config.steps} Euler steps, "
+            "the same noise down each column)"
+        ),
+        columns=columns,
+        rows=[dict(zip(columns, r, strict=True)) for r in _rows(results)],
+        settings={
+            "guidance": g.to_dict(),
+            "steps": config.steps,
+            "seed": config.seed,
+            "samples_per_prompt": config.samples_per_prompt,
+            "prompts": prompts,
+        },
+        notes=[
+            f"Consistency: the share of the {n} samples per method whose shape and colour "
+            "the shipped classifier reads as the prompt's; +- is its standard error."
+        ],
+        column_labels=[captions[i] for i in shown],
+    )
+    print(table)
     return results
+
+
+def _rows(results: dict) -> list[tuple]:
+    return [
+        (
+            m,
+            r["consistency"],
+            r["consistency_se"],
+            r["shape_accuracy"],
+            r["colour_accuracy"],
+            r["seconds"],
+            r["nfe"],
+        )
+        for m, r in results.items()
+    ]
+
+
+def _table(results: dict, n: int) -> str:
+    """The per-method figures as a Markdown table."""
+    lines = [
+        f"| method | consistency (n={n}) | +- | shape | colour | seconds | nfe |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, c, se, s, col, sec, nfe in _rows(results):
+        lines.append(f"| {m} | {c:.3f} | {se:.3f} | {s:.3f} | {col:.3f} | {sec:.1f} | {nfe} |")
+    return "\n".join(lines) + "\n"

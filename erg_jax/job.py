@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax import compile_cache, output, sharding
+from erg_jax import compile_cache, output, report, sharding
 from erg_jax import samplers as S
 from erg_jax.job_setup import Plan, build_plan
 
@@ -152,6 +152,8 @@ def run_sampling(config, workdir: str) -> dict:
             }
     if jax.process_index() == 0:
         output.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+        if not summary["stopped_by_signal"]:
+            report.job_report(workdir)  # index.html: the labelled grid, the table, settings
     return summary
 
 
@@ -242,10 +244,33 @@ def _run(config, workdir: str, t_start: float) -> dict:
     summary["seconds"] = time.perf_counter() - t_start
     if main:
         _manifest(workdir, cfg, plan)
+        for method in plan.methods:
+            _metadata(workdir, method, plan)
         if not stopped:
             for method in plan.methods:
                 _grid(workdir, method, plan)
     return summary
+
+
+def _metadata(workdir: str, method: str, plan: Plan) -> None:
+    """samples.jsonl: per written image its index, condition, seed and settings."""
+    cfg = plan.config_dict
+    model = {k: cfg["model"].get(k) for k in ("kind", "preset", "pretrained", "checkpoint")}
+    lines = [
+        {
+            "index": i,
+            "method": method,
+            "file": os.path.basename(output.sample_path(workdir, method, i)),
+            "condition": plan.conditions.describe(i),
+            "seed": plan.seed,
+            "noise": f"fold_in(key({plan.seed}), {i})",
+            "guidance": cfg["guidance"],
+            "sampler": cfg["sampler"],
+            "model": model,
+        }
+        for i in sorted(output.done_indices(workdir, method))
+    ]
+    output.write_metadata(workdir, method, lines)
 
 
 def _batch_spec(plan: Plan):

@@ -134,6 +134,28 @@ def done_indices(workdir: str, method: str) -> set[int]:
     return out
 
 
+def metadata_path(workdir: str, method: str) -> str:
+    return os.path.join(workdir, method, "samples.jsonl")
+
+
+def write_metadata(workdir: str, method: str, lines: list[dict]) -> None:
+    """One JSON line per written image of a method, rewritten whole (atomically), so a
+    restarted job's file matches its PNGs."""
+    path = metadata_path(workdir, method)
+    if not lines and not os.path.exists(path):
+        return  # a method not started yet has no folder
+    text = "".join(json.dumps(line, sort_keys=True, default=str) + "\n" for line in lines)
+    atomic_write_bytes(path, text.encode())
+
+
+def read_metadata(workdir: str, method: str) -> list[dict]:
+    path = metadata_path(workdir, method)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_png(path: str) -> np.ndarray:
     from PIL import Image
 

@@ -3,7 +3,8 @@
     python -m launch.demo --config=configs/quickstart.py --workdir=out/demo   # shipped model
     python -m launch.demo --config=configs/toy.py --workdir=out/toy           # exact toy
 
-Writes DIR/grid.png (one row of samples per method) and DIR/metrics.json.
+Writes DIR/grid.png (a labelled row of samples per method), DIR/metrics.json and, for the
+shipped model, DIR/metrics.md and DIR/index.html.
 """
 
 import json
@@ -23,10 +24,10 @@ def main(argv):
     del argv
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if FLAGS.config.get("kind") == "quickstart":
-        metrics = run_quickstart(FLAGS.config, FLAGS.workdir)
+        run_quickstart(FLAGS.config, FLAGS.workdir)  # prints its table
+        print(f"wrote {os.path.join(FLAGS.workdir, 'index.html')}")
     else:
-        metrics = run_toy(FLAGS.config, FLAGS.workdir)
-    print(json.dumps(metrics, indent=2))
+        print(json.dumps(run_toy(FLAGS.config, FLAGS.workdir), indent=2))
 
 
 if __name__ == "__main__":

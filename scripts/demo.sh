@@ -2,5 +2,5 @@
 # Sets up .venv if needed, then runs the main job on its built-in default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 .venv/bin/python -m launch.demo --config=configs/quickstart.py --workdir="${WORKDIR:-out/demo}" "$@"

