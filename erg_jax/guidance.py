@@ -12,6 +12,8 @@ a model (0, or 1 for AutoGuidance's weaker parameters) and attention perturbatio
 - CFG: the null condition.        - ERG: the tempered condition and/or I-ERG energy
 - PAG: identity attention.           in chosen layers after the kickoff kappa.
 - SEG: query blur (sigma).        - SLG: skipped layers.   - AutoGuidance: model 1.
+- SAG: the strong branch's x0 blurred where one layer's attention is high, noised back
+  (a degraded input, built from the strong output: two forwards one after the other).
 
 Rules change how a term combines: APG's projection (Sadat et al. 2025), CFG-Zero*, TCFG,
 FDG, MAMBO-G and APG-Mix; each is a base method on the null condition ("tcfg") and a
@@ -31,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from erg_jax import rules as R
 from erg_jax.energy import Energy, check_energy, check_positive
@@ -157,6 +160,34 @@ def slg(scale=3.0, *, layers=(0,), shape="constant", interval=(0.0, 1.0)) -> Gui
         uses_skip=True,
     )
     return Guider((term,), name="slg")
+
+
+def sag(scale=1.75, *, layer=None, sigma=1.0, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Self-attention guidance (Hong et al. 2023) as a guider of its own: the weak branch
+    is D(x_t', c), x_t' = x_t with the strong x0 estimate blurred where the strong
+    branch's attention in ``layer`` is above average (``erg_jax.sag``).
+
+    Args:
+      scale: w = the reference's sag_scale + 1 (its default 0.75: w = 1.75).
+      layer: the block whose attention map is taken: None (the middle block), an index,
+        or one-hot weights over the blocks (traced: a sweep over layers compiles once).
+      sigma: the blur's width in latent pixels (kernel 9, as the reference).
+    """
+    check_positive(sigma, "sag sigma")
+    if layer is not None and not isinstance(layer, jax.core.Tracer):
+        value = np.asarray(layer)
+        index = value.ndim == 0 and value.dtype != np.bool_
+        if value.ndim == 0 and not (index and value >= 0 and value % 1 == 0):
+            raise ValueError(f"sag layer must be a layer index >= 0 or None, got {layer!r}")
+        layer = jnp.asarray(layer, jnp.int32 if index else jnp.float32)
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        sag_layer=layer,
+        sag_sigma=sigma,
+        uses_sag=True,
+    )
+    return Guider((term,), name="sag")
 
 
 def autoguidance(scale=2.0, *, shape="constant", interval=(0.0, 1.0)) -> Guider:
@@ -301,6 +332,11 @@ def cache(guider: Guider, *, every=2, window=(0.0, 1.0)) -> Guider:
     ``every`` and the window are traced, so a sweep over them compiles once. The sampler
     carries the cached differences (``samplers.sample``).
     """
+    if any(t.uses_sag for t in guider.terms):
+        raise ValueError(
+            f"{guider.name}: sag cannot use the weak-branch cache: its weak input is built "
+            "from the current step's strong output"
+        )
     check_range(every, "cache every", 1.0, math.inf)
     if not isinstance(every, jax.core.Tracer) and float(every) % 1:
         raise ValueError(f"cache every must be a whole number >= 1, got {every!r}")
@@ -328,6 +364,7 @@ BUILDERS = {
     "pag": pag,
     "seg": seg,
     "slg": slg,
+    "sag": sag,
     "autoguidance": autoguidance,
     "cfg_zero_star": cfg_zero_star,
     "tcfg": tcfg,

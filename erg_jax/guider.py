@@ -9,7 +9,9 @@ or a term's combination rule's change (``erg_jax.rules``: APG's projection, CFG-
 TCFG, FDG, MAMBO-G, APG-Mix). Per step it names every branch's condition
 (``conditions``, CADS-annealed where enabled) and attention control (``controls``: I-ERG
 energy after the kickoff, PAG identity, SEG blur, SLG skips), then ``combine``s the
-branches' x0 estimates. The constructors live in ``erg_jax.guidance``.
+branches' x0 estimates. SAG's weak branch changes the input instead, from the strong
+branch's output; the sampler builds it (``erg_jax.sag``). The constructors live in
+``erg_jax.guidance``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class Term:
     """One guidance difference and its weak branch (see the module docstring).
 
     Layers are None (every layer), integer indices (padded with -1 freely), or a boolean
-    mask over the model's layers (sweep layer choices without recompiling).
+    mask over the model's layers (sweep layer choices without recompiling). SAG's weak
+    branch is the network on a degraded input (``erg_jax.sag``): ``sag_layer`` is the
+    block whose attention map picks the blurred region (None: the middle block; an
+    index or one-hot weights, traced), ``sag_sigma`` the blur's width.
     """
 
     weight: WeightSchedule
@@ -81,6 +86,9 @@ class Term:
     uses_identity: bool = struct.field(pytree_node=False, default=False)
     uses_blur: bool = struct.field(pytree_node=False, default=False)
     uses_skip: bool = struct.field(pytree_node=False, default=False)
+    sag_layer: Any = None
+    sag_sigma: Any = 1.0
+    uses_sag: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -251,6 +259,19 @@ def check_layers(guider: Guider, num_layers: int) -> None:
                 raise ValueError(
                     f"{guider.name}: layer {int(layers.max())} in {name} is past the model's "
                     f"depth; it has {num_layers} attention layers (0..{num_layers - 1})"
+                )
+        layer = term.sag_layer
+        if term.uses_sag and layer is not None and not isinstance(layer, jax.core.Tracer):
+            layer = np.asarray(layer)
+            if layer.ndim == 0 and not 0 <= int(layer) < num_layers:
+                raise ValueError(
+                    f"{guider.name}: sag layer {int(layer)} is past the model's depth; it "
+                    f"has {num_layers} attention layers (0..{num_layers - 1})"
+                )
+            if layer.ndim and layer.shape != (num_layers,):
+                raise ValueError(
+                    f"{guider.name}: sag layer weights must have shape ({num_layers},), "
+                    f"got {layer.shape}"
                 )
 
 

@@ -33,7 +33,7 @@ RULES = {
 }
 RULE_BASES = {"cfg_zero_star": "zero_star", "tcfg": "tcfg", "mambo": "mambo", "fdg": "fdg"}
 RULE_BASES["apg_mix"] = "apg_mix"
-BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg", *RULE_BASES)
+BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg", "sag", *RULE_BASES)
 MODIFIERS = ("apg", "cads", *RULES)
 
 
@@ -108,6 +108,22 @@ def _interval(spec: str, default: tuple, field: str) -> tuple:
     except ValueError as e:
         raise ValueError(f"{field} must be '' or two noise levels 'lo,hi', got {spec!r}") from e
     return lo, hi
+
+
+def _sag_layer(spec: str):
+    """guidance.sag_layer: "" is the model's middle block (None), else one block index."""
+    spec = str(spec).strip()
+    if not spec:
+        return None
+    try:
+        layer = int(spec)
+    except ValueError as e:
+        raise ValueError(
+            f"guidance.sag_layer must be '' (the middle block) or one index, got {spec!r}"
+        ) from e
+    if layer < 0:
+        raise ValueError(f"guidance.sag_layer must be a block index >= 0, got {layer}")
+    return layer
 
 
 def _f32(tree):
@@ -188,6 +204,8 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
             rule = RULE_BASES[p]
             base = G.cfg(g.scale, rescale=g.rescale, **common)
             bases.append(RULES[rule](base, **_rule_settings(rule, g)))
+        elif p == "sag":
+            bases.append(G.sag(g.scale, layer=_sag_layer(g.sag_layer), **common))
         elif p == "slg":
             slg = dict(
                 common, interval=_interval(g.slg_interval, interval, "guidance.slg_interval")
@@ -272,7 +290,7 @@ def build_plan(config, workdir: str) -> Plan:
         raise ValueError(f"output.num_samples must be >= 1, got {out.num_samples}")
     if smp.batch_size < 1:
         raise ValueError(f"sampler.batch_size must be >= 1, got {smp.batch_size}")
-    text = config.model.kind == "mmdit"
+    text = config.model.kind in L.TEXT_KINDS
     methods = make_methods(config, text=text)
     sources = L.resolve_sources(config, workdir)
     L.check_scheduler(smp, sources)
@@ -319,7 +337,7 @@ def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
         latent_shape=latent,
         params=params,
         vae_params=vae_params,
-        make_denoiser=lambda p: mod.make_denoiser(mcfg, p),
+        make_denoiser=L.denoiser_maker(mod, mcfg, config),
         decode=decode,
         sampler=L.make_sampler(smp, mcfg, sources),
         methods=methods,

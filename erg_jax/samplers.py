@@ -7,7 +7,8 @@ posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15). A
 ``grid`` replaces our even grids with a reference scheduler's (``erg_jax.grids``).
 
 One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
-to an x0 estimate -> ``guider.combine`` -> the solver's update. Randomness comes only
+to an x0 estimate -> ``guider.combine`` -> the solver's update (SAG: a second forward on
+an input built from the first, ``erg_jax.sag``). Randomness comes only
 from the per-sample keys (DDPM noise: fold_in(key_i, step)), so a sample does not depend
 on the batch it is in.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from erg_jax import predictions as P
+from erg_jax import sag as SAG
 from erg_jax.guider import Guider, check_layers
 
 Array = jax.Array
@@ -212,15 +214,25 @@ def evaluate(
 
     Branches of one model run together (``map_branches``); when they also share their
     condition and the denoiser offers ``branched(x, t, cond, controls)`` (DiT, MMDiT), it
-    runs everything before the first perturbed layer once (``models.shared_prefix``)."""
+    runs everything before the first perturbed layer once (``models.shared_prefix``).
+    A SAG term's weak branch needs the strong output: the strong branch runs first, alone,
+    with its attention map, then the rest, then SAG's weak branch on x_t' (``sag``)."""
     b = x.shape[0]
     native = jnp.broadcast_to(point.native, (b,))
     branch_conds = guider.conditions(conds, point.t, keys, step)
     controls = guider.controls(point.t, num_layers, progress)
     slots = _slots(guider, conds)
     raw = [None] * guider.num_branches
+    sag = [(i, t) for i, t in enumerate(guider.terms, 1) if t.uses_sag]
+    if sag:
+        args = (native, branch_conds[0], controls[0], sag[0][1].sag_layer, num_layers)
+        raw[0], received = SAG.strong_with_map(denoisers[0], x, *args)
+    later = {i for i, _ in sag}  # SAG's weak branches: run last
     for m in sorted(set(guider.models)):
-        idx = [i for i, mi in enumerate(guider.models) if mi == m]
+        idx = [i for i, mi in enumerate(guider.models) if mi == m and i not in later]
+        idx = [i for i in idx if raw[i] is None]
+        if not idx:
+            continue
         den = denoisers[m]
         if len(idx) == 1:
             raw[idx[0]] = den(x, native, branch_conds[idx[0]], controls[idx[0]])
@@ -238,6 +250,11 @@ def evaluate(
             out = map_branches(lambda c, a, den=den: den(x, native, c, a), cs, ctl)
         for j, i in enumerate(idx):
             raw[i] = out[j]
+    for i, term in sag:
+        (x0,), _ = _to_x0(raw[:1], x, point, sampler)
+        x_weak = SAG.weak_input(x, x0, received, point.a, term.sag_sigma)
+        # read at x_t, not x_t': the guided x0 is the reference's sum of raw outputs
+        raw[i] = denoisers[term.model](x_weak, native, branch_conds[i], controls[i])
     return _to_x0(raw, x, point, sampler)
 
 
@@ -332,6 +349,7 @@ def make_step(
     weak-branch cache)), from ``initial_carry``."""
     dens = _denoisers(denoiser)
     check_layers(guider, num_layers)
+    SAG.check_sag(guider, dens)
     if max(guider.models) >= len(dens):
         raise ValueError(
             f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "

@@ -276,6 +276,7 @@ def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
         text__prompts="a cat|a dog",
         text__max_sequence_length=16,
         mesh__fsdp=2,
+        guidance__layers="",  # the tiny model has 2 blocks; medium's 8-12 are refused
     )
     report = D.dry_run(config, str(tmp_path / "dry"), compile=False)
     assert os.listdir(tmp_path / "dry") == ["dry_run.json"]  # nothing converted

@@ -126,7 +126,6 @@ def test_sd3_configs_slg_recipe_covers_steps_one_to_five():
     """Stability's SD3.5 SLG recipe: layers 7-9 over 1-20% of 28 steps (diffusers runs it
     at steps i with 0.28 < i < 5.6), here as a noise-level window on the shift-3 grid."""
     from configs import sd3
-
     from erg_jax import predictions as P
     from erg_jax.job_setup import make_methods
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from erg_jax.control import attend, maybe_blur, skip_block
+from erg_jax.control import attend, maybe_blur, received_attention, skip_block
 
 
 def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, seed=0):
@@ -11,7 +11,10 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
 
     cond: (b, width) float embedding (the null condition is zeros). Every layer routes its
     attention through erg_jax.control, like the real models. Also returns a function that
-    gives every layer's input, to check what a perturbation reaches.
+    gives every layer's input, to check what a perturbation reaches. The denoiser's
+    ``with_attention_map`` also returns the received-attention map (SAG) of the layers
+    the control's ``capture`` weights, on the (size, size) token grid (one pixel a token);
+    ``denoiser.layers`` holds every layer's (wq, wk, wv, wo).
     """
     ks = iter(jax.random.split(jax.random.key(seed), 4 + 4 * num_layers))
     w_in = jax.random.normal(next(ks), (channels, width)) / channels**0.5
@@ -26,7 +29,7 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
         b = x.shape[0]
         h = x.reshape(b, size * size, channels) @ w_in
         h = h + cond[:, None, :] + jnp.sin(t)[:, None, None]
-        inputs = []
+        inputs, received = [], jnp.zeros((b, size * size))
         for i, (wq, wk, wv, wo) in enumerate(layers):
             inputs.append(h)
             c = None if attention is None else attention.layer(i)
@@ -34,12 +37,20 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
             k = (h @ wk).reshape(b, -1, heads, hd)
             v = (h @ wv).reshape(b, -1, heads, hd)
             q = maybe_blur(q, (size, size), c)
+            if c is not None and c.capture is not None:
+                received = received + c.capture * received_attention(q, k)
             a = attend(q, k, v, c).reshape(b, -1, width)
             h = skip_block(h, h + jnp.tanh(a @ wo), c)
-        return (h @ w_out).reshape(x.shape), inputs
+        return (h @ w_out).reshape(x.shape), inputs, received.reshape(b, size, size)
 
     def denoiser(x, t, cond, attention=None):
         return run(x, t, cond, attention)[0]
 
+    def with_attention_map(x, t, cond, attention):
+        out, _, received = run(x, t, cond, attention)
+        return out, received
+
     denoiser.num_layers = num_layers
+    denoiser.layers = layers
+    denoiser.with_attention_map = with_attention_map
     return denoiser, lambda *a: run(*a)[1]

@@ -17,7 +17,8 @@ velocity comes out of a final adaLN + linear, unpatchified to NHWC.
 Every attention runs through ``erg_jax.control``: the block's control blurs the image
 tokens' queries (SEG; text queries are never blurred), drives ``attend`` (energy / PAG) in
 the joint attention and, with the same control, in attn2, and can skip the whole block for
-both streams (SLG).
+both streams (SLG). Asked to (``capture``, SAG), the joint attention also reports the
+attention its image tokens receive from the image queries.
 
 Blocks are a Python loop, or with ``scan_blocks`` one ``nn.scan`` per run of blocks
 with the same parameters (``segments``: in SD3.5-medium the dual-attention blocks 0..12,
@@ -42,7 +43,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+from erg_jax.control import (
+    AttentionControl,
+    attend,
+    capture_received,
+    captured_map,
+    maybe_blur,
+    skip_block,
+)
 from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     PRESETS,
     QK_NORMS,
@@ -173,6 +181,8 @@ class Attention(nn.Module):
         if self.joint:
             cq, ck, cv = self._qkv(c, added=True)
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
+            # SAG's map: the image-query / image-key block of the joint attention
+            capture_received(self, q, k, control, slice(0, n))
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
         img = _dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
@@ -260,7 +270,7 @@ class MMDiT(nn.Module):
             if _scanned(seg, s.scan):
                 run = nn.scan(
                     block,
-                    variable_axes={"params": 0},
+                    variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True},
                     in_axes=(nn.broadcast, 0),
                     length=seg.stop - seg.start,
@@ -440,7 +450,20 @@ def make_denoiser(config: dict, params: Any):
         out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], blocks=blocks)
         return out.astype(jnp.float32)
 
+    def with_attention_map(x: Array, t: Array, cond: dict, attention: AttentionControl):
+        """The velocity and the received-attention map of the blocks ``attention.capture``
+        weights (``erg_jax.sag``), (b, H/p, W/p) on the token grid."""
+        if attention.capture is None:
+            raise ValueError("with_attention_map needs a control whose capture is set")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        args = (x, t, cond["context"], cond["pooled"], attention)
+        out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
+        p = module.s.patch_size
+        grid = (x.shape[0], x.shape[1] // p, x.shape[2] // p)
+        return out.astype(jnp.float32), captured_map(state, x.shape[0]).reshape(grid)
+
     denoiser.branched = branched
+    denoiser.with_attention_map = with_attention_map
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])
