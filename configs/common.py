@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
             # SAG: the block whose self-attention map picks the blurred region; "" = the
             # model's middle block (the reference takes the U-Net's middle block)
             sag_layer="",
+            sag_sigma=1.0,  # SAG's blur in latent pixels (kernel 9), as the reference
             slg_interval="",  # "lo,hi" noise levels of SLG alone; "" = interval_min/max
             # weak branches every cache_every-th step inside the noise levels
             # [cache_t_min, cache_t_max], their difference reused between; 1 = every step

@@ -69,10 +69,10 @@ def get_config(arg=None):
     c.guidance.kappa = 0.1
     # No published layers for FLUX.1: ours are 8 middle single-stream blocks for I-ERG
     # (the 34 layers before them run once for both branches) and the middle single block
-    # for PAG and SEG (SEG's paper blurs the middle block); SLG skips double blocks 7-9
+    # for PAG, SEG and SAG (their papers perturb the middle block); SLG skips blocks 7-9
     # over the first steps, SD3.5's recipe carried over untested.
     c.guidance.layers = "34,35,36,37,38,39,40,41"
-    c.guidance.pag_layers = c.guidance.seg_layers = "38"
+    c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.sag_layer = "38"
     c.guidance.slg_layers, c.guidance.slg_interval = "7,8,9", "0.92,0.99"
     if arg == "dev":
         c.sampler.steps = 28  # FluxPipeline's default
@@ -101,6 +101,7 @@ def get_config(arg=None):
         c.guidance.distilled = 3.5
         c.guidance.layers = "2,3"  # the two single blocks (layers 0, 1 are double)
         c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "2"
+        c.guidance.sag_layer = "2"
         c.sampler.steps = 4
         c.sampler.batch_size = 8
         c.output.num_samples = 8

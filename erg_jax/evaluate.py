@@ -130,6 +130,8 @@ def method_guider(method: str, scale: float, settings: dict) -> G.Guider:
             tau2=settings["cads_tau2"],
             noise_scale=settings["cads_noise_scale"],
         )
+    if method == "sag":  # the middle block's map, the reference's blur
+        return G.sag(scale)
     if method == "erg_null":  # the null-class reading: CFG before the kickoff
         return G.erg(scale, **{**erg, "condition": "null"})
     if method == "pag":

@@ -205,7 +205,8 @@ def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider
             base = G.cfg(g.scale, rescale=g.rescale, **common)
             bases.append(RULES[rule](base, **_rule_settings(rule, g)))
         elif p == "sag":
-            bases.append(G.sag(g.scale, layer=_sag_layer(g.sag_layer), **common))
+            layer = _sag_layer(g.sag_layer)
+            bases.append(G.sag(g.scale, layer=layer, sigma=g.sag_sigma, **common))
         elif p == "slg":
             slg = dict(
                 common, interval=_interval(g.slg_interval, interval, "guidance.slg_interval")

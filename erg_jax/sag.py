@@ -25,8 +25,8 @@ patch of latent pixels. The weak branch needs the strong one's output, so SAG ru
 forwards one after the other, not one batched pair. ``samplers.evaluate`` runs them.
 
 A model takes part through ``control.capture_received`` in its attention and a
-``with_attention_map`` on its denoiser (the DiT, the MMDiT, docs/INTERFACES.md); FLUX.1
-would pass its image slice (text first) and return the map on its packed 2x2 grid.
+``with_attention_map`` on its denoiser (the DiT, the MMDiT and FLUX.1, which passes its
+image slice, text first, and returns the map on its packed 2x2 grid; docs/INTERFACES.md).
 """
 
 from __future__ import annotations

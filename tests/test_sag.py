@@ -348,3 +348,43 @@ def test_job_method_and_the_middle_block_default():
     with pytest.raises(ValueError, match="sag cannot use the weak-branch cache"):
         make_method("sag", g, text=False)
     assert G.make_guider("sag", sag={"scale": 2.0, "layer": 1}).terms[0].uses_sag
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_flux_map_is_the_image_block_after_rope(scan):
+    """FLUX.1: text tokens come first; the map is the image-query / image-key block of
+    the rotated q, k, in a double-stream (1) and a single-stream (3) layer."""
+    from test_flux import inputs, model
+
+    from erg_jax.models import flux
+
+    config, params, plain, _ = model(False)
+    den = flux.make_denoiser(*(model(True)[:2] if scan else (config, params)))
+    x, t, cond = inputs(config, b=B)
+    module = flux.flux_module(config)
+    norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    _, state = module.apply(
+        {"params": params},
+        x,
+        *flux._conditions(module.s, x, t, cond),
+        None,
+        capture_intermediates=lambda m, _: isinstance(m, flux.QKNorm) and m.name in norms,
+        mutable=["intermediates"],
+    )
+    grid, text = (4, 6), cond["context"].shape[1]
+    rope = flux.rope_tables(flux.position_ids(grid, text), config["axes_dims_rope"])
+    with_map = jax.jit(den.with_attention_map)
+    for layer, name in ((1, "double_blocks_1"), (3, "single_blocks_1")):
+        out, received = with_map(x, t, cond, _capture(layer, 4))
+        attn = state["intermediates"][name]["attn"]
+        q, k = (attn[n]["__call__"][0] for n in ("norm_q", "norm_k"))
+        if name.startswith("double"):
+            q, k = (
+                jnp.concatenate([attn[f"norm_added_{n}"]["__call__"][0], a], axis=1)
+                for n, a in (("q", q), ("k", k))
+            )
+        q, k = flux.apply_rope(q, rope), flux.apply_rope(k, rope)
+        ref = _received_np(q, k, slice(text, None))
+        assert received.shape == (B,) + grid
+        np.testing.assert_allclose(received.reshape(B, -1), ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out, plain(x, t, cond), atol=1e-5)

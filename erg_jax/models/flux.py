@@ -39,7 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.control import AttentionControl, attend, maybe_blur, skip_block
+from erg_jax.control import (
+    AttentionControl,
+    attend,
+    capture_received,
+    captured_map,
+    maybe_blur,
+    skip_block,
+)
 from erg_jax.models.flux_config import (  # noqa: F401  (re-exported)
     PRESETS,
     ROPE_THETA,
@@ -168,6 +175,8 @@ class Attention(nn.Module):
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
         q = _blur_image(q, text_len, self.grid, control)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # SAG's map: the image-query / image-key block (text tokens come first)
+        capture_received(self, q, k, control, slice(text_len, None))
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
         if not self.joint:
@@ -243,7 +252,7 @@ class Flux(nn.Module):
             if scanned(run, s.scan):
                 scan = nn.scan(
                     block,
-                    variable_axes={"params": 0},
+                    variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, 0),
                     length=run.length,
@@ -423,7 +432,18 @@ def make_denoiser(config: dict, params: Any):
         out = module.apply({"params": params}, x, *inputs, blocks=blocks)
         return out.astype(jnp.float32)
 
+    def with_attention_map(x: Array, t: Array, cond: dict, attention: AttentionControl):
+        """The velocity and the received-attention map of the layers ``attention.capture``
+        weights (``erg_jax.sag``), (b, H/2, W/2) on the packed token grid."""
+        if attention.capture is None:
+            raise ValueError("with_attention_map needs a control whose capture is set")
+        args = (x, *_conditions(s, x, t, cond), attention)
+        out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
+        grid = (x.shape[0], x.shape[1] // s.patch_size, x.shape[2] // s.patch_size)
+        return out.astype(jnp.float32), captured_map(state, x.shape[0]).reshape(grid)
+
     denoiser.branched = branched
+    denoiser.with_attention_map = with_attention_map
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])
