@@ -10,7 +10,7 @@ import os
 
 from absl import app, flags
 
-from erg_jax import benchmark as B
+from erg_jax.jobs import benchmark as B
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(B.SECTIONS), f"sections to run: {','.join(B.SECTIONS)}")

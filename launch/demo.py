@@ -13,7 +13,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.demo import run_quickstart, run_toy
+from erg_jax.jobs.demo import run_quickstart, run_toy
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "job config", lock_config=True)

@@ -6,7 +6,7 @@ python -m launch.evaluate --config=configs/evaluate.py:mmdit --workdir=out/eval_
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.evaluate import run_config
+from erg_jax.jobs.evaluate import run_config
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/evaluate.py", "bench config", lock_config=True)

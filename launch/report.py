@@ -9,7 +9,7 @@ settings; DIR/report_grid.png is the grid.
 
 from absl import app, flags
 
-from erg_jax.report import job_report
+from erg_jax.jobs.report import job_report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a sampling job's workdir (it holds manifest.json)")

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.job import run_sampling
+from erg_jax.jobs.job import run_sampling
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "job config file[:variant]", lock_config=True)
@@ -50,10 +50,10 @@ def _several_processes() -> bool:
 
 
 def _dry_run(config, workdir: str) -> None:
-    """Prints the dry run's table (erg_jax/dry_run.py). The CPU backend gets as many
+    """Prints the dry run's table (erg_jax/jobs/dry_run.py). The CPU backend gets as many
     devices as the mesh names (an axis of -1 counted as 1) unless XLA_FLAGS says how many;
     on a host with accelerators, JAX_PLATFORMS=cpu makes it use CPU devices instead."""
-    from erg_jax import dry_run
+    from erg_jax.jobs import dry_run
 
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", dry_run.devices_needed(config.mesh))

@@ -9,7 +9,7 @@ end, the EMA params to ``config.export`` (erg_jax.checkpoint format).
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax import train
+from erg_jax.jobs import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "training config", lock_config=True)

@@ -1,5 +1,5 @@
-"""The dry run (erg_jax.dry_run): per-device parameter bytes, the compiled job program's memory,
-the batch that fits, all from config files and abstract shapes."""
+"""The dry run (erg_jax.jobs.dry_run): per-device parameter bytes, the compiled job
+program's memory, the batch that fits, all from config files and abstract shapes."""
 
 import collections
 import json
@@ -14,9 +14,9 @@ import pytest
 
 from configs import dit as dit_configs
 from configs import sd3 as sd3_configs
-from erg_jax import dry_run as D
 from erg_jax import sharding
-from erg_jax.job_setup import make_methods
+from erg_jax.jobs import dry_run as D
+from erg_jax.jobs.job_setup import make_methods
 from erg_jax.models import dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,8 +154,8 @@ def test_the_batch_fits_just_above_its_need_and_not_just_below(tmp_path):
 
 
 def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tmp_path):
-    from erg_jax import job
-    from erg_jax.job_setup import build_plan
+    from erg_jax.jobs import job
+    from erg_jax.jobs.job_setup import build_plan
 
     config = _config("dit:tiny", mesh__data=2, mesh__fsdp=4, guidance__methods="erg")
     report = D.dry_run(config, checks=0)
@@ -263,7 +263,7 @@ def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
     pytest.importorskip("diffusers", reason="the reference pipeline is made by diffusers")
     import pipelines
 
-    from erg_jax.job_setup import build_plan
+    from erg_jax.jobs.job_setup import build_plan
     from erg_jax.models.text import load_text_encoder
 
     pipelines.make_sd3_pipeline(str(tmp_path / "sd3"))

@@ -21,7 +21,7 @@ shipped = pytest.mark.skipif(not SHIPPED, reason="the shipped models (models/) a
 @pytest.mark.parametrize("model", ["dit", "mmdit"])
 def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
     from configs import evaluate as cfg
-    from erg_jax.evaluate import run_config
+    from erg_jax.jobs.evaluate import run_config
 
     monkeypatch.chdir(ROOT)
     c = cfg.get_config("tiny")
@@ -45,7 +45,7 @@ def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
 def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, monkeypatch):
     from configs import evaluate as cfg
     from erg_jax import data
-    from erg_jax.evaluate import run_config
+    from erg_jax.jobs.evaluate import run_config
 
     monkeypatch.chdir(ROOT)
     c = cfg.get_config("tiny")
@@ -86,7 +86,7 @@ def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_pa
     from test_report import _rendered
 
     from configs import quickstart
-    from erg_jax import report
+    from erg_jax.jobs import report
 
     block = (
         "import sys, runpy; sys.modules['torch'] = sys.modules['diffusers'] = None; "
@@ -140,7 +140,7 @@ def _oracle(pool):
 
 
 def _perfect_model():
-    from erg_jax.evaluate import DemoModel
+    from erg_jax.jobs.evaluate import DemoModel
 
     def denoiser(x, t, cond, attention=None):
         return (x - cond) / t.reshape(-1, 1, 1, 1)
@@ -170,7 +170,7 @@ def _reference_frechet(a, b):
 
 def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
     from erg_jax import data
-    from erg_jax.evaluate import run_bench
+    from erg_jax.jobs.evaluate import run_bench
 
     pool = data.split("heldout", NUM_REAL + NUM_SAMPLES)
     rows = run_bench(_perfect_model(), _oracle(pool), _bench_config(), str(tmp_path))
@@ -199,7 +199,7 @@ def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
 def test_scores_of_generated_copies_of_the_real_set():
     from erg_jax import data
     from erg_jax import guidance as G
-    from erg_jax.evaluate import _Scorer
+    from erg_jax.jobs.evaluate import _Scorer
 
     c = _bench_config()
     c.num_samples = c.num_real
@@ -214,7 +214,7 @@ def test_scores_of_generated_copies_of_the_real_set():
 def test_cached_methods_and_their_forward_counts():
     from erg_jax import guidance as G
     from erg_jax import samplers as S
-    from erg_jax.evaluate import forwards, method_guider
+    from erg_jax.jobs.evaluate import forwards, method_guider
 
     settings = dict(tau=0.5, layers=None, kappa=0.0)
     sampler = S.make_sampler("euler", 20)
@@ -229,7 +229,7 @@ def test_cached_methods_and_their_forward_counts():
 
 
 def test_the_two_class_conditional_readings_of_erg():
-    from erg_jax.evaluate import method_guider
+    from erg_jax.jobs.evaluate import method_guider
 
     settings = dict(tau=0.5, layers=None, kappa=0.2)
     ours, null = (method_guider(m, 2.0, settings).terms[0] for m in ("erg", "erg_null"))

@@ -19,8 +19,8 @@ import pytest
 from configs import flux as flux_config
 from configs import sd3 as sd3_config
 from erg_jax import samplers as S
-from erg_jax.job import generate
-from erg_jax.job_setup import build_plan
+from erg_jax.jobs.job import generate
+from erg_jax.jobs.job_setup import build_plan
 
 torch = pytest.importorskip("torch", reason="the reference pipelines need torch")
 pytest.importorskip("diffusers", reason="the reference pipelines need diffusers")

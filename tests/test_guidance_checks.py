@@ -127,7 +127,7 @@ def test_sd3_configs_slg_recipe_covers_steps_one_to_five():
     at steps i with 0.28 < i < 5.6), here as a noise-level window on the shift-3 grid."""
     from configs import sd3
     from erg_jax import predictions as P
-    from erg_jax.job_setup import make_methods
+    from erg_jax.jobs.job_setup import make_methods
 
     config = sd3.get_config("medium")
     config.guidance.methods = "cfg+slg"

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from erg_jax import output
+from erg_jax.jobs import output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,7 +211,7 @@ def _tiny(**changes):
 
 
 def _sample(workdir, **changes):
-    from erg_jax.job import run_sampling
+    from erg_jax.jobs.job import run_sampling
 
     summary = run_sampling(_tiny(**changes), str(workdir))
     return summary
@@ -362,7 +362,7 @@ def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, changes, field, monkeypatch):
-    from erg_jax import job
+    from erg_jax.jobs import job
 
     def compiling(*a, **k):
         raise AssertionError("the job reached compilation")

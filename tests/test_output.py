@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erg_jax import output
+from erg_jax.jobs import output
 
 
 def _decode(data: bytes) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from erg_jax import output, report
+from erg_jax.jobs import output, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -274,7 +274,7 @@ def test_rules_refuse_bad_settings_by_name():
 
 def test_job_methods_build_the_rules_from_the_config():
     from configs.common import base_config
-    from erg_jax.job_setup import make_methods
+    from erg_jax.jobs.job_setup import make_methods
 
     config = base_config()
     g = config.guidance

@@ -330,7 +330,7 @@ def test_bad_settings_are_refused_by_name():
 
 
 def test_job_method_and_the_middle_block_default():
-    from erg_jax.job_setup import make_method
+    from erg_jax.jobs.job_setup import make_method
 
     g = base_config().guidance
     term = make_method("sag", g, text=False).terms[0]

@@ -1,4 +1,4 @@
-"""Training (erg_jax.train) and the shipped demo models (models/).
+"""Training (erg_jax.jobs.train) and the shipped demo models (models/).
 
 - a tiny rectified-flow run, data parallel over 8 fake devices, lowers the loss;
 - a run killed after its last checkpoint and started again continues with exactly the
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from configs import demo
-from erg_jax import checkpoint, data, metrics, train
+from erg_jax import checkpoint, data, metrics
 from erg_jax import guidance as G
 from erg_jax import samplers as S
+from erg_jax.jobs import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")

@@ -1,6 +1,6 @@
 """A small CNN that reads the shape and colour of an ``erg_jax.data`` image.
 
-The bench (``erg_jax.evaluate``) uses it twice: its two heads give a sample's shape and
+The bench (``erg_jax.jobs.evaluate``) uses it twice: its two heads give a sample's shape and
 colour (consistency with the condition), and its penultimate layer gives the features
 for the Frechet distance and precision / recall / density / coverage (Naeem et al.
 2020), as Inception's pool features do for FID (Heusel et al. 2017), on our 32x32 data.

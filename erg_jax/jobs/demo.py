@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax import guidance as G
-from erg_jax import output
 from erg_jax import samplers as S
 from erg_jax.energy import Energy
+from erg_jax.jobs import output
 from erg_jax.models.toy import PatternDenoiser, shape_patterns
 
 
@@ -99,8 +99,9 @@ def run_quickstart(config, workdir: str) -> dict:
     standard error, shape and colour accuracy, seconds, function evaluations) and
     workdir/index.html (the grid, the table, the settings).
     """
-    from erg_jax import data, metrics, report
-    from erg_jax.evaluate import load_demo, method_guider
+    from erg_jax import data, metrics
+    from erg_jax.jobs import report
+    from erg_jax.jobs.evaluate import load_demo, method_guider
     from erg_jax.models.classifier import load_classifier
 
     g = config.guidance

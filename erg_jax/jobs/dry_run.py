@@ -35,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from erg_jax import checkpoint, output, sharding
-from erg_jax import job_loading as L
+from erg_jax import checkpoint, sharding
 from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
 from erg_jax.energy import Energy
-from erg_jax.job import _generate_fn
-from erg_jax.job_setup import checked_layout, make_methods
+from erg_jax.jobs import job_loading as L
+from erg_jax.jobs import output
+from erg_jax.jobs.job import _generate_fn
+from erg_jax.jobs.job_setup import checked_layout, make_methods
 
 GIB = 2**30
 CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax import compile_cache, output, report, sharding
 from erg_jax import samplers as S
-from erg_jax.job_setup import Plan, build_plan
+from erg_jax import sharding
+from erg_jax.jobs import compile_cache, output, report
+from erg_jax.jobs.job_setup import Plan, build_plan
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
     if jax.process_count() > 1:  # every process's last files are written before the grid
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("erg_jax.job: samples written")
+        multihost_utils.sync_global_devices("erg_jax.jobs.job: samples written")
     summary["seconds_to_first_image"] = first_image
     summary["stopped_by_signal"] = stopped
     summary["seconds"] = time.perf_counter() - t_start

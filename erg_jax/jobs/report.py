@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from erg_jax import output
+from erg_jax.jobs import output
 
 BACKGROUND, INK = 255, 0
 LABEL_SIZE = 14  # px of the label font

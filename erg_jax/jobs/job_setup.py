@@ -16,12 +16,13 @@ import jax
 import numpy as np
 
 from erg_jax import guidance as G
-from erg_jax import job_loading as L
-from erg_jax import output, sharding
 from erg_jax import samplers as S
+from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions, parse_classes
 from erg_jax.energy import IMPLEMENTATIONS, Energy
 from erg_jax.guider import check_layers
+from erg_jax.jobs import job_loading as L
+from erg_jax.jobs import output
 
 # Combination rules: each a base method on CFG's null branch and a modifier of any method.
 RULES = {
