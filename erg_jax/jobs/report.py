@@ -166,6 +166,11 @@ pre{{background:#f4f4f4;padding:1em}}</style></head>
     output.atomic_write_bytes(path, page.encode())
 
 
+def _scale(width: int) -> int:
+    """Upscaling that gives columns at least 96 px (room for a prompt), at most 8x."""
+    return max(1, min(8, -(-96 // width)))
+
+
 def job_report(workdir: str, *, columns: int = 8) -> str:
     """index.html (and report_grid.png) for a sampling job's workdir; returns the page.
 
@@ -199,7 +204,8 @@ def job_report(workdir: str, *, columns: int = 8) -> str:
         rows = [(r[..., None] if r.ndim == 3 else r).astype(np.float32) / 127.5 - 1.0 for r in rows]
         labels = [meta[methods[0]].get(i, {}).get("condition", f"sample {i}") for i in shown]
         grid = "report_grid.png"
-        write_png(os.path.join(workdir, grid), labelled_grid(rows, methods, labels, scale=2))
+        image = labelled_grid(rows, methods, labels, scale=_scale(rows[0].shape[2]))
+        write_png(os.path.join(workdir, grid), image)
     table = []
     for m in methods:
         stats = summary.get("methods", {}).get(m, {})
