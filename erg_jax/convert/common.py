@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -245,3 +246,37 @@ def norm(sd: StateDict, prefix: str, dim: int, bias: bool = True) -> dict:
     if bias:
         out["bias"] = sd.take(f"{prefix}.bias", (dim,))
     return out
+
+
+def place_leaves(
+    abstract: dict, read: Callable, param_dtype, groups: Iterable[tuple[str, Iterable[str]]]
+) -> dict:
+    """Params from abstract unscanned params, read leaf by leaf and cast, each written
+    straight into its slot of a stacked run where ``groups`` names one.
+
+    Args:
+      abstract: the model's abstract params in the per-block layout.
+      read: (path tuple, abstract leaf) -> the tensor of that leaf.
+      param_dtype: the dtype the params are stored in.
+      groups: (stacked name, the per-block names it stacks, in order) per scanned run;
+        empty for the per-block layout.
+
+    The host holds one copy of the params, in their dtype: no per-block copy is stacked
+    afterwards.
+    """
+    slot = {}
+    for name, blocks in groups:
+        blocks = list(blocks)
+        slot.update({b: (name, j, len(blocks)) for j, b in enumerate(blocks)})
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(abstract).items():
+        w = np.asarray(read(path, leaf)).astype(param_dtype)
+        if path[0] not in slot:
+            out[path] = w
+            continue
+        name, j, n = slot[path[0]]
+        key = (name,) + path[1:]
+        if key not in out:
+            out[key] = np.empty((n,) + w.shape, param_dtype)
+        out[key][j] = w
+    return traverse_util.unflatten_dict(out)

@@ -35,9 +35,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from flax import traverse_util
 
-from erg_jax.convert.common import StateDict, find_weights, read_config, read_state_dict
+from erg_jax.convert.common import (
+    StateDict,
+    find_weights,
+    place_leaves,
+    read_config,
+    read_state_dict,
+)
 from erg_jax.models import flux
 
 _ARCH_FIELDS = (
@@ -148,23 +153,16 @@ def convert_state_dict(
     the params (12B in bfloat16: 24 GB) in their dtype."""
     sd = StateDict(tensors, source=source)
     param_dtype = np.dtype(flux.Spec.from_config(config).param_dtype)
-    flat = traverse_util.flatten_dict(flux.abstract_params(dict(config, scan_blocks=False)))
+    abstract = flux.abstract_params(dict(config, scan_blocks=False))
     groups = flux.scanned_groups(config) if config.get("scan_blocks") else []
-    slot = {b: (name, j, len(blocks)) for name, blocks in groups for j, b in enumerate(blocks)}
-    out = {}
-    for path, leaf in flat.items():
+
+    def read(path, leaf):
         transform = _transpose if path[-1] == "kernel" else None
-        w = np.asarray(sd.take(diffusers_key(path), leaf.shape, transform)).astype(param_dtype)
-        if path[0] not in slot:
-            out[path] = w
-            continue
-        name, j, n = slot[path[0]]
-        key = (name,) + path[1:]
-        if key not in out:
-            out[key] = np.empty((n,) + w.shape, param_dtype)
-        out[key][j] = w
+        return sd.take(diffusers_key(path), leaf.shape, transform)
+
+    params = place_leaves(abstract, read, param_dtype, groups)
     sd.finish()
-    return traverse_util.unflatten_dict(out)
+    return params
 
 
 def convert_diffusers_flux(

@@ -34,9 +34,14 @@ buffer differs from diffusers' sin-cos formula still runs as diffusers runs it.
 from __future__ import annotations
 
 import numpy as np
-from flax import traverse_util
 
-from erg_jax.convert.common import StateDict, find_weights, read_config, read_state_dict
+from erg_jax.convert.common import (
+    StateDict,
+    find_weights,
+    place_leaves,
+    read_config,
+    read_state_dict,
+)
 from erg_jax.models import mmdit
 
 _ARCH_FIELDS = (
@@ -124,23 +129,16 @@ def convert_state_dict(
     stacked copy)."""
     sd = StateDict(tensors, source=source)
     param_dtype = np.dtype(mmdit.Spec.from_config(config).param_dtype)
-    flat = traverse_util.flatten_dict(mmdit.abstract_params(dict(config, scan_blocks=False)))
+    abstract = mmdit.abstract_params(dict(config, scan_blocks=False))
     groups = mmdit.scanned_groups(config) if config.get("scan_blocks") else []
-    slot = {f"blocks_{i}": (name, j, len(r)) for name, r in groups for j, i in enumerate(r)}
-    out = {}
-    for path, leaf in flat.items():
-        w = sd.take(diffusers_key(path), leaf.shape, _transform(path, leaf.shape))
-        w = np.asarray(w).astype(param_dtype)
-        if path[0] not in slot:
-            out[path] = w
-            continue
-        name, j, n = slot[path[0]]
-        key = (name,) + path[1:]
-        if key not in out:
-            out[key] = np.empty((n,) + w.shape, param_dtype)
-        out[key][j] = w
+    groups = [(name, [f"blocks_{i}" for i in r]) for name, r in groups]
+
+    def read(path, leaf):
+        return sd.take(diffusers_key(path), leaf.shape, _transform(path, leaf.shape))
+
+    params = place_leaves(abstract, read, param_dtype, groups)
     sd.finish()
-    return traverse_util.unflatten_dict(out)
+    return params
 
 
 def convert_diffusers_sd3(
