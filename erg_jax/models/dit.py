@@ -53,6 +53,7 @@ from erg_jax.models.dit_config import (  # noqa: F401  (re-exported)
     dit_config,
 )
 from erg_jax.models.shared_prefix import Layers, branched_layers
+from erg_jax.models.stacking import stack_groups, unstack_groups
 
 Array = jax.Array
 
@@ -322,20 +323,12 @@ def count_params(config: dict) -> int:
 
 def stack_blocks(params: dict, num_layers: int) -> dict:
     """Unscanned params (blocks_0 ..) -> scanned ones (blocks, leading layer axis)."""
-    out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
-    layers = [params[f"blocks_{i}"] for i in range(num_layers)]
-    out["blocks"] = jax.tree_util.tree_map(
-        lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
-    )
-    return out
+    return stack_groups(params, [("blocks", [f"blocks_{i}" for i in range(num_layers)])])
 
 
 def unstack_blocks(params: dict, num_layers: int) -> dict:
     """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
-    out = {k: v for k, v in params.items() if k != "blocks"}
-    for i in range(num_layers):
-        out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], params["blocks"])
-    return out
+    return unstack_groups(params, [("blocks", [f"blocks_{i}" for i in range(num_layers)])])
 
 
 class DiTDenoiser:

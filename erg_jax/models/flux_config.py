@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from erg_jax.models.stacking import stack_groups, unstack_groups
 
 _DEV = dict(
     kind="flux",
@@ -203,20 +203,9 @@ def scanned_groups(config: dict) -> list[tuple[str, list[str]]]:
 def stack_blocks(params: dict, config: dict) -> dict:
     """Per-block params -> the scanned layout of ``config`` (whose ``scan_blocks`` is
     ignored: the result is always the scanned layout)."""
-    out = dict(params)
-    for name, blocks in scanned_groups(config):
-        layers = [out.pop(b) for b in blocks]
-        out[name] = jax.tree_util.tree_map(
-            lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
-        )
-    return out
+    return stack_groups(params, scanned_groups(config))
 
 
 def unstack_blocks(params: dict, config: dict) -> dict:
     """Scanned params -> per-block ones (inverse of ``stack_blocks``)."""
-    out = dict(params)
-    for name, blocks in scanned_groups(config):
-        stacked = out.pop(name)
-        for j, b in enumerate(blocks):
-            out[b] = jax.tree_util.tree_map(lambda a, j=j: a[j], stacked)
-    return out
+    return unstack_groups(params, scanned_groups(config))

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
+
+from erg_jax.models.stacking import stack_groups, unstack_groups
 
 _SD3 = dict(
     kind="mmdit",
@@ -185,26 +185,16 @@ def scanned_groups(config: dict) -> list[tuple[str, range]]:
     ]
 
 
+def _named_groups(config: dict) -> list[tuple[str, list[str]]]:
+    return [(name, [f"blocks_{i}" for i in r]) for name, r in scanned_groups(config)]
+
+
 def stack_blocks(params: dict, config: dict) -> dict:
     """Unscanned params (blocks_0 ..) -> the scanned layout of ``config`` (its
     ``scan_blocks`` is ignored: the result is always the scanned layout)."""
-    out = dict(params)
-    for name, blocks in scanned_groups(config):
-        layers = [out.pop(f"blocks_{i}") for i in blocks]
-        out[name] = jax.tree_util.tree_map(
-            lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a), *layers
-        )
-    return out
+    return stack_groups(params, _named_groups(config))
 
 
 def unstack_blocks(params: dict, config: dict) -> dict:
     """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
-    out = dict(params)
-    for seg in segments(Spec.from_config(config)):
-        if _scanned(seg, True):
-            stacked = out.pop(segment_name(seg))
-            for i in range(seg.start, seg.stop):
-                out[f"blocks_{i}"] = jax.tree_util.tree_map(
-                    lambda a, j=i - seg.start: a[j], stacked
-                )
-    return out
+    return unstack_groups(params, _named_groups(config))
