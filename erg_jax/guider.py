@@ -26,7 +26,7 @@ from flax import struct
 
 from erg_jax.control import AttentionControl
 from erg_jax.energy import Energy, known_one
-from erg_jax.rules import APG, apg_project, rule_delta
+from erg_jax.rules import APG, apg_project, per_sample, rule_delta
 from erg_jax.schedules import WeightSchedule
 
 Array = jax.Array
@@ -316,15 +316,10 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int, pro
     return ctl
 
 
-def _per_sample(fn, x):
-    axes = tuple(range(1, x.ndim))
-    return fn(x, axis=axes, keepdims=True)
-
-
 def _rescale(out, strong, phi):
     """CFG rescale: move the guided prediction's std toward the strong one's by phi."""
-    std_out = jnp.sqrt(_per_sample(jnp.var, out))
-    std_strong = jnp.sqrt(_per_sample(jnp.var, strong))
+    std_out = jnp.sqrt(per_sample(jnp.var, out))
+    std_strong = jnp.sqrt(per_sample(jnp.var, strong))
     rescaled = out * std_strong / jnp.maximum(std_out, 1e-12)
     return jnp.where(phi > 0, phi * rescaled + (1.0 - phi) * out, out)
 
@@ -347,8 +342,8 @@ def _cads(cond, cads: CADS, t, keys, step):
             lambda k, ci, i=i: jax.random.normal(jax.random.fold_in(k, i), ci.shape, ci.dtype)
         )(step_keys, c)
         hat = jnp.sqrt(g) * c + cads.noise_scale * jnp.sqrt(1.0 - g) * noise
-        mean_c, std_c = _per_sample(jnp.mean, c), jnp.sqrt(_per_sample(jnp.var, c))
-        mean_h, std_h = _per_sample(jnp.mean, hat), jnp.sqrt(_per_sample(jnp.var, hat))
+        mean_c, std_c = per_sample(jnp.mean, c), jnp.sqrt(per_sample(jnp.var, c))
+        mean_h, std_h = per_sample(jnp.mean, hat), jnp.sqrt(per_sample(jnp.var, hat))
         moved = (hat - mean_h) / jnp.maximum(std_h, 1e-12) * std_c + mean_c
         hat = cads.psi * moved + (1.0 - cads.psi) * hat
         out.append(jnp.where(g >= 1.0, c, hat).astype(c.dtype))

@@ -45,18 +45,19 @@ Array = jax.Array
 SPACES = ("x0", "eps", "velocity")
 
 
-def _per_sample(fn, x):
+def per_sample(fn, x):
+    """``fn`` over every axis but the leading (sample) one, kept for broadcasting."""
     return fn(x, axis=tuple(range(1, x.ndim)), keepdims=True)
 
 
 def _norm(x):
-    return jnp.sqrt(_per_sample(jnp.sum, jnp.square(x)))
+    return jnp.sqrt(per_sample(jnp.sum, jnp.square(x)))
 
 
 def project(v, onto):
     """(parallel, orthogonal) parts of v against ``onto``, per sample (leading axis)."""
     unit = onto / jnp.maximum(_norm(onto), 1e-12)
-    parallel = _per_sample(jnp.sum, v * unit) * unit
+    parallel = per_sample(jnp.sum, v * unit) * unit
     return parallel, v - parallel
 
 
@@ -104,7 +105,7 @@ class ZeroStar:
         return None
 
     def delta(self, strong, weak, w, state, index):
-        s_star = _per_sample(jnp.sum, strong * weak) / (_per_sample(jnp.sum, weak * weak) + 1e-8)
+        s_star = per_sample(jnp.sum, strong * weak) / (per_sample(jnp.sum, weak * weak) + 1e-8)
         d = (w - 1.0) * (strong - s_star * weak)
         return jnp.where(index < self.zero_steps, -strong, d), state
 
