@@ -6,7 +6,12 @@ setup(
     name="erg-jax",
     version="0.1.0",
     description="Entropy Rectifying Guidance (ERG) and guidance baselines in JAX/Flax",
-    packages=find_packages(include=["erg_jax", "erg_jax.*", "launch", "configs"]),
+    # The shipped demo weights (models/, 15 MB) travel in the wheel as the data-only
+    # package erg_jax_models; erg_jax.demo_models finds them outside a checkout.
+    packages=find_packages(include=["erg_jax", "erg_jax.*", "launch", "configs"])
+    + ["erg_jax_models"],
+    package_dir={"erg_jax_models": "models"},
+    package_data={"erg_jax_models": ["**/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

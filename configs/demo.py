@@ -59,6 +59,7 @@ def get_config(arg=None):
             checkpoint_every=250,
             keep_checkpoints=2,
             noise_std=0.0,  # classifier: pixel-noise augmentation
+            init_from="",  # an exported model folder: fine-tune it (fresh optimizer)
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1))

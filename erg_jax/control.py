@@ -11,6 +11,8 @@ perturbations the guiders of docs/METHOD.md need, all as traced data:
 - ``capture``: SAG (``erg_jax.sag``), not a perturbation: the layer also reports the
   attention each image token receives (``capture_received``), weighted by this value
   and sown into the module's "intermediates"; 0 skips the work (``lax.cond``).
+- ``probe``: a diagnostic either: the layer also reports the entropy of its attention at
+  chosen temperatures (``sow_entropy``, ``EntropyProbe``), for choosing tau and layers.
 
 A field set to None is compiled out, so a guider pays only for what it uses (CFG's
 controls are all None: plain attention). Layers that a guider leaves alone hold the
@@ -21,15 +23,41 @@ plain layer exactly; choosing layers is a select on data, not a recompile.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from erg_jax.energy import Energy, chunk_budget, energy_attention
+from erg_jax.energy import Energy, attention_entropy, chunk_budget, energy_attention
 
 Array = jax.Array
+
+
+@struct.dataclass
+class EntropyProbe:
+    """The temperatures at which every layer reports its attention entropy.
+
+    Attributes ((layers, ...) for a whole model, one row per layer after indexing):
+      taus: (layers, T) temperatures tau > 0.
+      slot: (layers, layers) one-hot rows: layer i writes its entropies into row i of a
+        (layers, T, b, h) array and ``probed_entropy`` sums them, so the read-out needs
+        no layer names and is the same for a loop of layers, ``nn.scan`` and runs of
+        scanned blocks.
+    """
+
+    taus: Any
+    slot: Any
+
+    @classmethod
+    def at(cls, taus: Any, num_layers: int) -> EntropyProbe:
+        """The same temperatures (T,) in every one of num_layers layers."""
+        taus = jnp.asarray(taus, jnp.float32).reshape(-1)
+        return cls(
+            jnp.broadcast_to(taus, (num_layers,) + taus.shape),
+            jnp.eye(num_layers, dtype=jnp.float32),
+        )
 
 
 @struct.dataclass
@@ -44,6 +72,7 @@ class AttentionControl:
       blur: Gaussian sigma (in tokens) of the query blur (SEG); 0 off, inf the mean.
       skip: 1.0 where the block is skipped (SLG).
       capture: weight of the layer's received-attention map (SAG; one-hot over layers).
+      probe: an EntropyProbe (the layer reports its attention entropy), or None.
       max_steps: static bound of ``steps``; the energy loop runs this many times.
       energy_update: static; False when every alpha and gamma is known to be 1 before
         tracing (the paper's I-ERG: a temperature alone), so the layer skips the
@@ -57,6 +86,7 @@ class AttentionControl:
     blur: Any = None
     skip: Any = None
     capture: Any = None
+    probe: EntropyProbe | None = None
     max_steps: int = struct.field(pytree_node=False, default=1)
     energy_update: bool = struct.field(pytree_node=False, default=True)
 
@@ -266,3 +296,56 @@ def captured_map(intermediates: Any, batch: int) -> Array:
     if not leaves:
         raise ValueError("no attention map was captured: the control's capture is unset")
     return sum(jnp.sum(a.reshape(-1, batch, a.shape[-1]), axis=0) for a in leaves)
+
+
+def sow_entropy(module, q: Array, k: Array, control) -> None:
+    """Sows this layer's attention entropy at each of the probe's temperatures, where the
+    control's ``probe`` asks, as ``module``'s "intermediates"/"entropy".
+
+    The entropy at tau is ``energy.attention_entropy`` with Energy(tau) of the layer's
+    own q and k: the distribution ``energy_attention`` reads the values with at that
+    temperature, so the numbers are those of the guidance code. It is measured only;
+    the layer's output is left as it is. One temperature at a time (``lax.map``), so
+    one (b, h, n, m) attention matrix is held at once.
+
+    Args:
+      module: the Flax module of the attention.
+      q, k: (b, n, h, d), (b, m, hk, d) as ``attend`` gets them (no bias, no mask).
+      control: this layer's control or None.
+
+    Sown: (layers, T, b, h) float32, the mean over queries of each head's entropy (nats)
+    in this layer's row (the probe's ``slot``), zeros elsewhere.
+    """
+    if control is None or control.probe is None:
+        return
+    probe = control.probe
+
+    def at(tau):
+        return jnp.mean(attention_entropy(q, k, Energy(tau=tau)), axis=1)
+
+    ent = jax.lax.map(at, jnp.asarray(probe.taus, jnp.float32))  # (T, b, h)
+    slot = jnp.asarray(probe.slot, jnp.float32)
+    module.sow("intermediates", "entropy", slot[:, None, None, None] * ent[None])
+
+
+def probed_entropy(intermediates: Any) -> Array:
+    """(layers, T, b, h): the sum of every sown "entropy" (each layer's in its row).
+
+    Args:
+      intermediates: the mutable state a model's apply returned (a scanned run of
+        layers holds its entries stacked on a leading axis).
+    """
+    found = []
+
+    def visit(tree):
+        for key, value in tree.items():
+            if key == "entropy":
+                found.extend(value)
+            elif isinstance(value, Mapping):
+                visit(value)
+
+    visit(intermediates)
+    if not found:
+        raise ValueError("no attention entropy was sown: the control's probe is unset")
+    shape = found[0].shape[-4:]
+    return sum(jnp.sum(a.reshape((-1,) + shape), axis=0) for a in found)

@@ -51,12 +51,21 @@ def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, mon
     c = cfg.get_config("tiny")
     c.model, c.mode = "dit", "search"
     c.search.taus = (0.3, 0.9)
+    c.search.kappas, c.search.refine = (0.0, 0.25), 1
     rows = run_config(c, str(tmp_path))
     saved = json.load(open(tmp_path / "search.json"))
-    assert saved["rows"] == rows and len(rows) == 4  # 2 taus x 2 layer sets
-    assert {(r["tau"], r["layers"]) for r in rows} == {
-        (t, la) for t in (0.3, 0.9) for la in ("all", "0")
+    assert saved["rows"] == rows and len(rows) == 5  # 2 taus x 2 layer sets, then 1 kickoff
+    first = [r for r in rows if r["stage"] == 1]
+    assert {(r["tau"], r["layers"], r["kappa"]) for r in first} == {
+        (t, la, 0.0) for t in (0.3, 0.9) for la in ("all", "0")
     }
+    # stage 2 refines the best of stage 1 with the other kickoff
+    (second,) = [r for r in rows if r["stage"] == 2]
+    assert (second["tau"], second["layers"], second["kappa"]) == (
+        first[0]["tau"],
+        first[0]["layers"],
+        0.25,
+    )
     ref = saved["cfg"]
     for r in rows:
         want = min(r[k] / ref[k] for k in ("density", "coverage", "consistency"))

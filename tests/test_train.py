@@ -3,6 +3,7 @@
 - a tiny rectified-flow run, data parallel over 8 fake devices, lowers the loss;
 - a run killed after its last checkpoint and started again continues with exactly the
   loss curve of an uninterrupted run (batches and noise depend only on (seed, step));
+- fine-tuning (train.init_from) starts from the exported params, refuses another model;
 - the shipped DiT, MMDiT and classifier load, and their samples with CFG match their
   condition (classifier-read shape and colour) clearly more often than unguided ones.
 """
@@ -31,6 +32,28 @@ def tiny_config(**train_fields):
     c.export = ""
     c.train.update(train_fields)
     return c
+
+
+def test_init_from_starts_at_the_exported_params(tmp_path, uninterrupted):
+    exported = str(tmp_path / "exported")
+    train.export(exported, uninterrupted["state"].ema, uninterrupted["model_config"])
+    c = tiny_config(init_from=exported, steps=0)
+    start = train.run(c, str(tmp_path / "ft0"))["state"]
+    for got in (start.params, start.ema):
+        diffs = jax.tree_util.tree_map(
+            lambda a, b: float(jnp.max(jnp.abs(a - b))), got, uninterrupted["state"].ema
+        )
+        assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
+    assert int(start.step) == 0
+    # the fine-tuned run's loss starts at the trained model's level, not a fresh one's
+    ft = train.run(tiny_config(init_from=exported, steps=2), str(tmp_path / "ft"))
+    assert ft["losses"][1] < uninterrupted["losses"][1]
+    wider = tiny_config(init_from=exported)
+    wider.model.overrides.hidden_size = 48
+    with pytest.raises(ValueError, match="model.hidden_size=32"):
+        train.run(wider, str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="not an exported model folder"):
+        train.run(tiny_config(init_from=str(tmp_path)), str(tmp_path / "bad2"))
 
 
 @pytest.fixture(scope="module")

@@ -100,13 +100,14 @@ def run_quickstart(config, workdir: str) -> dict:
     workdir/index.html (the grid, the table, the settings).
     """
     from erg_jax import data, metrics
+    from erg_jax.demo_models import resolve
     from erg_jax.jobs import report
     from erg_jax.jobs.evaluate import load_demo, method_guider
     from erg_jax.models.classifier import load_classifier
 
     g = config.guidance
     model = load_demo("mmdit", config.models_dir, tau_c=g.tau_c)
-    classifier = load_classifier(config.classifier)
+    classifier = load_classifier(resolve(config.classifier))
     prompts = [p.strip() for p in config.prompts.split("|") if p.strip()]
     n = len(prompts) * config.samples_per_prompt
     captions = [prompts[i % len(prompts)] for i in range(n)]

@@ -46,12 +46,17 @@ class DemoModel:
 def load_demo(
     kind: str, models_dir: str = "models", tau_c: float = 1.0, max_length: int = 16
 ) -> DemoModel:
-    """The shipped class-conditional ("dit") or text-conditional ("mmdit") model."""
+    """The shipped class-conditional ("dit") or text-conditional ("mmdit") model.
+
+    ``models_dir`` "models" is the repository's folder, or the installed copy of it
+    outside a checkout (erg_jax.demo_models).
+    """
+    from erg_jax.demo_models import resolve
     from erg_jax.models import load_denoiser
 
     if kind not in ("dit", "mmdit"):
         raise ValueError(f"model kind must be 'dit' or 'mmdit', got {kind!r}")
-    den = load_denoiser(os.path.join(models_dir, f"demo-{kind}"))
+    den = load_denoiser(os.path.join(resolve(models_dir), f"demo-{kind}"))
     cfg = den.config
     shape = (int(cfg["sample_size"]),) * 2 + (int(cfg["in_channels"]),)
     if kind == "dit":
@@ -144,8 +149,8 @@ def method_guider(method: str, scale: float, settings: dict) -> G.Guider:
 class _Scorer:
     """Samples guiders on one set of held-out conditions from fixed noise and scores them.
 
-    Compiles once per pytree structure of (guider, conditions); every number in them is
-    traced, so a sweep of weights or ERG settings reuses one program.
+    Compiles once per pytree structure and leaf shapes of (guider, conditions); every
+    number in them is traced, so a sweep of weights or ERG settings reuses one program.
     """
 
     def __init__(self, model, classifier, config, *, start: int, seed: int):
@@ -169,7 +174,8 @@ class _Scorer:
         model = self.model
         if guider.cads is not None and model.kind == "dit":  # CADS anneals embeddings
             conds = {k: model.denoiser.embed_classes(v) for k, v in conds.items()}
-        sig = jax.tree_util.tree_structure((guider, conds))
+        leaves, tree = jax.tree_util.tree_flatten((guider, conds))
+        sig = (tree, tuple(np.shape(x) for x in leaves))  # layer sets differ in length
         if sig not in self.compiled:  # compile apart from the timed run
             fn = jax.jit(
                 lambda g, c: S.sample(
@@ -270,12 +276,15 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     return rows
 
 
-SEARCH_COLUMNS = ("tau", "layers", "kappa", "tau_c", "fd", "density", "coverage")
+SEARCH_COLUMNS = ("stage", "tau", "layers", "kappa", "tau_c", "fd", "density", "coverage")
 SEARCH_COLUMNS += ("consistency", "worst_ratio")
 
 
 def run_search(model, classifier, config, workdir: str) -> list[dict]:
-    """A grid search of ERG's settings against CFG at one weight, on tuning conditions.
+    """A search of ERG's settings against CFG at one weight, on tuning conditions.
+
+    Stage 1 is the grid of temperatures x layer sets at the first kickoff and tau_c;
+    stage 2 tries every kickoff and tau_c on the ``search.refine`` best of stage 1.
 
     The tuning set is disjoint from the bench's (held-out conditions after the bench's,
     another noise seed), so the bench reports settings it was not tuned on. Each setting
@@ -295,36 +304,52 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
     cfg_row = scorer.score(G.cfg(weight), scorer.conditions())
     _print_row(f"cfg w={weight:g}", cfg_row)
     tau_cs = tuple(sc.tau_cs) if model.kind == "mmdit" else (1.0,)
-    rows = []
-    for tau_c in tau_cs:
-        conds = scorer.conditions(tau_c=float(tau_c))  # the class model ignores tau_c
-        for tau in sc.taus:
-            for layers in sc.layer_sets:
-                for kappa in sc.kappas:
-                    guider = G.erg(
-                        weight,
-                        energy=Energy(tau=float(tau)),
-                        layers=_parse_layers(layers),
-                        kappa=float(kappa),
-                        condition="auto",  # C-ERG's tempered text where there is one
-                    )
-                    row = scorer.score(guider, conds)
-                    ratios = [row[k] / max(cfg_row[k], 1e-9) for k in _CLAIMED]
-                    row.update(
-                        tau=float(tau),
-                        layers=layers or "all",
-                        kappa=float(kappa),
-                        tau_c=float(tau_c),
-                        worst_ratio=min(ratios),
-                    )
-                    rows.append(row)
-                    _print_row(f"tau {tau:g} layers {layers or 'all'} kappa {kappa:g}", row)
-    rows.sort(key=lambda r: (-r["worst_ratio"], r["fd"]))  # ties: the lower FD first
+    conds = {}
+
+    def score(tau, layers, kappa, tau_c, stage):
+        if tau_c not in conds:  # the class model ignores tau_c
+            conds[tau_c] = scorer.conditions(tau_c=float(tau_c))
+        guider = G.erg(
+            weight,
+            energy=Energy(tau=float(tau)),
+            layers=_parse_layers(layers),
+            kappa=float(kappa),
+            condition="auto",  # C-ERG's tempered text where there is one
+        )
+        row = scorer.score(guider, conds[tau_c])
+        ratios = [row[k] / max(cfg_row[k], 1e-9) for k in _CLAIMED]
+        row.update(
+            tau=float(tau),
+            layers=layers or "all",
+            kappa=float(kappa),
+            tau_c=float(tau_c),
+            stage=stage,
+            worst_ratio=min(ratios),
+        )
+        _print_row(f"tau {tau:g} layers {layers or 'all'} kappa {kappa:g} tau_c {tau_c:g}", row)
+        return row
+
+    # Stage 1: temperature x layers at the first kickoff and tau_c; stage 2: every
+    # kickoff and tau_c for the best `refine` settings of stage 1.
+    first = [
+        score(tau, layers, sc.kappas[0], tau_cs[0], 1)
+        for tau in sc.taus
+        for layers in sc.layer_sets
+    ]
+    first.sort(key=_rank)
+    rows = list(first)
+    for best in first[: int(sc.refine)]:
+        for kappa in sc.kappas:
+            for tau_c in tau_cs:
+                if (kappa, tau_c) != (sc.kappas[0], tau_cs[0]):
+                    layers = "" if best["layers"] == "all" else best["layers"]
+                    rows.append(score(best["tau"], layers, kappa, tau_c, 2))
+    rows.sort(key=_rank)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "search.json"), "w") as f:
         json.dump({"weight": weight, "cfg": cfg_row, "rows": rows}, f, indent=2)
     lines = ["| " + " | ".join(SEARCH_COLUMNS) + " |", "|" + "---|" * len(SEARCH_COLUMNS)]
-    ref = dict(cfg_row, tau="cfg", layers="", kappa="", tau_c="", worst_ratio=1.0)
+    ref = dict(cfg_row, stage="", tau="cfg", layers="", kappa="", tau_c="", worst_ratio=1.0)
     for r in [ref] + rows:
         lines.append(
             "| "
@@ -339,6 +364,10 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
 
 
 _CLAIMED = ("density", "coverage", "consistency")
+
+
+def _rank(row: dict) -> tuple:
+    return (-row["worst_ratio"], row["fd"])  # ties: the lower FD first
 
 
 COLUMNS = ("method", "weight", "fd", "density", "coverage", "consistency", "nfe", "seconds")
@@ -385,10 +414,11 @@ def pareto_plot(rows: list[dict], path: str) -> None:
 
 def run_config(config, workdir: str) -> list[dict]:
     """Loads the demo model and classifier a bench config names, then runs the bench."""
+    from erg_jax.demo_models import resolve
     from erg_jax.models.classifier import load_classifier
 
     model = load_demo(config.model, config.models_dir, tau_c=config.settings.tau_c)
     if config.mode not in ("bench", "search"):
         raise ValueError(f"mode must be 'bench' or 'search', got {config.mode!r}")
     run = run_bench if config.mode == "bench" else run_search
-    return run(model, load_classifier(config.classifier), config, workdir)
+    return run(model, load_classifier(resolve(config.classifier)), config, workdir)

@@ -257,6 +257,31 @@ def _manager(workdir: str, t_cfg):
     )
 
 
+def _initial_params(directory: str, mcfg: dict, abstract: Any) -> Any:
+    """The exported params of an earlier run (train.init_from), checked against the config.
+
+    Fine-tuning starts from them with a fresh optimizer and schedule; the run's own
+    checkpoints take over once it has written one, so a resumed run never reads them again.
+    """
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"train.init_from: {directory!r} is not an exported model folder")
+    saved = checkpoint.read_config(directory)
+    ours = json.loads(json.dumps(checkpoint._jsonable(mcfg)))
+    differ = sorted(k for k in ours if k != "param_dtype" and saved.get(k, ours[k]) != ours[k])
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"train.init_from: {directory!r} has model.{k}={saved[k]!r}, the config "
+            f"{ours[k]!r} (differing fields: {differ})"
+        )
+    params, _ = checkpoint.restore(directory, dtype=jnp.float32)
+    got = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
+    want = jax.tree_util.tree_map(lambda a: tuple(a.shape), abstract)
+    if got != want:
+        raise ValueError(f"train.init_from: {directory!r} params do not fit the model config")
+    return params
+
+
 def _log(workdir: str, row: dict) -> None:
     with open(os.path.join(workdir, METRICS), "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -293,7 +318,11 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> dict:
     state_sh = jax.tree_util.tree_map(lambda _: replicated, abstract)
     manager = _manager(workdir, t_cfg)
     latest = manager.latest_step()
-    if latest is None:
+    if latest is None and t_cfg.get("init_from", ""):
+        params = _initial_params(t_cfg.init_from, mcfg, abstract.params)
+        params = jax.device_put(params, state_sh.params)
+        state = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, p, tx.init(p)))(params)
+    elif latest is None:
         state = jax.jit(lambda r: init_state(mcfg, tx, r), out_shardings=state_sh)(rng)
     else:
         target = jax.tree_util.tree_map(

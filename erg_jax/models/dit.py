@@ -24,7 +24,8 @@ Conventions of the two models (config fields ``prediction`` and ``time``):
 
 Each block's attention runs through ``erg_jax.control`` (SEG blur, energy / PAG in
 ``attend``, SLG skip), so guidance perturbs exactly the layers a control selects;
-``DiTDenoiser.with_attention_map`` also returns a chosen block's attention map (SAG).
+``DiTDenoiser.with_attention_map`` also returns a chosen block's attention map (SAG),
+``with_entropy`` every block's attention entropy at chosen temperatures.
 The presets and their checks are ``erg_jax.models.dit_config``.
 """
 
@@ -44,7 +45,9 @@ from erg_jax.control import (
     capture_received,
     captured_map,
     maybe_blur,
+    probed_entropy,
     skip_block,
+    sow_entropy,
 )
 from erg_jax.models.dit_config import (  # noqa: F401  (re-exported)
     SIZES,
@@ -153,6 +156,7 @@ class Block(nn.Module):
         q, k, v = (qkv[:, :, i].reshape(b, n, s.heads, d // s.heads) for i in range(3))
         q = maybe_blur(q, self.grid, control)
         capture_received(self, q, k, control)  # SAG's map, only where the control asks
+        sow_entropy(self, q, k, control)  # the entropy probe, likewise
         if s.precision is None:
             a = attend(q, k, v, control, implementation=s.implementation)
         else:  # attend takes no precision argument; its einsums read this default.
@@ -363,6 +367,18 @@ class DiTDenoiser:
         p = self.module.s.patch
         grid = (x.shape[0], x.shape[1] // p, x.shape[2] // p)
         return out, captured_map(state, x.shape[0]).reshape(grid)
+
+    def with_entropy(
+        self, x: Array, t: Array, cond: Array | None, attention: AttentionControl
+    ) -> tuple[Array, Array]:
+        """The output and every block's attention entropy at the temperatures of
+        ``attention.probe`` (``control.sow_entropy``): (b, H, W, out), (L, T, b, h)."""
+        if attention.probe is None:
+            raise ValueError("with_entropy needs a control whose probe is set")
+        out, state = self.module.apply(
+            {"params": self.params}, x, t, cond, attention, mutable=["intermediates"]
+        )
+        return out, probed_entropy(state)
 
     def embed_classes(self, labels: Array) -> Array:
         """The (b, D) class embeddings of labels (b,), for annealing them (CADS)."""

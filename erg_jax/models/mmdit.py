@@ -18,7 +18,8 @@ Every attention runs through ``erg_jax.control``: the block's control blurs the 
 tokens' queries (SEG; text queries are never blurred), drives ``attend`` (energy / PAG) in
 the joint attention and, with the same control, in attn2, and can skip the whole block for
 both streams (SLG). Asked to (``capture``, SAG), the joint attention also reports the
-attention its image tokens receive from the image queries.
+attention its image tokens receive from the image queries; asked to (``probe``), its
+attention entropy at chosen temperatures (the denoiser's ``with_entropy``).
 
 Blocks are a Python loop, or with ``scan_blocks`` one ``nn.scan`` per run of blocks
 with the same parameters (``segments``: in SD3.5-medium the dual-attention blocks 0..12,
@@ -49,7 +50,9 @@ from erg_jax.control import (
     capture_received,
     captured_map,
     maybe_blur,
+    probed_entropy,
     skip_block,
+    sow_entropy,
 )
 from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     PRESETS,
@@ -183,6 +186,7 @@ class Attention(nn.Module):
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
             # SAG's map: the image-query / image-key block of the joint attention
             capture_received(self, q, k, control, slice(0, n))
+            sow_entropy(self, q, k, control)  # the entropy probe: joint attention only
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
         img = _dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
@@ -462,8 +466,19 @@ def make_denoiser(config: dict, params: Any):
         grid = (x.shape[0], x.shape[1] // p, x.shape[2] // p)
         return out.astype(jnp.float32), captured_map(state, x.shape[0]).reshape(grid)
 
+    def with_entropy(x: Array, t: Array, cond: dict, attention: AttentionControl):
+        """The velocity and every block's joint-attention entropy at the temperatures of
+        ``attention.probe`` (``control.sow_entropy``), (L, T, b, h)."""
+        if attention.probe is None:
+            raise ValueError("with_entropy needs a control whose probe is set")
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        args = (x, t, cond["context"], cond["pooled"], attention)
+        out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
+        return out.astype(jnp.float32), probed_entropy(state)
+
     denoiser.branched = branched
     denoiser.with_attention_map = with_attention_map
+    denoiser.with_entropy = with_entropy
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])

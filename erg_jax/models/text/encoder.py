@@ -173,16 +173,20 @@ class TextEncoder:
         _, state = self._forward(params, ids, mask, energy, intermediates=True)
         flat = traverse_util.flatten_dict(state["intermediates"])
         per_layer = {int(k[0].split("_")[1]): v[0] for k, v in flat.items() if k[-1] == "entropy"}
-        ent = jnp.stack([per_layer[i].mean(axis=-1) for i in range(self.num_layers)])
+        ent = jnp.stack([per_layer[i] for i in range(self.num_layers)])  # (L, b, n, h)
         w = jnp.ones(ids.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-        return jnp.sum(ent * w, axis=(1, 2)) / jnp.sum(w)
+        return jnp.sum(ent * w[None, :, :, None], axis=(1, 2)) / jnp.sum(w)
 
-    def attention_entropy(self, ids, mask=None, energy: Energy = Energy()) -> jax.Array:
+    def attention_entropy(
+        self, ids, mask=None, energy: Energy = Energy(), *, per_head: bool = False
+    ) -> jax.Array:
         """Mean attention entropy (nats) of each layer, (num_layers,): averaged over heads
-        and over the real (unmasked) query tokens of the batch."""
+        and over the real (unmasked) query tokens of the batch; per_head: (num_layers, h),
+        each head's."""
         _check(energy)
         with self._precision():
-            return self._entropy(self.params, *self._inputs(ids, mask), energy)
+            out = self._entropy(self.params, *self._inputs(ids, mask), energy)
+        return out if per_head else jnp.mean(out, axis=-1)
 
 
 def _check(energy) -> None:
