@@ -6,6 +6,7 @@ from erg_jax.energy import Energy, attention_entropy, energy_attention, hopfield
 __all__ = [
     "AttentionControl",
     "Energy",
+    "Pipeline",
     "attention_entropy",
     "energy_attention",
     "hopfield_energy",
@@ -15,7 +16,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Model loaders import their model code only when first used.
+    # Model loaders import their model code only when first used; Pipeline, the one public
+    # name from the jobs, is the facade over the sampling job (erg_jax.jobs.pipeline): the
+    # library never imports the jobs, only this lookup does, on first use.
+    if name == "Pipeline":
+        from erg_jax.jobs.pipeline import Pipeline
+
+        return Pipeline
     if name == "load_denoiser":
         from erg_jax.models import load_denoiser
 

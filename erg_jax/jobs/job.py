@@ -312,17 +312,24 @@ def _example_inputs(plan: Plan, guider, bspec):
     return plan.params, plan.vae_params, noise, conds, keys, guider
 
 
-def generate(plan: Plan, method: str, indices) -> np.ndarray:
+def make_program(plan: Plan):
+    """The job's jitted (params, vae_params, noise, conds, keys, guider) -> images; one
+    program serves every guider of the same structure and any conditions or seed."""
+    return jax.jit(_generate_fn(plan))
+
+
+def generate(plan: Plan, method: str, indices, program=None) -> np.ndarray:
     """Images of the given global sample indices for one method, as the job draws them,
     without writing files: (len(indices), H, W, 3) float32 in [-1, 1].
 
     The indices are padded to whole batches (the padding rows are dropped), so any
-    subset gives the same images as the full job.
+    subset gives the same images as the full job. ``program``: a ``make_program`` of a
+    plan with the same models and sampler, kept to compile once between calls.
     """
     if method not in plan.methods:
         raise ValueError(f"method must be one of {sorted(plan.methods)}, got {method!r}")
     bspec = _batch_spec(plan)
-    fn = jax.jit(_generate_fn(plan))
+    fn = program if program is not None else make_program(plan)
     idx = np.asarray(indices, np.int64)
     out = []
     for start in range(0, len(idx), plan.batch_size):

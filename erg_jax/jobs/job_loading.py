@@ -356,12 +356,11 @@ def text_folders(t, sources: Sources) -> list[tuple[str, str] | None]:
     return out
 
 
-def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextConditions:
-    """Encodes every prompt once (strong and C-ERG tempered), then frees the encoders."""
+def load_text_encoders(config, mesh, sources: Sources) -> list:
+    """The text encoders on the mesh in text.layout's order (None: a pipeline's absent T5)."""
     from erg_jax.models.text import load_text_encoder
 
     t = config.text
-    prompts, negatives = _prompts(t)
     folders = text_folders(t, sources)
     layers = [int(x) for x in str(t.hidden_layers).split(",")] if t.hidden_layers else []
     encoders = []
@@ -382,14 +381,27 @@ def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextC
                 precision=t.precision or None,
             )
         )
-    conditions = TextConditions(
+    return encoders
+
+
+def encode_prompts(config, encoders, context_width: int, prompts=None) -> TextConditions:
+    """Prompts (None: the config's) encoded strong and C-ERG tempered, negatives as null."""
+    t = config.text
+    own, negatives = _prompts(t)
+    return TextConditions(
         encoders,
-        prompts,
+        own if prompts is None else list(prompts),
         config.guidance.tau_c,
         t.layout,
         negative_prompts=negatives,
         t5_shape=(int(t.max_sequence_length), context_width),
     )
+
+
+def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextConditions:
+    """Encodes every prompt once (strong and C-ERG tempered), then frees the encoders."""
+    encoders = load_text_encoders(config, mesh, sources)
+    conditions = encode_prompts(config, encoders, context_width)
     for enc in encoders:  # the prompts are encoded: give the device memory back
         if enc is not None:
             jax.tree_util.tree_map(lambda a: a.delete(), enc.params)

@@ -66,7 +66,10 @@ class Plan:
     Legend: params / vae_params are placed on the mesh; make_denoiser(params) builds
     the denoiser inside the jitted program (params are arguments, never constants);
     decode(vae_params, latents) -> images; conditions.slots(indices) -> condition slots;
-    conversions: per part converted from model.pretrained, "converted" now or "reused".
+    conversions: per part converted from model.pretrained, "converted" now or "reused";
+    model_config, sources: what the models were built from (another sampler:
+    job_loading.make_sampler(section, model_config, sources)); text_encoders: left on the
+    devices by build_plan(keep_text_encoders=True) to encode other prompts, else None.
     """
 
     config_dict: dict
@@ -88,6 +91,9 @@ class Plan:
     grid_size: int
     conversions: dict
     rules: tuple = sharding.DEFAULT_RULES
+    model_config: dict | None = None
+    sources: Any = None
+    text_encoders: list | None = None
 
 
 def _layers(spec: str, field: str):
@@ -284,7 +290,7 @@ def checked_layout(config):
     return rules, mesh, data
 
 
-def build_plan(config, workdir: str) -> Plan:
+def build_plan(config, workdir: str, *, keep_text_encoders: bool = False) -> Plan:
     """Checks a job config and builds its Plan (see module docstring)."""
     cfg = config.to_dict()
     out, smp = config.output, config.sampler
@@ -303,10 +309,10 @@ def build_plan(config, workdir: str) -> Plan:
     # the mesh context lets kernels outside GSPMD (splash attention) in the text encoders
     # shard themselves over the mesh
     with sharding.mesh_context(mesh, rules):
-        return _load(config, cfg, mesh, rules, methods, sources, text)
+        return _load(config, cfg, mesh, rules, methods, sources, text, keep_text_encoders)
 
 
-def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
+def _load(config, cfg, mesh, rules, methods, sources, text, keep_encoders=False) -> Plan:
     """The Plan's models, conditions and sampler, once every setting is checked."""
     out, smp = config.output, config.sampler
     key = jax.random.key(config.model.init_seed)
@@ -317,10 +323,14 @@ def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
     vae_params, decode = L.load_vae(
         config.vae, mesh, jax.random.fold_in(key, 1), latent[-1], sources
     )
-    embed = None
+    embed, encoders = None, None
     if text:
         width = int(mcfg.get("joint_attention_dim", 0))
-        conditions = L.text_conditions(config, mesh, sources, width)
+        if keep_encoders:
+            encoders = L.load_text_encoders(config, mesh, sources)
+            conditions = L.encode_prompts(config, encoders, width)
+        else:
+            conditions = L.text_conditions(config, mesh, sources, width)
     else:
         ncls = int(mcfg.get("num_classes", 0))
         conditions = ClassConditions(
@@ -350,4 +360,7 @@ def _load(config, cfg, mesh, rules, methods, sources, text) -> Plan:
         grid_size=int(out.grid_size),
         conversions=dict(sources.conversions),
         rules=rules,
+        model_config=mcfg,
+        sources=sources,
+        text_encoders=encoders,
     )
