@@ -9,7 +9,10 @@ The shipped models in models/ were made with (2 shared CPU cores; README has the
 A killed run started again with the same command resumes from its last checkpoint.
 The shipped DiT and MMDiT were first run with ``--config.train.steps=2000`` and then
 resumed from that step's checkpoint with the default 4000 steps (so their learning-rate
-schedule was stretched at step 2000); the classifier ran its default 2000 steps.
+schedule was stretched at step 2000), then fine-tuned from that export (a new workdir,
+``--config.seed=1 --config.train.init_from=models/demo-KIND --config.train.steps=1500
+--config.train.learning_rate=3e-4 --config.train.warmup_steps=50``: the exported
+weights with a fresh optimizer and schedule); the classifier ran its default 2000 steps.
 Variants: dit (class-conditional DiT, pixel space 32x32x3, patch 4), mmdit
 (text-conditional MMDiT on frozen MiniLM-L6 caption encodings), classifier (the
 attribute CNN of the bench), tiny (a DiT trained in seconds, for tests). Every field is

@@ -119,7 +119,7 @@ def run_quickstart(config, workdir: str) -> dict:
     settings = dict(
         tau=g.tau,
         kappa=g.kappa,
-        layers=None,
+        layers=[int(x) for x in g.layers.split(",")] if g.get("layers") else None,
         apg_momentum=-0.5,
         apg_eta=0.0,
         apg_norm_threshold=math.inf,
