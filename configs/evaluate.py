@@ -65,12 +65,14 @@ def get_config(arg=None):
             kappas=(0.0, 0.15, 0.3),
             tau_cs=(1.0, 0.5),  # text model only
             refine=2,
+            # text model, stage 1: C-ERG alone (tau = 1, no I-ERG) at these tau_c
+            cerg_tau_cs=(0.85, 0.7, 0.95, 0.5),
         )
     )
     # ERG's settings found by the search mode (docs/RESULTS.md): the best worst ratio to
     # CFG over density, coverage and consistency, on the tuning conditions
     if arg == "mmdit":
-        c.settings.update(tau=0.6, layers="3", kappa=0.15, tau_c=1.0)
+        c.settings.update(tau=1.0, layers="", kappa=0.0, tau_c=0.7)  # C-ERG alone
     if arg == "dit":  # five blocks
         c.search.layer_sets = ("", "0", "1", "2", "3", "4", "1,2", "2,3", "1,2,3")
         c.settings.update(tau=0.8, layers="2,3")
@@ -78,5 +80,5 @@ def get_config(arg=None):
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
         c.search.taus, c.search.layer_sets, c.search.tau_cs = (0.5,), ("", "0"), (1.0,)
-        c.search.kappas = (0.0,)
+        c.search.kappas, c.search.cerg_tau_cs = (0.0,), ()
     return c

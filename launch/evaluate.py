@@ -15,10 +15,10 @@ flags.DEFINE_string("workdir", "out/eval", "where results.json, results.md, pare
 
 def main(argv):
     del argv
-    rows = run_config(FLAGS.config, FLAGS.workdir)
-    with open(f"{FLAGS.workdir}/results.md") as f:
+    run_config(FLAGS.config, FLAGS.workdir)
+    table = "search.md" if FLAGS.config.mode == "search" else "results.md"
+    with open(f"{FLAGS.workdir}/{table}") as f:
         print(f.read())
-    del rows
 
 
 if __name__ == "__main__":

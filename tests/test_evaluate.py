@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -244,3 +246,19 @@ def test_the_two_class_conditional_readings_of_erg():
     ours, null = (method_guider(m, 2.0, settings).terms[0] for m in ("erg", "erg_null"))
     assert ours.condition == "auto" and null.condition == "null"
     assert float(null.energy.tau) == float(ours.energy.tau) == 0.5
+
+
+@shipped
+@pytest.mark.slow
+def test_search_mode_runs_from_the_launcher_and_prints_its_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", "--config=configs/evaluate.py:tiny"]
+        + ["--config.mode=search", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| stage | tau | layers |" in proc.stdout
+    assert (tmp_path / "search.json").is_file() and not (tmp_path / "results.md").exists()

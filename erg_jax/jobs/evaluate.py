@@ -283,8 +283,9 @@ SEARCH_COLUMNS += ("consistency", "worst_ratio")
 def run_search(model, classifier, config, workdir: str) -> list[dict]:
     """A search of ERG's settings against CFG at one weight, on tuning conditions.
 
-    Stage 1 is the grid of temperatures x layer sets at the first kickoff and tau_c;
-    stage 2 tries every kickoff and tau_c on the ``search.refine`` best of stage 1.
+    Stage 1 is the grid of temperatures x layer sets at the first kickoff and tau_c (on
+    the text model also C-ERG alone at each of ``search.cerg_tau_cs``); stage 2 tries
+    every kickoff and tau_c on the ``search.refine`` best of stage 1.
 
     The tuning set is disjoint from the bench's (held-out conditions after the bench's,
     another noise seed), so the bench reports settings it was not tuned on. Each setting
@@ -336,6 +337,8 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
         for tau in sc.taus
         for layers in sc.layer_sets
     ]
+    if model.kind == "mmdit":  # C-ERG alone: tau = 1 leaves the denoiser's attention as is
+        first += [score(1.0, "", sc.kappas[0], tau_c, 1) for tau_c in sc.cerg_tau_cs]
     first.sort(key=_rank)
     rows = list(first)
     for best in first[: int(sc.refine)]:
