@@ -102,7 +102,7 @@ def run_quickstart(config, workdir: str) -> dict:
     from erg_jax import data, metrics
     from erg_jax.demo_models import resolve
     from erg_jax.jobs import report
-    from erg_jax.jobs.evaluate import load_demo, method_guider
+    from erg_jax.jobs.evaluate import load_demo, method_guider, parse_layers
     from erg_jax.models.classifier import load_classifier
 
     g = config.guidance
@@ -119,7 +119,7 @@ def run_quickstart(config, workdir: str) -> dict:
     settings = dict(
         tau=g.tau,
         kappa=g.kappa,
-        layers=[int(x) for x in g.layers.split(",")] if g.get("layers") else None,
+        layers=parse_layers(g.get("layers", "")),
         apg_momentum=-0.5,
         apg_eta=0.0,
         apg_norm_threshold=math.inf,

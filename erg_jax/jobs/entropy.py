@@ -168,7 +168,6 @@ def load_job_model(config, workdir: str) -> ProbeModel:
     from erg_jax import sharding
     from erg_jax.jobs import job_loading as L
     from erg_jax.jobs.job_setup import checked_layout
-    from erg_jax.models.text import load_text_encoder
 
     job = config.job
     _module(job.model.kind)
@@ -184,40 +183,17 @@ def load_job_model(config, workdir: str) -> ProbeModel:
     n, encoders, texts = config.num_samples, [], []
     if mcfg["kind"] == "mmdit":
         t = job.text
+        # the job's own encoders and conditions; the layouts' own use of padding masks:
+        # "single" masks the padding, sd3 / flux do not
+        loaded = L.load_text_encoders(job, mesh, sources)
         folders = L.text_folders(t, sources)
-        hidden = [int(x) for x in str(t.hidden_layers).split(",")] if t.hidden_layers else []
-        loaded = []
-        for i, pair in enumerate(folders):
-            if pair is None:  # a pipeline without its T5
-                loaded.append(None)
-                continue
-            t5_slot = (t.layout, i) in (("sd3", 2), ("flux", 1))
-            enc = load_text_encoder(
-                pair[0],
-                tokenizer=pair[1],
-                hidden_layer=hidden[i] if i < len(hidden) else -1,
-                max_length=t.max_sequence_length if t5_slot else (t.max_length or None),
-                dtype=t.dtype or "float32",
-                precision=t.precision or None,
-            )
-            loaded.append(enc)
-            # the layouts' own use: "single" masks the padding, sd3 / flux do not
-            encoders.append(
-                (os.path.basename(os.path.normpath(pair[0])), enc, t.layout == "single")
-            )
-        texts = _prompts(t.prompts)
-        negatives = (
-            [p.strip() for p in str(t.negative_prompts).split("|")] if t.negative_prompts else []
-        )
-        width = int(mcfg.get("joint_attention_dim", 0))
-        table = TextConditions(
-            loaded,
-            texts,
-            job.guidance.tau_c,
-            t.layout,
-            negative_prompts=negatives,
-            t5_shape=(int(t.max_sequence_length), width),
-        )
+        encoders = [
+            (os.path.basename(os.path.normpath(pair[0])), enc, t.layout == "single")
+            for pair, enc in zip(folders, loaded, strict=True)
+            if enc is not None
+        ]
+        table = L.encode_prompts(job, loaded, int(mcfg.get("joint_attention_dim", 0)))
+        texts = table.prompts
         conds = table.slots(np.arange(n))
     else:
         ncls = int(mcfg.get("num_classes", 0))

@@ -220,7 +220,8 @@ def forwards(guider: G.Guider, sampler: S.Sampler) -> int:
     return steps + weak * len(guider.terms)
 
 
-def _parse_layers(spec: str) -> list[int] | None:
+def parse_layers(spec: str) -> list[int] | None:
+    """'0,2' -> [0, 2]; '' (every layer) -> None."""
     return None if not spec else [int(x) for x in spec.split(",")]
 
 
@@ -246,7 +247,7 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     """
     scorer = _Scorer(model, classifier, config, start=config.num_real, seed=config.seed)
     settings = config.settings.to_dict()
-    settings["layers"] = _parse_layers(settings["layers"])
+    settings["layers"] = parse_layers(settings["layers"])
     rows = []
     plans = [
         (m, w, False)
@@ -313,7 +314,7 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
         guider = G.erg(
             weight,
             energy=Energy(tau=float(tau)),
-            layers=_parse_layers(layers),
+            layers=parse_layers(layers),
             kappa=float(kappa),
             condition="auto",  # C-ERG's tempered text where there is one
         )
