@@ -2,16 +2,29 @@
 
 from setuptools import find_packages, setup
 
+LAUNCHERS = ("sample", "demo", "train", "convert", "evaluate", "entropy", "report", "benchmark")
+
 setup(
     name="erg-jax",
     version="0.1.0",
     description="Entropy Rectifying Guidance (ERG) and guidance baselines in JAX/Flax",
-    # The shipped demo weights (models/, 15 MB) travel in the wheel as the data-only
-    # package erg_jax_models; erg_jax.demo_models finds them outside a checkout.
-    packages=find_packages(include=["erg_jax", "erg_jax.*", "launch", "configs"])
-    + ["erg_jax_models"],
-    package_dir={"erg_jax_models": "models"},
+    # Every top-level name in site-packages is erg-jax's own: the checkout's launch/,
+    # configs/ and models/ (15 MB of demo weights, found by erg_jax.demo_models) install
+    # as erg_jax_launch, erg_jax_configs and the data-only erg_jax_models, never under the
+    # generic names a checkout runs them by (python -m launch.sample --config=configs/...).
+    packages=find_packages(include=["erg_jax", "erg_jax.*"])
+    + ["erg_jax_launch", "erg_jax_configs", "erg_jax_models"],
+    package_dir={
+        "erg_jax_launch": "launch",
+        "erg_jax_configs": "configs",
+        "erg_jax_models": "models",
+    },
     package_data={"erg_jax_models": ["**/*"]},
+    # Installed, `python -m launch.X` is the command `erg-jax-X`, and a --config of
+    # configs/NAME.py not on disk names the installed copy (launch/__init__.py).
+    entry_points={
+        "console_scripts": [f"erg-jax-{name}=erg_jax_launch:{name}" for name in LAUNCHERS]
+    },
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

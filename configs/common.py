@@ -1,8 +1,8 @@
 """Sections shared by the sampling-job configs (configs/dit.py, configs/sd3.py)."""
 
-import math
-
 import ml_collections
+
+from erg_jax import guidance
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,62 +69,21 @@ def base_config() -> ml_collections.ConfigDict:
             scheduler_overrides="",  # "field=value,...", e.g. "shift=5.0,timestep_spacing=trailing"
         )
     )
+    # A method is a name ("cfg", "erg+apg", "cfg+pag", "erg+cache", ...) and a section of
+    # settings per method or modifier, each handed to erg_jax.guidance.make_guider; the
+    # defaults are the factories' own (erg_jax.guidance.defaults()). scale, shape and
+    # interval are every term's weight, its schedule and its noise-level window.
     c.guidance = ml_collections.ConfigDict(
         dict(
-            methods="cfg,erg",  # comma-separated; "+" composes: erg+apg, erg+cads, cfg+pag
-            scale=4.0,  # w for every method
-            rescale=0.0,  # CFG rescale phi
-            schedule="constant",  # constant / linear / cosine
-            interval_min=0.0,
-            interval_max=1.0,
-            # ERG: I-ERG energy in `layers` after the kickoff kappa; C-ERG tau_c (text)
-            image_energy=True,
-            tau=0.5,
-            alpha=1.0,
-            gamma=1.0,
-            energy_steps=1,
-            layers="",  # "" = all layers, or "3,4,5"
-            kappa=0.0,
-            kappa_unit="noise",  # "noise": on while t <= 1 - kappa; "steps": from that share
-            tau_c=1.0,
+            methods="cfg,erg",  # comma-separated
+            scale=4.0,  # w of every term (1 = no guidance)
+            shape="constant",  # constant / linear / cosine
+            interval=(0.0, 1.0),  # noise levels where guidance is on
             # FLUX.1 [dev]'s guidance embedding (FluxPipeline's guidance_scale), the same in
             # every branch; 0 for models without one (schnell, SD3, DiT)
             distilled=0.0,
-            # ERG's weak condition: "" = the tempered text (C-ERG) or the strong condition
-            # (class-conditional: the paper's reading); "null" = tempered null branch
-            erg_condition="",
-            apg_momentum=0.0,
-            apg_norm_threshold=math.inf,
-            apg_eta=0.0,
-            cads_tau1=0.6,
-            cads_tau2=0.9,
-            cads_noise_scale=0.25,
-            cads_psi=1.0,
-            # combination rules (methods cfg_zero_star, tcfg, mambo, fdg, apg_mix, or
-            # "+name" after any method; apg_mix takes APG's numbers from apg_*)
-            zero_star_steps=1,  # CFG-Zero*: sampler steps with zero velocity first
-            mambo_alpha=8.0,  # MAMBO-G: decay of w with |D_s - D_w| / |D_w|
-            fdg_scales="",  # FDG band weights, finest first, e.g. "10,5"; "" = scale twice
-            fdg_parallel=1.0,  # FDG: weight of each band's component parallel to D_s
-            apg_mix_scale=10.0,  # APG-Mix: APG's weight after the CFG steps
-            apg_mix_cfg_steps=6,  # APG-Mix: sampler steps of CFG first
-            # PAG / SEG / SLG layers: "" = every layer; each architecture's config sets
-            # the layers their papers use. Their w is the papers' scale + 1.
-            pag_layers="",
-            seg_sigma=math.inf,
-            seg_layers="",
-            slg_layers="",
-            # SAG: the block whose self-attention map picks the blurred region; "" = the
-            # model's middle block (the reference takes the U-Net's middle block)
-            sag_layer="",
-            sag_sigma=1.0,  # SAG's blur in latent pixels (kernel 9), as the reference
-            slg_interval="",  # "lo,hi" noise levels of SLG alone; "" = interval_min/max
-            # weak branches every cache_every-th step inside the noise levels
-            # [cache_t_min, cache_t_max], their difference reused between; 1 = every step
-            cache_every=1,
-            cache_t_min=0.0,
-            cache_t_max=1.0,
-            sweep="",  # e.g. "scale=2,3,4": every method at each value, compiled once
+            sweep="",  # "scale=2,3,4" or "erg.tau=0.3,0.5": every method at each value
+            **guidance.defaults(),
         )
     )
     # Devices per mesh axis within a slice (one size may be -1: the devices left over) and

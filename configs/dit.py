@@ -22,7 +22,7 @@ Variants: xl2_512 (default), xl2_256, sit_xl2_256, tiny (random weights).
 
 ERG on a class-conditional model has two readings (docs/METHOD.md): by default the weak
 branch keeps the class and only its attention is tempered (the paper's c_tau = c: no
-guidance before the kickoff); ``--config.guidance.erg_condition=null`` tempers the
+guidance before the kickoff); ``--config.guidance.erg.condition=null`` tempers the
 null-class branch instead (CFG before the kickoff). On the shipped class model the first
 gives the better FD, the second the higher consistency (docs/RESULTS.md).
 
@@ -37,7 +37,10 @@ of no ERG setting specific to 512px, so the ERG fields are the same too.
 is one, else DDPM ancestral sampling as in the DiT paper; name "ddim" or "ddpm" to choose.
 """
 
-from configs.common import base_config
+try:  # erg-jax's own name: the installed wheel, or this folder under pip install -e
+    from erg_jax_configs.common import base_config
+except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
+    from configs.common import base_config
 
 VARIANTS = ("xl2_512", "xl2_256", "sit_xl2_256", "tiny")
 
@@ -52,10 +55,10 @@ def get_config(arg=None):
     c.vae.preset = "sd"
     c.guidance.methods = "cfg,erg"
     c.guidance.scale = 1.5  # DiT's FID scale at 256 and 512px (module docstring)
-    c.guidance.layers = "10,11,12,13,14,15,16,17"
+    c.guidance.erg.layers = "10,11,12,13,14,15,16,17"
     # PAG in block 1 (diffusers' default for its transformer pipelines), SEG and SLG in
     # the middle block (the mid-block of the U-Nets their papers perturb).
-    c.guidance.pag_layers, c.guidance.seg_layers, c.guidance.slg_layers = "1", "14", "14"
+    c.guidance.pag.layers, c.guidance.seg.layers, c.guidance.slg.layers = "1", "14", "14"
     c.sampler.solver, c.sampler.steps = "", 250  # "": the scheduler's own, else DDPM
     if arg == "xl2_512":
         c.model.preset, c.model.sample_size = "XL/2", 64
@@ -70,8 +73,8 @@ def get_config(arg=None):
         c.model.scan_blocks = False
         c.vae.random_init = True
         c.vae.preset = "tiny"
-        c.guidance.layers = ""
-        c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "1"
+        c.guidance.erg.layers = ""
+        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "1"
         c.guidance.scale = 3.0
         c.sampler.solver, c.sampler.steps = "ddim", 6
         c.sampler.batch_size = 8

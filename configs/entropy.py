@@ -19,8 +19,12 @@ entropy_denoiser.png, entropy_heads.png, entropy_text.png (text models).
 
 import ml_collections
 
-from configs import dit, sd3
-from configs.common import base_config
+try:  # erg-jax's own name: the installed wheel, or this folder under pip install -e
+    from erg_jax_configs import dit, sd3
+    from erg_jax_configs.common import base_config
+except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
+    from configs import dit, sd3
+    from configs.common import base_config
 
 VARIANTS = ("mmdit", "dit", "sd3_tiny", "dit_tiny")
 

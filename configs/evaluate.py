@@ -14,9 +14,9 @@ conditions and noise disjoint from the bench's:
         --workdir=out/search_text
 """
 
-import math
-
 import ml_collections
+
+from erg_jax import guidance
 
 VARIANTS = ("mmdit", "dit", "tiny")
 
@@ -38,20 +38,10 @@ def get_config(arg=None):
     c.uncond_methods = "none,seg,erg"
     c.weights = (2.0, 4.0)
     c.tau_c_values = (0.5, 2.0)  # C-ERG alone at weights[0], text model only
-    c.settings = ml_collections.ConfigDict(
-        dict(
-            tau=0.8,
-            tau_c=0.5,
-            kappa=0.0,
-            layers="",
-            apg_momentum=-0.5,
-            apg_eta=0.0,
-            apg_norm_threshold=math.inf,
-            cads_tau1=0.6,
-            cads_tau2=0.9,
-            cads_noise_scale=0.25,
-        )
-    )
+    # the guiders' settings, a section per method as in the sampling jobs (configs/common.py)
+    c.guidance = ml_collections.ConfigDict(guidance.defaults())
+    c.guidance.erg.update(tau=0.8, tau_c=0.5)
+    c.guidance.apg.momentum = -0.5
     c.mode = "bench"  # or "search": ERG's settings against CFG on tuning conditions
     c.search = ml_collections.ConfigDict(
         dict(
@@ -72,13 +62,15 @@ def get_config(arg=None):
     # ERG's settings found by the search mode (docs/RESULTS.md): the best worst ratio to
     # CFG over density, coverage and consistency, on the tuning conditions
     if arg == "mmdit":
-        c.settings.update(tau=1.0, layers="", kappa=0.0, tau_c=0.7)  # C-ERG alone
+        c.guidance.erg.update(tau=1.0, layers="", kappa=0.0, tau_c=0.7)  # C-ERG alone
     if arg == "dit":  # five blocks
         c.search.layer_sets = ("", "0", "1", "2", "3", "4", "1,2", "2,3", "1,2,3")
-        c.settings.update(tau=0.8, layers="2,3")
+        c.guidance.erg.update(tau=0.8, layers="2,3", tau_c=1.0)  # no text encoder
+        c.guidance.pag.layers = c.guidance.seg.layers = "2,3"
     if arg == "tiny":
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
         c.search.taus, c.search.layer_sets, c.search.tau_cs = (0.5,), ("", "0"), (1.0,)
         c.search.kappas, c.search.cerg_tau_cs = (0.0,), ()
+        c.guidance.erg.tau_c = 1.0  # the class model: no text encoder
     return c

@@ -41,7 +41,10 @@ the text encoders in bfloat16 (T5-XXL ~9.5 GB so, the transformer ~24 GB, sharde
 the devices by fsdp), the VAE in float32.
 """
 
-from configs.common import base_config
+try:  # erg-jax's own name: the installed wheel, or this folder under pip install -e
+    from erg_jax_configs.common import base_config
+except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
+    from configs.common import base_config
 
 VARIANTS = ("dev", "schnell", "tiny")
 
@@ -64,16 +67,16 @@ def get_config(arg=None):
     # top with weight scale (not tuned here: a starting point).
     c.guidance.methods = "none,erg"
     c.guidance.scale = 2.0
-    c.guidance.tau = 0.5
-    c.guidance.tau_c = 0.5
-    c.guidance.kappa = 0.1
+    c.guidance.erg.tau = 0.5
+    c.guidance.erg.tau_c = 0.5
+    c.guidance.erg.kappa = 0.1
     # No published layers for FLUX.1: ours are 8 middle single-stream blocks for I-ERG
     # (the 34 layers before them run once for both branches) and the middle single block
     # for PAG, SEG and SAG (their papers perturb the middle block); SLG skips blocks 7-9
     # over the first steps, SD3.5's recipe carried over untested.
-    c.guidance.layers = "34,35,36,37,38,39,40,41"
-    c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.sag_layer = "38"
-    c.guidance.slg_layers, c.guidance.slg_interval = "7,8,9", "0.92,0.99"
+    c.guidance.erg.layers = "34,35,36,37,38,39,40,41"
+    c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.sag.layer = "38"
+    c.guidance.slg.layers, c.guidance.slg.interval = "7,8,9", (0.92, 0.99)
     if arg == "dev":
         c.sampler.steps = 28  # FluxPipeline's default
         c.guidance.distilled = 3.5  # FluxPipeline's default guidance_scale
@@ -99,9 +102,9 @@ def get_config(arg=None):
         c.text.max_length = 16
         c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
         c.guidance.distilled = 3.5
-        c.guidance.layers = "2,3"  # the two single blocks (layers 0, 1 are double)
-        c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "2"
-        c.guidance.sag_layer = "2"
+        c.guidance.erg.layers = "2,3"  # the two single blocks (layers 0, 1 are double)
+        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "2"
+        c.guidance.sag.layer = "2"
         c.sampler.steps = 4
         c.sampler.batch_size = 8
         c.output.num_samples = 8

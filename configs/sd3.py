@@ -35,7 +35,10 @@ bfloat16 (model.dtype / model.param_dtype), the text encoders in bfloat16 (text.
 T5-XXL is ~9.5 GB so), the VAE in float32 (vae.dtype).
 """
 
-from configs.common import base_config
+try:  # erg-jax's own name: the installed wheel, or this folder under pip install -e
+    from erg_jax_configs.common import base_config
+except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
+    from configs.common import base_config
 
 VARIANTS = ("medium", "large", "tiny")
 
@@ -53,25 +56,25 @@ def get_config(arg=None):
     c.sampler.solver, c.sampler.steps, c.sampler.shift = "euler", 28, 3.0
     c.guidance.methods = "cfg,erg"
     c.guidance.scale = 4.5
-    c.guidance.tau = 0.5
-    c.guidance.tau_c = 0.5
-    c.guidance.kappa = 0.1
+    c.guidance.erg.tau = 0.5
+    c.guidance.erg.tau_c = 0.5
+    c.guidance.erg.kappa = 0.1
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.text.dtype = "bfloat16"
     # The baselines' published layers: PAG in block 1 (diffusers' SD3 PAG pipeline), SLG
     # skipping 7-9 over 1-20% of the steps (Stability's SD3.5 recipe, added to CFG as
     # "cfg+slg": at 28 steps and shift 3 those are steps 1-5, noise levels 0.93-0.99),
     # SEG in the middle block (its paper blurs SD's mid-block attention).
-    c.guidance.pag_layers, c.guidance.slg_layers = "1", "7,8,9"
-    c.guidance.slg_interval = "0.92,0.99"
+    c.guidance.pag.layers, c.guidance.slg.layers = "1", "7,8,9"
+    c.guidance.slg.interval = (0.92, 0.99)
     if arg == "medium":
         c.model.preset = "sd3.5-medium"
-        c.guidance.layers = "8,9,10,11,12"
-        c.guidance.seg_layers = "12"
+        c.guidance.erg.layers = "8,9,10,11,12"
+        c.guidance.seg.layers = "12"
     elif arg == "large":
         c.model.preset = "sd3.5-large"
-        c.guidance.layers = "16,17,18,19,20,21,22,23"
-        c.guidance.seg_layers = "19"
+        c.guidance.erg.layers = "16,17,18,19,20,21,22,23"
+        c.guidance.seg.layers = "19"
         c.mesh.fsdp = -1
         c.mesh.data = 1
     else:
@@ -90,8 +93,8 @@ def get_config(arg=None):
         c.text.hidden_layers = "-1"
         c.text.max_length = 16
         c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
-        c.guidance.layers = ""
-        c.guidance.pag_layers = c.guidance.seg_layers = c.guidance.slg_layers = "1"
+        c.guidance.erg.layers = ""
+        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "1"
         c.sampler.steps = 4
         c.sampler.batch_size = 8
         c.output.num_samples = 8

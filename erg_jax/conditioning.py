@@ -64,7 +64,9 @@ class ClassConditions:
             return np.full(len(indices), self.num_classes, np.int32)
         return np.asarray(self.classes, np.int32)[np.asarray(indices) % len(self.classes)]
 
-    def slots(self, indices: np.ndarray) -> dict:
+    def slots(self, indices: np.ndarray, tau_c: float | None = None) -> dict:
+        if tau_c not in (None, 1.0):
+            raise ValueError(f"class labels have no text encoder to temper (tau_c {tau_c})")
         null = np.full(len(indices), self.num_classes, np.int32)
         return {"cond": self.labels(indices), "null": null}
 
@@ -89,7 +91,8 @@ class TextConditions:
         (clip_l, clip_g, t5) for "sd3", where t5 may be None (SD3 without its T5: the
         pipeline then feeds zeros of ``t5_shape``), or (clip_l, t5) for "flux".
       prompts: the prompts, cycled over sample indices; empty = unconditional.
-      tau_c: C-ERG's temperature in every encoder layer (1 = no C-ERG).
+      tau_c: C-ERG's temperature in every encoder layer (1 = no C-ERG), or several:
+        each is encoded in the same vmapped call, and ``slots(indices, tau_c)`` picks one.
       layout: "single", "sd3" or "flux".
       negative_prompts: cycled over sample indices as the prompts are; empty = "".
       t5_shape: (tokens, width) of the zero T5 encoding when the sd3 layout has no T5.
@@ -99,7 +102,7 @@ class TextConditions:
         self,
         encoders: Sequence,
         prompts: Sequence[str],
-        tau_c: float,
+        tau_c: float | Sequence[float],
         layout: str = "single",
         negative_prompts: Sequence[str] = (),
         t5_shape: tuple[int, int] | None = None,
@@ -115,7 +118,9 @@ class TextConditions:
         self.negatives = list(negative_prompts) or [""]
         texts = list(dict.fromkeys(self.prompts + self.negatives))
         self._row = {text: i for i, text in enumerate(texts)}
-        energies = [Energy(), Energy(tau=float(tau_c))]
+        values = [float(v) for v in (tau_c if isinstance(tau_c, Sequence) else [tau_c])]
+        self.tau_cs = list(dict.fromkeys(values or [1.0]))
+        energies = [Energy()] + [Energy(tau=v) for v in self.tau_cs]
         outs = []
         for enc in encoders:
             if enc is None:
@@ -126,30 +131,33 @@ class TextConditions:
             # token attends to the padding), so their encoders are called the same way.
             out = enc.encode_branches(ids, mask if layout == "single" else None, energies)
             outs.append((out, np.asarray(mask)))
-        both = _combine(outs, layout, t5_shape)
-        strong, tempered = ({k: v[b] for k, v in both.items()} for b in (0, 1))
-        self.table = {
-            "cond": jax.tree_util.tree_map(np.asarray, strong),
-            "tempered": jax.tree_util.tree_map(np.asarray, tempered),
-        }
+        both = jax.tree_util.tree_map(np.asarray, _combine(outs, layout, t5_shape))
+        self.table = {"cond": {k: v[0] for k, v in both.items()}}
+        for b, value in enumerate(self.tau_cs, 1):
+            self.table[("tempered", value)] = {k: v[b] for k, v in both.items()}
 
     def _rows(self, texts: list[str], indices: np.ndarray) -> np.ndarray:
         return np.asarray([self._row[texts[i % len(texts)]] for i in np.asarray(indices)])
 
-    def slots(self, indices: np.ndarray) -> dict:
+    def slots(self, indices: np.ndarray, tau_c: float | None = None) -> dict:
+        """'cond', 'tempered' (at ``tau_c``; None: the first encoded) and 'null'."""
+        tau_c = self.tau_cs[0] if tau_c is None else float(tau_c)
+        if ("tempered", tau_c) not in self.table:
+            raise ValueError(f"tau_c {tau_c} was not encoded; encoded: {self.tau_cs}")
         null_rows = self._rows(self.negatives, indices)
 
         def take(table, r):
             return {k: v[r] for k, v in table.items()}
 
+        tempered = self.table[("tempered", tau_c)]
         if not self.prompts:  # unconditional: the (negative or empty) prompt everywhere
             cond = take(self.table["cond"], null_rows)
             # C-ERG still tempers the encoder on that prompt (tau_c = 1: the same encoding)
-            return {"cond": cond, "tempered": take(self.table["tempered"], null_rows), "null": cond}
+            return {"cond": cond, "tempered": take(tempered, null_rows), "null": cond}
         rows = self._rows(self.prompts, indices)
         return {
             "cond": take(self.table["cond"], rows),
-            "tempered": take(self.table["tempered"], rows),
+            "tempered": take(tempered, rows),
             "null": take(self.table["cond"], null_rows),
         }
 

@@ -10,8 +10,8 @@ TCFG, FDG, MAMBO-G, APG-Mix). Per step it names every branch's condition
 (``conditions``, CADS-annealed where enabled) and attention control (``controls``: I-ERG
 energy after the kickoff, PAG identity, SEG blur, SLG skips), then ``combine``s the
 branches' x0 estimates. SAG's weak branch changes the input instead, from the strong
-branch's output; the sampler builds it (``erg_jax.sag``). The constructors live in
-``erg_jax.guidance``.
+branch's output: a staged branch, built through ``strong_pass`` and ``staged_inputs``
+(``erg_jax.sag``). The constructors live in ``erg_jax.guidance``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from erg_jax import sag as SAG
 from erg_jax.control import AttentionControl
 from erg_jax.energy import Energy, known_one
-from erg_jax.rules import APG, apg_project, per_sample, rule_delta
+from erg_jax.rules import APG, ZeroStar, apg_project, per_sample, rule_delta
 from erg_jax.schedules import WeightSchedule
 
 Array = jax.Array
@@ -77,6 +78,7 @@ class Term:
     kappa: Any = 0.0
     kappa_unit: str = struct.field(pytree_node=False, default="noise")
     energy_steps: int = struct.field(pytree_node=False, default=1)
+    tau_c: Any = 1.0  # C-ERG: the text encoder's temperature of the "tempered" condition
     identity_layers: Any = None
     blur_sigma: Any = None
     blur_layers: Any = None
@@ -109,6 +111,23 @@ class Guider:
     @property
     def num_branches(self) -> int:
         return 1 + len(self.terms)
+
+    @property
+    def staged(self) -> tuple[int, ...]:
+        """Branches (strong = 0) whose input is built from the strong branch's output
+        (SAG's weak branch); the sampler runs them after all others, through
+        ``strong_pass`` and ``staged_inputs``."""
+        return tuple(i for i, term in enumerate(self.terms, 1) if term.uses_sag)
+
+    def strong_pass(self, den, x, t, cond, control, num_layers: int) -> tuple[Array, Any]:
+        """The strong branch's raw output and what the staged branches need from it (SAG:
+        its attention map in the chosen layer, ``erg_jax.sag``)."""
+        return SAG.strong_pass(self, den, x, t, cond, control, num_layers)
+
+    def staged_inputs(self, x: Array, x0: Array, found: Any, a) -> list[Array]:
+        """The input of every staged branch, in ``staged``'s order, from x_t (b, H, W, C),
+        the strong x0 estimate, what ``strong_pass`` found and x_t's signal coefficient."""
+        return SAG.staged_inputs(self, x, x0, found, a)
 
     def init_state(self, x: Array) -> tuple:
         """Per term: its rule's state, APG's momentum buffer (like x), or None."""
@@ -188,7 +207,7 @@ class Guider:
         x, a, s (x_t = a x0 + s eps) are needed by rules outside the x0 space; index is the
         sampler's step number (CFG-Zero*'s zero steps, APG-Mix's switch)."""
         strong = preds[0].astype(jnp.float32)
-        out = strong
+        out, zeroed = strong, None
         new_state = []
         for term, weak, buf in zip(self.terms, preds[1:], state, strict=True):
             weak = weak.astype(jnp.float32)
@@ -196,6 +215,8 @@ class Guider:
                 args = (strong, weak, term.weight(t), buf, index, x, a, s)
                 delta, buf = rule_delta(term.rule, *args)
                 out = out + delta
+                if isinstance(term.rule, ZeroStar):
+                    zeroed = (term.rule.zeroes(index), strong + delta)
             else:
                 diff = strong - weak
                 if term.apg is not None:
@@ -203,6 +224,8 @@ class Guider:
                 out = out + (term.weight(t) - 1.0) * diff
             new_state.append(buf)
         out = _rescale(out, strong, self.rescale)
+        if zeroed is not None:  # CFG-Zero*'s zero step: its zero prediction once, not per term
+            out = jnp.where(*zeroed, out)
         return out.astype(preds[0].dtype), tuple(new_state)
 
 
@@ -273,6 +296,11 @@ def check_layers(guider: Guider, num_layers: int) -> None:
                     f"{guider.name}: sag layer weights must have shape ({num_layers},), "
                     f"got {layer.shape}"
                 )
+
+
+def check_denoisers(guider: Guider, denoisers: Sequence) -> None:
+    """Refuses denoisers (and guider settings) a staged branch cannot run with."""
+    SAG.check_sag(guider, denoisers)
 
 
 def _kicked_off(term: Term, t, progress):

@@ -15,7 +15,8 @@ the x0 change -(s / a) delta, in "velocity" -(s / (a + s)) delta. At a = 0 (pure
 every eps estimate equals x_t and says nothing about x0: an eps rule adds nothing there.
 
 - CFG-Zero* (Fan et al. 2025, arXiv 2503.18886; velocity): the weak prediction scaled by
-  s* = <D_s, D_w> / |D_w|^2 per sample, and zero velocity for the first ``zero_steps``.
+  s* = <D_s, D_w> / |D_w|^2 per sample, and zero velocity for the first ``zero_steps``
+  (the guided prediction's, once, however many terms carry the rule).
 - TCFG (Kwon et al. 2025, arXiv 2503.18137; eps): the weak prediction projected onto the
   first right singular vector of the (2, n) matrix [D_s; D_w] of each sample.
 - FDG (Sadat et al. 2025, arXiv 2506.19713; x0): the difference split into Laplacian
@@ -24,7 +25,7 @@ every eps estimate equals x_t and says nothing about x0: an eps rule adds nothin
 - MAMBO-G (arXiv 2508.03442; velocity): w becomes 1 + (w - 1) exp(-alpha r) with
   r = |D_s - D_w| / |D_w| per sample.
 - APG-Mix (HunyuanImage 2.1; x0): CFG for the first ``cfg_steps`` steps while APG's
-  momentum accumulates, then APG with its own weight.
+  momentum accumulates, then APG with its own weight, only where the term's is on.
 
 Every number is traced (a sweep compiles once); the number of FDG bands and the space are
 static. ``index`` is the sampler's step number (0 first).
@@ -96,7 +97,13 @@ def check_apg(momentum, norm_threshold, eta) -> APG:
 
 @struct.dataclass
 class ZeroStar:
-    """CFG-Zero*: optimised weak scale and zero-velocity first steps."""
+    """CFG-Zero*: optimised weak scale and zero-velocity first steps.
+
+    On a zero step (``zeroes``) the change is -D_s: by itself it takes the strong
+    prediction to zero in ``space``. It is the whole guided prediction, not one term's
+    share: every term of ``with_zero_star`` carries the rule, so the guider puts
+    D_s + this change in place of the sum of the terms' changes (``Guider.combine``).
+    """
 
     zero_steps: Any = 1
     space: str = struct.field(pytree_node=False, default="velocity")
@@ -104,10 +111,13 @@ class ZeroStar:
     def init(self, x):
         return None
 
+    def zeroes(self, index):
+        return index < self.zero_steps
+
     def delta(self, strong, weak, w, state, index):
         s_star = per_sample(jnp.sum, strong * weak) / (per_sample(jnp.sum, weak * weak) + 1e-8)
         d = (w - 1.0) * (strong - s_star * weak)
-        return jnp.where(index < self.zero_steps, -strong, d), state
+        return jnp.where(self.zeroes(index), -strong, d), state
 
 
 def tangential_weak(strong, weak):
@@ -262,7 +272,14 @@ class Frequency:
 
 @struct.dataclass
 class Mix:
-    """APG-Mix: CFG (the term's weight) for ``cfg_steps`` steps, then APG at ``scale``."""
+    """APG-Mix: CFG (the term's weight) for ``cfg_steps`` steps, then APG at ``scale``.
+
+    APG runs only while the term's guidance is on, w(t) != 1, as diffusers' APG-Mix runs
+    APG only while its CFG is enabled: outside the guidance interval, at a schedule's
+    value 1 and at scale 1 the change is 0 and the momentum does not accumulate. The
+    weight gates APG, it does not scale it: a shaped schedule (linear, cosine) switches
+    APG on wherever w(t) != 1, at the full ``scale``.
+    """
 
     apg: APG = APG(momentum=-0.5, norm_threshold=10.0)
     scale: Any = 10.0
@@ -273,10 +290,12 @@ class Mix:
         return jnp.zeros_like(x)
 
     def delta(self, strong, weak, w, buf, index):
+        on = w != 1.0
         diff = strong - weak
-        projected, buf = apg_project(diff, strong, buf, self.apg)
-        late = (self.scale - 1.0) * projected
-        return jnp.where(index < self.cfg_steps, (w - 1.0) * diff, late), buf
+        projected, new_buf = apg_project(diff, strong, buf, self.apg)
+        late = jnp.where(on, (self.scale - 1.0) * projected, 0.0)
+        change = jnp.where(index < self.cfg_steps, (w - 1.0) * diff, late)
+        return change, jnp.where(on, new_buf, buf)
 
 
 # ---- spaces ------------------------------------------------------------------------

@@ -22,7 +22,9 @@ Transformers in place of the paper's U-Net: the layer is any block (default the 
 one), the map is the block's attention over its image tokens (an MMDiT's joint attention:
 its image-query / image-key block, text keys kept in the softmax), a token stands for its
 patch of latent pixels. The weak branch needs the strong one's output, so SAG runs two
-forwards one after the other, not one batched pair. ``samplers.evaluate`` runs them.
+forwards one after the other, not one batched pair: its weak branch is a staged one,
+run by the sampler through the guider's ``strong_pass`` and ``staged_inputs``, which call
+this module's functions of those names.
 
 A model takes part through ``control.capture_received`` in its attention and a
 ``with_attention_map`` on its denoiser (the DiT, the MMDiT and FLUX.1, which passes its
@@ -160,6 +162,22 @@ def strong_with_map(den, x, t, cond, control, layer, num_layers: int) -> tuple[A
     weights = capture_weights(layer, num_layers)
     control = AttentionControl() if control is None else control
     return den.with_attention_map(x, t, cond, control.replace(capture=weights))
+
+
+def strong_pass(guider, den, x, t, cond, control, num_layers: int) -> tuple[Array, Array]:
+    """``Guider.strong_pass``: the strong branch with the map its SAG term reads (the
+    first one's; ``check_sag`` allows one).
+
+    Returns:
+      The raw output, and the map (b, gh, gw) on the token grid.
+    """
+    term = next(term for term in guider.terms if term.uses_sag)
+    return strong_with_map(den, x, t, cond, control, term.sag_layer, num_layers)
+
+
+def staged_inputs(guider, x: Array, x0: Array, received: Array, a) -> list[Array]:
+    """``Guider.staged_inputs``: x_t' of every SAG term, in the order of its terms."""
+    return [weak_input(x, x0, received, a, t.sag_sigma) for t in guider.terms if t.uses_sag]
 
 
 def check_sag(guider, denoisers) -> None:

@@ -7,8 +7,8 @@ posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15). A
 ``grid`` replaces our even grids with a reference scheduler's (``erg_jax.grids``).
 
 One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
-to an x0 estimate -> ``guider.combine`` -> the solver's update (SAG: a second forward on
-an input built from the first, ``erg_jax.sag``). Randomness comes only
+to an x0 estimate -> ``guider.combine`` -> the solver's update (a staged branch, SAG's:
+a second forward on an input the guider builds from the first). Randomness comes only
 from the per-sample keys (DDPM noise: fold_in(key_i, step)), so a sample does not depend
 on the batch it is in.
 """
@@ -24,8 +24,8 @@ import numpy as np
 from flax import struct
 
 from erg_jax import predictions as P
-from erg_jax import sag as SAG
-from erg_jax.guider import Guider, check_layers
+from erg_jax.branches import map_branches
+from erg_jax.guider import Guider, check_denoisers, check_layers
 
 Array = jax.Array
 Denoiser = Callable[..., Array]
@@ -215,21 +215,21 @@ def evaluate(
     Branches of one model run together (``map_branches``); when they also share their
     condition and the denoiser offers ``branched(x, t, cond, controls)`` (DiT, MMDiT), it
     runs everything before the first perturbed layer once (``models.shared_prefix``).
-    A SAG term's weak branch needs the strong output: the strong branch runs first, alone,
-    with its attention map, then the rest, then SAG's weak branch on x_t' (``sag``)."""
+    A staged branch (``guider.staged``, SAG's weak one) needs the strong output: the
+    strong branch runs first, alone (``guider.strong_pass``), then the rest, then the
+    staged ones on the inputs the guider builds from it (``guider.staged_inputs``)."""
     b = x.shape[0]
     native = jnp.broadcast_to(point.native, (b,))
     branch_conds = guider.conditions(conds, point.t, keys, step)
     controls = guider.controls(point.t, num_layers, progress)
     slots = _slots(guider, conds)
     raw = [None] * guider.num_branches
-    sag = [(i, t) for i, t in enumerate(guider.terms, 1) if t.uses_sag]
-    if sag:
-        args = (native, branch_conds[0], controls[0], sag[0][1].sag_layer, num_layers)
-        raw[0], received = SAG.strong_with_map(denoisers[0], x, *args)
-    later = {i for i, _ in sag}  # SAG's weak branches: run last
+    staged = guider.staged
+    if staged:
+        args = (native, branch_conds[0], controls[0], num_layers)
+        raw[0], found = guider.strong_pass(denoisers[0], x, *args)
     for m in sorted(set(guider.models)):
-        idx = [i for i, mi in enumerate(guider.models) if mi == m and i not in later]
+        idx = [i for i, mi in enumerate(guider.models) if mi == m and i not in staged]
         idx = [i for i in idx if raw[i] is None]
         if not idx:
             continue
@@ -250,11 +250,12 @@ def evaluate(
             out = map_branches(lambda c, a, den=den: den(x, native, c, a), cs, ctl)
         for j, i in enumerate(idx):
             raw[i] = out[j]
-    for i, term in sag:
+    if staged:
         (x0,), _ = _to_x0(raw[:1], x, point, sampler)
-        x_weak = SAG.weak_input(x, x0, received, point.a, term.sag_sigma)
-        # read at x_t, not x_t': the guided x0 is the reference's sum of raw outputs
-        raw[i] = denoisers[term.model](x_weak, native, branch_conds[i], controls[i])
+        inputs = guider.staged_inputs(x, x0, found, point.a)
+        for i, x_i in zip(staged, inputs, strict=True):
+            # read at x_t, not x_i: the guided x0 is the reference's sum of raw outputs
+            raw[i] = denoisers[guider.models[i]](x_i, native, branch_conds[i], controls[i])
     return _to_x0(raw, x, point, sampler)
 
 
@@ -311,18 +312,6 @@ def initial_carry(guider: Guider, x: Array) -> tuple:
     return x, (state, (diffs, jnp.zeros((), jnp.int32)))
 
 
-def map_branches(fn: Callable, *xs: Any) -> Any:
-    """``fn`` over the leading (branch) axis of xs, results stacked.
-
-    On accelerators one ``vmap``; on CPU one branch after another (``lax.map``): there a
-    doubled batch costs more than twice (DiT-S/2, batch 8: a CFG step took 3.4x an
-    unguided one through the vmap and 1.95x branch by branch; ``launch.benchmark``).
-    """
-    if jax.default_backend() == "cpu":
-        return jax.lax.map(lambda a: fn(*a), xs)
-    return jax.vmap(fn)(*xs)
-
-
 def _slots(guider: Guider, conds) -> list[str]:
     """The condition slot of every branch (strong first); CADS anneals equal slots
     equally, so branches with one slot have one condition."""
@@ -349,7 +338,7 @@ def make_step(
     weak-branch cache)), from ``initial_carry``."""
     dens = _denoisers(denoiser)
     check_layers(guider, num_layers)
-    SAG.check_sag(guider, dens)
+    check_denoisers(guider, dens)
     if max(guider.models) >= len(dens):
         raise ValueError(
             f"guider {guider.name!r} needs {max(guider.models) + 1} denoisers "

@@ -17,9 +17,12 @@ SHAPES = ("constant", "linear", "cosine")
 def check_range(value, name, lo, hi, *, lo_open=False, hi_open=False):
     """Raises ValueError naming the field when a concrete value (tracers pass) lies
     outside [lo, hi] (open ends where asked) or is NaN."""
-    v = jnp.asarray(value) if not isinstance(value, jax.core.Tracer) else None
-    if v is None:
+    if isinstance(value, jax.core.Tracer):
         return
+    try:
+        v = jnp.asarray(value, jnp.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from e
     lo_bad = (v <= lo) if lo_open else (v < lo)
     hi_bad = (v >= hi) if hi_open else (v > hi)
     if bool(jnp.any(lo_bad | hi_bad | jnp.isnan(v))):
@@ -62,6 +65,12 @@ def schedule(
     """A checked WeightSchedule."""
     if not callable(shape) and shape not in SHAPES:
         raise ValueError(f"schedule shape must be one of {SHAPES} or a callable, got {shape!r}")
+    if isinstance(interval, str) or len(interval) != 2:
+        raise ValueError(f"interval must be two noise levels (lo, hi), got {interval!r}")
     check_range(interval[0], "interval[0]", 0.0, 1.0)
     check_range(interval[1], "interval[1]", 0.0, 1.0)
+    if not any(isinstance(v, jax.core.Tracer) for v in interval) and float(interval[0]) > float(
+        interval[1]
+    ):
+        raise ValueError(f"interval must have interval[0] <= interval[1], got {interval!r}")
     return WeightSchedule(scale, interval[0], interval[1], shape)

@@ -12,6 +12,8 @@ from absl import app, flags
 
 from erg_jax.jobs import benchmark as B
 
+from . import logs
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", list(B.SECTIONS), f"sections to run: {','.join(B.SECTIONS)}")
 flags.DEFINE_string("out", None, "JSON file to write")
@@ -48,6 +50,7 @@ def _print(name, value, indent=""):
 
 def main(argv):
     del argv
+    logs.set_up()
     unknown = set(FLAGS.only) - set(B.SECTIONS)
     if unknown:
         raise app.UsageError(f"--only: unknown benchmarks {sorted(unknown)}; known: {B.SECTIONS}")

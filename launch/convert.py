@@ -27,6 +27,8 @@ import json
 
 from absl import app, flags
 
+from . import logs
+
 SOURCES = ("dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux", "diffusers-vae")
 
 
@@ -110,6 +112,7 @@ flags.DEFINE_string("param_dtype", "float32", "DiT, SD3, FLUX, VAE: dtype of the
 
 def main(argv):
     del argv
+    logs.set_up()
     for name in ("source", "input", "output"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")

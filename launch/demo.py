@@ -4,7 +4,8 @@
     python -m launch.demo --config=configs/toy.py --workdir=out/toy           # exact toy
 
 Writes DIR/grid.png (a labelled row of samples per method), DIR/metrics.json and, for the
-shipped model, DIR/metrics.md and DIR/index.html.
+shipped model, DIR/metrics.md and DIR/index.html. It prints the results; --verbose (every
+launcher's flag, launch/logs.py) adds the libraries' INFO logs.
 """
 
 import json
@@ -15,6 +16,8 @@ from ml_collections import config_flags
 
 from erg_jax.jobs.demo import run_quickstart, run_toy
 
+from . import logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "job config", lock_config=True)
 flags.DEFINE_string("workdir", "out/demo", "where images and metrics are written")
@@ -22,6 +25,7 @@ flags.DEFINE_string("workdir", "out/demo", "where images and metrics are written
 
 def main(argv):
     del argv
+    logs.set_up()
     os.makedirs(FLAGS.workdir, exist_ok=True)
     if FLAGS.config.get("kind") == "quickstart":
         run_quickstart(FLAGS.config, FLAGS.workdir)  # prints its table

@@ -8,6 +8,8 @@ from ml_collections import config_flags
 
 from erg_jax.jobs.entropy import print_summary, run_entropy
 
+from . import logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/entropy.py", "probe config", lock_config=True)
 flags.DEFINE_string("workdir", "out/entropy", "where entropy.json and the PNGs go")
@@ -15,6 +17,7 @@ flags.DEFINE_string("workdir", "out/entropy", "where entropy.json and the PNGs g
 
 def main(argv):
     del argv
+    logs.set_up()
     print_summary(run_entropy(FLAGS.config, FLAGS.workdir), FLAGS.workdir)
 
 

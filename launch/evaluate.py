@@ -8,6 +8,8 @@ from ml_collections import config_flags
 
 from erg_jax.jobs.evaluate import run_config
 
+from . import logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/evaluate.py", "bench config", lock_config=True)
 flags.DEFINE_string("workdir", "out/eval", "where results.json, results.md, pareto.png go")
@@ -15,6 +17,7 @@ flags.DEFINE_string("workdir", "out/eval", "where results.json, results.md, pare
 
 def main(argv):
     del argv
+    logs.set_up()
     run_config(FLAGS.config, FLAGS.workdir)
     table = "search.md" if FLAGS.config.mode == "search" else "results.md"
     with open(f"{FLAGS.workdir}/{table}") as f:

@@ -11,6 +11,8 @@ from absl import app, flags
 
 from erg_jax.jobs.report import job_report
 
+from . import logs
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a sampling job's workdir (it holds manifest.json)")
 flags.DEFINE_integer("columns", 8, "samples per method in the grid")
@@ -19,6 +21,7 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
     del argv
+    logs.set_up()
     print(job_report(FLAGS.workdir, columns=FLAGS.columns))
 
 

@@ -14,7 +14,6 @@ hand with the same command plus --coordinator_address=HOST:PORT --num_processes=
 """
 
 import json
-import logging
 import os
 
 import jax
@@ -22,6 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from erg_jax.jobs.job import run_sampling
+
+from . import logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "job config file[:variant]", lock_config=True)
@@ -62,7 +63,7 @@ def _dry_run(config, workdir: str) -> None:
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    logs.set_up()  # the job's own INFO lines (compile times) stay
     if FLAGS.config.dry_run:
         _dry_run(FLAGS.config, FLAGS.workdir)
         return

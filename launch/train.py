@@ -11,6 +11,8 @@ from ml_collections import config_flags
 
 from erg_jax.jobs import train
 
+from . import logs
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "training config", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics and caches go here", required=True)
@@ -18,6 +20,7 @@ flags.DEFINE_string("workdir", None, "checkpoints, metrics and caches go here", 
 
 def main(argv):
     del argv
+    logs.set_up()
     train.run(FLAGS.config, FLAGS.workdir)
 
 

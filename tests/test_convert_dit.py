@@ -18,7 +18,6 @@ from safetensors.numpy import save_file
 
 from configs import dit as dit_configs
 from erg_jax import checkpoint
-from erg_jax.convert.common import read_state_dict
 from erg_jax.convert.dit import (
     convert_diffusers_dit,
     convert_dit_pt,
@@ -26,6 +25,7 @@ from erg_jax.convert.dit import (
     load_dit_pt,
 )
 from erg_jax.models import dit, load_denoiser
+from erg_jax.weights import read_state_dict
 from launch.convert import convert
 
 LAYERS, HEADS, HEAD_DIM, CLASSES = 2, 2, 16, 10

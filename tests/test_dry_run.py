@@ -167,7 +167,7 @@ def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tm
     bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
     inputs = job._batch_inputs(plan, np.arange(plan.batch_size), bspec)
     with jax.set_mesh(plan.mesh), sharding.use_rules(plan.rules):
-        lowered = jax.jit(job._generate_fn(plan)).lower(
+        lowered = jax.jit(job.generate_fn(plan)).lower(
             plan.params, plan.vae_params, *inputs, plan.methods["erg"]
         )
     m = lowered.compile().memory_analysis()
@@ -276,7 +276,7 @@ def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
         text__prompts="a cat|a dog",
         text__max_sequence_length=16,
         mesh__fsdp=2,
-        guidance__layers="",  # the tiny model has 2 blocks; medium's 8-12 are refused
+        guidance__erg__layers="",  # the tiny model has 2 blocks; medium's 8-12 are refused
     )
     report = D.dry_run(config, str(tmp_path / "dry"), compile=False)
     assert os.listdir(tmp_path / "dry") == ["dry_run.json"]  # nothing converted
@@ -299,3 +299,49 @@ def test_a_job_with_splash_attention_in_scanned_blocks_compiles_twice():
     for _ in range(2):
         report = D.dry_run(_config("dit:tiny", **fields), checks=0)
         assert report["compiled"][0]["arguments"] > 0
+
+
+def test_the_method_with_the_most_branches_is_sized(monkeypatch):
+    # configs/flux.py's methods are "none,erg": sizing the first would compile one branch
+    tie = D.dry_run(_config("dit:tiny", guidance__methods="none,cfg,erg"), compile=False)
+    assert tie["methods"] == {"none": 1, "cfg": 2, "erg": 2}
+    assert (tie["method"], tie["branches"]) == ("cfg", 2)  # the first of a tie
+    sized = []
+
+    def compiling(program, args, guider, mesh, rules):  # the program takes the guider
+        sized.append(guider)
+        b = args[2].shape[0]
+        return dict(temp=b, arguments=1, outputs=b, aliased=0, need=2 * b + 1, compile_seconds=0)
+
+    monkeypatch.setattr(D, "compile_program", compiling)
+    config = _config("dit:tiny", guidance__methods="none,cfg,cfg+erg")
+    report = D.dry_run(config, checks=0)
+    assert (report["method"], report["branches"]) == ("cfg+erg", 3)
+    want = make_methods(config, text=False)["cfg+erg"]
+    leaves = jax.tree_util.tree_leaves
+    assert len(sized) == 2 and all(g.num_branches == 3 for g in sized)
+    for g in sized:
+        assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(want)
+        assert all(np.array_equal(a, b) for a, b in zip(leaves(g), leaves(want), strict=True))
+    assert "cfg+erg, the method with the most branches (3)" in D.format_table(report)
+
+
+def test_a_flux_variant_mismatch_names_the_variant_that_sets_its_settings(tmp_path):
+    """A FLUX.1 [schnell] checkpoint under the dev variant: setting guidance.distilled to
+    0 alone would keep dev's 28 steps and 512 T5 tokens, so the error names the schnell
+    variant and what it sets; a [dev] checkpoint under the schnell variant, dev's."""
+    from configs import flux as flux_configs
+
+    for variant, other, embeds in (("dev", "schnell", False), ("schnell", "dev", True)):
+        os.makedirs(tmp_path / variant)
+        with open(tmp_path / variant / "config.json", "w") as f:  # as launch.convert writes
+            json.dump({"kind": "flux", "guidance_embeds": embeds}, f)
+        config = flux_configs.get_config(variant)
+        config.model.checkpoint = str(tmp_path / variant)
+        with pytest.raises(ValueError, match="guidance embedding") as raised:
+            D.dry_run(config, compile=False)
+        want, message = flux_configs.get_config(other), str(raised.value)
+        assert f"--config=configs/flux.py:{other} " in message
+        assert f"({want.sampler.steps} steps," in message
+        assert f"text.max_sequence_length={want.text.max_sequence_length}," in message
+        assert f"guidance.distilled={want.guidance.distilled:g})" in message

@@ -225,25 +225,28 @@ def test_scores_of_generated_copies_of_the_real_set():
 def test_cached_methods_and_their_forward_counts():
     from erg_jax import guidance as G
     from erg_jax import samplers as S
-    from erg_jax.jobs.evaluate import forwards, method_guider
+    from erg_jax.jobs.evaluate import forwards
 
-    settings = dict(tau=0.5, layers=None, kappa=0.0)
+    erg = dict(tau=0.5, layers=None, kappa=0.0)
     sampler = S.make_sampler("euler", 20)
-    erg3 = method_guider("erg@cache3", 2.0, settings)
+    erg3 = G.make_guider("erg+cache", scale=2.0, erg=erg, cache={"every": 3})
     assert erg3.cache is not None and int(erg3.cache.every) == 3
-    assert forwards(method_guider("erg", 2.0, settings), sampler) == 40
+    assert forwards(G.make_guider("erg", scale=2.0, erg=erg), sampler) == 40
     assert forwards(erg3, sampler) == 20 + 7  # weak branch at steps 0, 3, ..., 18
-    assert forwards(method_guider("cfg@cache2", 2.0, settings), sampler) == 30
+    assert forwards(G.make_guider("cfg+cache", scale=2.0), sampler) == 30  # every 2: default
     assert forwards(G.cache(G.cfg(2.0), every=2, window=(0.0, 0.52)), sampler) == 20 + 10 + 5
-    with pytest.raises(ValueError, match="@cacheK"):
-        method_guider("cfg@cachex", 2.0, settings)
+    with pytest.raises(ValueError, match="cache every must be a whole number"):
+        G.make_guider("cfg+cache", cache={"every": 2.5})
 
 
 def test_the_two_class_conditional_readings_of_erg():
-    from erg_jax.jobs.evaluate import method_guider
+    from erg_jax import guidance as G
 
-    settings = dict(tau=0.5, layers=None, kappa=0.2)
-    ours, null = (method_guider(m, 2.0, settings).terms[0] for m in ("erg", "erg_null"))
+    erg = dict(tau=0.5, layers=None, kappa=0.2)
+    ours, null = (
+        G.make_guider("erg", scale=2.0, erg=dict(erg, condition=c)).terms[0]
+        for c in ("auto", "null")
+    )
     assert ours.condition == "auto" and null.condition == "null"
     assert float(null.energy.tau) == float(ours.energy.tau) == 0.5
 

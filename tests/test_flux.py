@@ -5,8 +5,9 @@ guidance embedding), converted by ``launch.convert`` and opened by ``load_denois
 diffusers' velocity on non-square latents, packed and unpacked by FluxPipeline's own
 functions. Controls: neutral controls are bit-exact no-ops; a control acts only from its
 layer on, and SEG never touches the text queries; the scanned layout and the shared-prefix
-branches equal the plain loop and the separate branches. Conversion errors name the key;
-parameter counts of dev and schnell match diffusers'.
+branches equal the plain loop and the separate branches. Conversion errors name the key,
+an odd latent side names model.sample_size; parameter counts of dev and schnell match
+diffusers'.
 
 The tiny models are compiled once and shared (``model``): every control below has the
 same structure (every perturbation compiled in, K <= 2), so one program serves them all.
@@ -260,6 +261,17 @@ def test_the_guidance_field_is_required_exactly_with_guidance_embeds():
     assert "guidance_embed" not in params
     with pytest.raises(ValueError, match="must not hold 'guidance'"):
         flux.make_denoiser(schnell, params)(x, t, cond)
+
+
+def test_an_odd_latent_side_is_named_where_the_model_is_built():
+    config, params, _, _ = model()
+    odd = r"model\.sample_size=9: a FLUX\.1 latent side must be even"
+    with pytest.raises(ValueError, match=odd):
+        flux.flux_config("tiny", sample_size=9)
+    for build in (flux.flux_module, lambda c: flux.make_denoiser(c, params)):
+        with pytest.raises(ValueError, match=odd):
+            build(dict(config, sample_size=9))
+    assert flux.flux_config("tiny", sample_size=10)["sample_size"] == 10  # even: any side
 
 
 # -- conversion ---------------------------------------------------------------------------

@@ -7,12 +7,17 @@ job through ``model.pretrained`` with configs/flux.py, from the same starting la
 (ours, packed as FluxPipeline packs them) and prompts, 3 steps. The comparison covers
 tokenization and truncation, CLIP-L's pooled output and T5's states without masks, the
 pipeline's own sigmas and shift, the distilled guidance value, true CFG against negative
-prompts, the transformer and the VAE's scale and shift.
+prompts, the transformer and the VAE's scale and shift. In bfloat16, the inputs of the
+time and guidance embeddings are compared with the pipeline's own bfloat16 transformer on
+FLUX.1 [dev]'s 28-step grid, where its roundings of 1000 t and 1000 g show.
 """
 
 import os
 
+import flax.linen as nn
 import flux_pipelines
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +26,8 @@ from configs import sd3 as sd3_config
 from erg_jax import samplers as S
 from erg_jax.jobs.job import generate
 from erg_jax.jobs.job_setup import build_plan
+from erg_jax.models import load_denoiser
+from launch.convert import convert
 
 torch = pytest.importorskip("torch", reason="the reference pipelines need torch")
 pytest.importorskip("diffusers", reason="the reference pipelines need diffusers")
@@ -53,7 +60,7 @@ def _flux(folder, variant="dev", **fields):
     c.model.dtype = c.model.param_dtype = c.text.dtype = ""
     c.mesh.fsdp, c.mesh.data = 1, -1
     c.guidance.methods = "none"
-    c.guidance.layers = "2,3"  # the tiny model's single blocks
+    c.guidance.erg.layers = "2,3"  # the tiny model's single blocks
     c.sampler.steps, c.sampler.batch_size = 3, N
     c.output.num_samples = N
     c.text.prompts = "|".join(PROMPTS)
@@ -147,3 +154,93 @@ def test_bad_inputs_are_named_before_anything_loads(dev, schnell, tmp_path):
         with pytest.raises(ValueError, match=message):
             build_plan(config, str(tmp_path / name))
         assert not os.path.exists(tmp_path / name / "converted"), name
+
+
+def test_an_odd_latent_side_is_named_before_anything_compiles(dev, tmp_path):
+    config = _flux(dev["folder"], model__sample_size=9)
+    with pytest.raises(ValueError, match=r"model\.sample_size=9: .* must be even"):
+        build_plan(config, str(tmp_path))
+
+
+def _dev_grid(folder, steps: int = 28, tokens: int = 4096):
+    """FluxPipeline's (timesteps, sigmas) of FLUX.1 [dev]'s default run, 28 steps at
+    1024px (4096 tokens), from the folder's scheduler as FluxPipeline.__call__ makes them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    c = sch.config
+    mu = calculate_shift(
+        tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
+    )
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return sch.timesteps, sch.sigmas[:steps].numpy()
+
+
+def test_bfloat16_time_and_guidance_embeddings_match_the_pipelines(dev, tmp_path):
+    """In bfloat16 FluxPipeline rounds t on the way to the time embedding (its timestep
+    cast to the latents' dtype, / 1000, then * 1000 in the activations' dtype) and embeds
+    the guidance 3.5 as 3504: the sinusoidal features (b, 256) that enter both embedding
+    MLPs are compared on the dev grid, the model and the pipeline's transformer in bf16."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    folder = dev["folder"]
+    timesteps, sigmas = _dev_grid(folder)
+    b, bf16 = len(sigmas), torch.bfloat16
+    ref = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=bf16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, 2, 2, 16)).astype(np.float32)  # one token
+    context = rng.standard_normal((b, 4, ref.config.joint_attention_dim)).astype(np.float32)
+    pooled = rng.standard_normal((b, ref.config.pooled_projection_dim)).astype(np.float32)
+    theirs = {}
+
+    def keep(name):  # a pre-hook recording the first input of its module's first call
+        def hook(module, args):
+            theirs.setdefault(name, args[0].float().numpy())
+
+        return hook
+
+    embed = ref.time_text_embed
+    for name in ("timestep_embedder", "guidance_embedder"):
+        getattr(embed, name).register_forward_pre_hook(keep(name))
+    embed.time_proj.register_forward_pre_hook(keep("t"))  # called with 1000 t, then 1000 g
+    as_bf16 = lambda a: torch.from_numpy(a).to(bf16)  # noqa: E731
+    with torch.no_grad():
+        ref(
+            hidden_states=FluxPipeline._pack_latents(as_bf16(x).permute(0, 3, 1, 2), b, 16, 2, 2),
+            timestep=timesteps.expand(b).to(bf16) / 1000,  # FluxPipeline's call
+            guidance=torch.full([b], 3.5, dtype=torch.float32),
+            pooled_projections=as_bf16(pooled),
+            encoder_hidden_states=as_bf16(context),
+            txt_ids=torch.zeros(4, 3, dtype=bf16),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, 1, 1, "cpu", bf16),
+        )
+    # The grid is one where bfloat16's rounding moves 1000 t, by up to 2.
+    moved = np.abs(theirs["t"] - 1000 * sigmas)
+    assert moved.max() > 1
+
+    convert("diffusers-flux", str(folder / "transformer"), str(tmp_path / "ckpt"))
+    den = load_denoiser(str(tmp_path / "ckpt"), dtype="bfloat16", param_dtype="bfloat16")
+    names = {"time_embed": "timestep_embedder", "guidance_embed": "guidance_embedder"}
+
+    def features(x, t, cond):
+        got = {}
+
+        def grab(call, args, kwargs, context):
+            if context.method_name == "__call__" and context.module.name in names:
+                got[names[context.module.name]] = args[0]
+            return call(*args, **kwargs)
+
+        with nn.intercept_methods(grab):
+            den(x, t, cond)
+        return got
+
+    as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    cond = dict(context=as_bf16(context), pooled=as_bf16(pooled), guidance=jnp.full((b,), 3.5))
+    ours = jax.jit(features)(as_bf16(x), jnp.asarray(sigmas), cond)
+    for name in names.values():
+        assert ours[name].dtype == jnp.bfloat16, name
+        # sin and cos of equal arguments may round to neighbouring bfloat16 values
+        np.testing.assert_allclose(
+            np.asarray(ours[name], np.float32), theirs[name], atol=1e-2, err_msg=name
+        )

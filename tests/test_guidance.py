@@ -149,7 +149,13 @@ def test_erg_without_energy_on_the_null_condition_is_cfg():
     den, _, keys, noise, conds = _setup()
     smp = S.make_sampler("heun", 3)
     a = S.sample(
-        den, noise, conds, G.erg(4.0, energy=None, condition="null"), smp, keys=keys, num_layers=L
+        den,
+        noise,
+        conds,
+        G.erg(4.0, image_energy=False, condition="null"),
+        smp,
+        keys=keys,
+        num_layers=L,
     )
     b = S.sample(den, noise, conds, G.cfg(4.0), smp, keys=keys, num_layers=L)
     np.testing.assert_array_equal(a, b)
@@ -296,7 +302,7 @@ def test_weight_schedules_and_interval():
         (lambda: G.erg(2.0, energy=Energy(tau=0.0)), "tau"),
         (lambda: G.erg(2.0, energy=Energy(gamma=-1.0)), "gamma"),
         (lambda: G.erg(2.0, steps=0), "steps"),
-        (lambda: G.make_guider("cfgg"), "unknown guidance method"),
+        (lambda: G.make_guider("cfgg"), "unknown or misplaced method"),
         (lambda: G.make_guider("erg+foo"), "foo"),
         (lambda: G.cfg(2.0, shape="square"), "shape"),
         (lambda: G.cfg(2.0, rescale=2.0), "rescale"),

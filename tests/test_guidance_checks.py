@@ -138,6 +138,6 @@ def test_sd3_configs_slg_recipe_covers_steps_one_to_five():
     assert on == [1, 2, 3, 4, 5]
     assert all(float(cfg.weight(t)) != 1.0 for t in grid)
     assert list(np.asarray(slg.skip_layers)) == [7, 8, 9]
-    config.guidance.slg_interval = "0.9"
-    with pytest.raises(ValueError, match="guidance.slg_interval"):
+    config.guidance.slg.interval = (0.9, 0.5)
+    with pytest.raises(ValueError, match="interval"):
         make_methods(config, text=True)

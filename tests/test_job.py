@@ -261,7 +261,11 @@ def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
     base = {"guidance.methods": "erg", "output.num_samples": 8}
     _sample(tmp_path / "base", **base)
     ref = _images(str(tmp_path / "base"), "erg").astype(int)
-    for field, value in (("guidance.scale", 8.0), ("guidance.tau", 0.1), ("guidance.kappa", 0.9)):
+    for field, value in (
+        ("guidance.scale", 8.0),
+        ("guidance.erg.tau", 0.1),
+        ("guidance.erg.kappa", 0.9),
+    ):
         _sample(tmp_path / field, **base, **{field: value})
         changed = np.abs(_images(str(tmp_path / field), "erg").astype(int) - ref) > 1
         # the same job on the same devices is bit-exact, so any change is the override's
@@ -279,11 +283,12 @@ def test_overrides_reach_the_sampler_and_a_sweep_compiles_once(tmp_path):
 def test_a_sweep_over_the_weak_branch_cache_compiles_once(tmp_path):
     base = {"guidance.methods": "cfg", "output.num_samples": 8}
     _sample(tmp_path / "plain", **base)
-    s = _sample(tmp_path / "sweep", **base, **{"guidance.sweep": "cache_every=1,3"})
+    cached = {"guidance.methods": "cfg+cache", "guidance.sweep": "cache.every=1,3"}
+    s = _sample(tmp_path / "sweep", **dict(base, **cached))
     assert s["compiles"] == 1
     plain = _images(str(tmp_path / "plain"), "cfg").astype(int)
-    every1 = _images(str(tmp_path / "sweep"), "cfg_cache_every1").astype(int)
-    every3 = _images(str(tmp_path / "sweep"), "cfg_cache_every3").astype(int)
+    every1 = _images(str(tmp_path / "sweep"), "cfg+cache_every1").astype(int)
+    every3 = _images(str(tmp_path / "sweep"), "cfg+cache_every3").astype(int)
     assert np.max(np.abs(every1 - plain)) <= 1  # every step: the uncached sampler
     assert np.mean(np.abs(every3 - plain) > 1) > 0.005
 
@@ -352,7 +357,7 @@ def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
         ({"model.random_init": False, "model.checkpoint": "/nonexistent"}, "model.checkpoint"),
         ({"vae.random_init": False, "vae.checkpoint": ""}, "vae.checkpoint"),
         ({"sampler.batch_size": 3}, "sampler.batch_size"),
-        ({"guidance.kappa": 2.0}, "kappa"),
+        ({"guidance.erg.kappa": 2.0}, "erg kappa"),
         ({"sampler.solver": "rk45"}, "solver"),
         ({"conditioning.classes": "3,99"}, "conditioning.classes"),
         ({"model.attention_implementation": "flash"}, "model.attention_implementation"),
@@ -367,7 +372,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, changes, field, monkeypatch
     def compiling(*a, **k):
         raise AssertionError("the job reached compilation")
 
-    monkeypatch.setattr(job, "_generate_fn", compiling)
+    monkeypatch.setattr(job, "generate_fn", compiling)
     with pytest.raises(ValueError, match=field):
         _sample(tmp_path, **changes)
     assert not output.done_indices(str(tmp_path), "cfg")

@@ -1,14 +1,15 @@
-"""The layout shows the architecture: the core imports nothing above it, models and
-convert sit on the core (side by side: text encoders read their folders with convert's
-readers), the jobs on everything; no two modules import each other (or
-close a longer circle); no file runs past 500 lines."""
+"""The layout shows the architecture: the core imports nothing above it, models sit on
+the core and the library (the text encoders read their folders with ``weights``, as
+convert does), convert on the models, the jobs on everything; a model knows no sampler
+and no guider; no two modules import each other (or close a longer circle); no library
+module reaches for another's private names; no file runs past 500 lines."""
 
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = {"energy", "fused", "splash", "control", "guidance", "guider", "rules", "schedules",
-        "samplers", "predictions", "sag", "grids"}  # fmt: skip
+        "samplers", "predictions", "sag", "grids", "branches"}  # fmt: skip
 
 
 def _modules() -> dict[str, str]:
@@ -47,7 +48,7 @@ def test_imports_only_run_downward():
     allowed = {
         "core": {"core"},
         "library": {"core", "library"},
-        "models": {"core", "library", "models", "convert"},
+        "models": {"core", "library", "models"},
         "convert": {"core", "library", "models", "convert"},
         "jobs": {"core", "library", "models", "convert", "jobs"},
     }
@@ -59,6 +60,92 @@ def test_imports_only_run_downward():
             if dep != "erg_jax" and _layer(dep) not in allowed[_layer(mod)]:
                 bad.append(f"{mod} ({_layer(mod)}) imports {dep} ({_layer(dep)})")
     assert not bad, bad
+
+
+def test_models_know_no_sampler_and_no_guider():
+    """A denoiser takes an attention control and returns its output: how branches are
+    chosen and combined (the guider) and how steps are taken (the sampler) sit above."""
+    modules = _modules()
+    above = ("erg_jax.samplers", "erg_jax.guidance", "erg_jax.guider")
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, path in modules.items()
+        if _layer(mod) == "models"
+        for dep in _imports(path, modules)
+        if dep in above
+    ]
+    assert not bad, bad
+
+
+def _private_uses(path: str, modules: dict) -> list[str]:
+    """``from erg_jax.x import _y`` and ``x._y`` on an imported erg_jax module x (dunder
+    names aside), as "line: erg_jax.x._y"."""
+    tree = ast.parse(open(path).read())
+    private = lambda n: n.startswith("_") and not (n.startswith("__") and n.endswith("__"))  # noqa: E731
+    bound, found = {}, []  # local name -> the erg_jax module it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("erg_jax"):
+                    bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else "erg_jax"
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if not node.module.startswith("erg_jax"):
+                continue
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                if full in modules:
+                    bound[a.asname or a.name] = full
+                elif private(a.name):
+                    found.append(f"{node.lineno}: {full}")
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and private(node.attr)):
+            continue
+        chain, value = [], node.value
+        while isinstance(value, ast.Attribute):
+            chain.insert(0, value.attr)
+            value = value.value
+        if isinstance(value, ast.Name) and value.id in bound:
+            owner = ".".join([bound[value.id]] + chain)
+            if owner in modules:
+                found.append(f"{node.lineno}: {owner}.{node.attr}")
+    return found
+
+
+def test_no_library_module_uses_another_modules_private_names():
+    """A name starting with "_" is its module's own; a second user means it is public
+    (rename it) or sits in the wrong module (move it)."""
+    modules = _modules()
+    bad = [f"{mod} {use}" for mod, path in modules.items() for use in _private_uses(path, modules)]
+    assert not bad, bad
+
+
+def test_the_layout_rules_see_what_they_forbid(tmp_path):
+    """The checkers on made-up files: each forbidden form is found, allowed ones are not."""
+    modules = {"erg_jax.samplers": "", "erg_jax.models.dit": "", "erg_jax.models": ""}
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import erg_jax.models.dit\n"
+        "from erg_jax import samplers as S\n"
+        "from erg_jax.models import dit\n"
+        "from erg_jax.samplers import _Point, make_step\n"
+        "def f():\n"
+        "    from erg_jax.models.dit import _lazy\n"
+        "    return S._flow_point, dit._qkv, erg_jax.models.dit._x, S.__name__, S.public\n"
+    )
+    got = _private_uses(str(source), modules)
+    assert got == [
+        "4: erg_jax.samplers._Point",
+        "6: erg_jax.models.dit._lazy",
+        "7: erg_jax.samplers._flow_point",
+        "7: erg_jax.models.dit._qkv",
+        "7: erg_jax.models.dit._x",
+    ]
+    assert _imports(str(source), modules) == {
+        "erg_jax.models.dit",
+        "erg_jax.samplers",
+        "erg_jax.models",
+    }
+    assert _layer("erg_jax.models.dit") == "models" and _layer("erg_jax.branches") == "core"
 
 
 def test_no_import_circles():

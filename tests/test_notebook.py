@@ -10,6 +10,7 @@ import time
 import zipfile
 
 import pytest
+from test_wheel import built_wheel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "erg_quickstart.ipynb")
@@ -96,20 +97,6 @@ def _run(cmd, timeout, **kwargs) -> str:
     return r.stdout
 
 
-def _build_wheel(tmp) -> str:
-    """erg-jax's wheel, built from a copy of the sources (no build/ left in the checkout)."""
-    src = os.path.join(tmp, "src")
-    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in ("erg_jax", "launch", "configs", "models"):
-        shutil.copytree(os.path.join(ROOT, name), os.path.join(src, name), ignore=skip)
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(ROOT, name), src)
-    out = os.path.join(tmp, "dist")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", src, "-w", out], 600)
-    (wheel,) = os.listdir(out)
-    return os.path.join(out, wheel)
-
-
 JAX_VERSIONS = "import importlib.metadata as m; print(m.version('jax'), m.version('jaxlib'))"
 
 
@@ -136,7 +123,7 @@ def test_quickstart_installs_into_a_colab_like_python(tmp_path):
     )
     if probe.returncode:
         pytest.skip(f"pip cannot reach the package index: {probe.stderr.strip()[-300:]}")
-    wheel = _build_wheel(str(tmp_path))
+    wheel = built_wheel()
     shipped = {
         os.path.relpath(os.path.join(folder, name), os.path.join(ROOT, "models"))
         for folder, _, names in os.walk(os.path.join(ROOT, "models"))

@@ -75,10 +75,11 @@ def test_the_package_exports_pipeline_lazily():
 
 
 def test_text_model_images_are_the_sampling_jobs_pngs(mmdit, tmp_path):
-    out = mmdit(PROMPTS, methods=("cfg", "erg"), seed=3, steps=3, scale=5.0, tau=0.4, layers=[1, 2])
+    settings = dict(tau=0.4, layers=[1, 2])
+    out = mmdit(PROMPTS, methods=("cfg", "erg"), seed=3, steps=3, scale=5.0, erg=settings)
     erg = out.settings["erg"]
     assert (erg["seed"], erg["sampler"]["steps"], erg["guidance"]["scale"]) == (3, 3, 5.0)
-    assert (erg["guidance"]["tau"], erg["guidance"]["layers"]) == (0.4, "1,2")
+    assert (erg["guidance"]["erg"]["tau"], erg["guidance"]["erg"]["layers"]) == (0.4, [1, 2])
     assert out.settings["cfg"]["guidance"]["methods"] == "cfg"
     both = dict(erg, guidance=dict(erg["guidance"], methods="cfg,erg"))
     workdir = tmp_path / "job"
@@ -94,7 +95,9 @@ def test_text_model_images_are_the_sampling_jobs_pngs(mmdit, tmp_path):
 
 def test_class_model_images_are_the_library_samplers(dit):
     classes = [3, 17, 30]
-    out = dit(classes, methods=("cfg", "erg"), seed=2, steps=3, scale=3.0, kappa=0.2, tau=0.6)
+    out = dit(
+        classes, methods=("cfg", "erg"), seed=2, steps=3, scale=3.0, erg=dict(kappa=0.2, tau=0.6)
+    )
     den = erg_jax.load_denoiser("models/demo-dit")  # the library's loader, not the job's
     keys = S.sample_keys(2, jnp.arange(3))
     noise = S.initial_noise(keys, (32, 32, 3))
@@ -114,8 +117,8 @@ def test_class_model_images_are_the_library_samplers(dit):
 def test_a_second_call_with_other_values_compiles_nothing(mmdit):
     first = mmdit(PROMPTS[:2], methods=("erg",), seed=0, steps=3, scale=4.0)
     with compiles() as seen:
-        second = mmdit(PROMPTS[:2], methods=("erg",), seed=1, steps=3, scale=2.0, tau=0.3)
-        third = mmdit(PROMPTS[:2], methods=("erg",), seed=0, steps=3, scale=2.0, kappa=0.5)
+        second = mmdit(PROMPTS[:2], methods=("erg",), seed=1, steps=3, scale=2.0, erg={"tau": 0.3})
+        third = mmdit(PROMPTS[:2], methods=("erg",), seed=0, steps=3, scale=2.0, erg={"kappa": 0.5})
     assert not seen, seen
     # the new values reached the program: each call draws other images
     assert not np.array_equal(first.images["erg"], second.images["erg"])
@@ -134,12 +137,17 @@ def test_a_second_call_with_other_values_compiles_nothing(mmdit):
         ("dit", ([36],), {}, r"ints in \[0, 36\)"),
         ("dit", ([],), {}, "prompts_or_classes must be a non-empty list"),
         ("mmdit", (PROMPTS,), {"methods": ("cfg", "erg+foo")}, "guidance.methods"),
-        ("mmdit", (PROMPTS,), {"foo": 1.0}, "'foo' is not a guidance field"),
-        ("mmdit", (PROMPTS,), {"kappa": "late"}, "kappa takes a float"),
-        ("mmdit", (PROMPTS,), {"tau": -1.0}, "tau must be"),
-        ("mmdit", (PROMPTS,), {"layers": [9]}, "layer 9 in .* is past the model's depth"),
+        ("mmdit", (PROMPTS,), {"foo": 1.0}, "'foo' is not a guidance setting"),
+        ("mmdit", (PROMPTS,), {"tau": 0.5}, "'tau' is not a guidance setting"),
+        ("mmdit", (PROMPTS,), {"erg": 0.5}, "erg= takes erg's settings as a dict"),
+        ("mmdit", (PROMPTS,), {"erg": {"kappa": "late"}}, "erg kappa must be a number"),
+        ("mmdit", (PROMPTS,), {"erg": {"tau": -1.0}}, "tau must be"),
+        ("mmdit", (PROMPTS,), {"erg": {"taux": 1.0}}, "erg.taux is not a setting of erg"),
+        ("mmdit", (PROMPTS,), {"erg": {"layers": [9]}}, "layer 9 in .* is past the model's depth"),
         ("dit", ([1],), {"steps": 0}, "sampler.steps must be >= 1"),
-        ("dit", ([1],), {"sweep": "scale=2,3"}, "'sweep' is not a guidance field"),
+        ("dit", ([1],), {"sweep": "scale=2,3"}, "'sweep' is not a guidance setting"),
+        ("dit", ([1],), {"erg": {"tau_c": 0.5}}, "guidance.erg.tau_c: erg tempers a text encoder"),
+        ("dit", ([1],), {"erg": {"image_energy": False}}, "erg perturbs nothing"),
     ],
 )
 def test_bad_inputs_are_named_before_anything_compiles(request, model, args, kwargs, match):

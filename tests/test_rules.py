@@ -46,10 +46,12 @@ def _theirs(guider, strong, weak, momentum=None, tokens=False):
 
 
 def _ours(rule, w, strong, weak):
+    """Our guided prediction per step; w is the term's weight, one or one per step."""
     state, out = rule.init(jnp.asarray(strong[0])), []
+    ws = np.broadcast_to(np.float32(w), (STEPS,))
     for i in range(STEPS):
         s, u = jnp.asarray(strong[i]), jnp.asarray(weak[i])
-        delta, state = rule.delta(s, u, jnp.float32(w), state, jnp.int32(i))
+        delta, state = rule.delta(s, u, jnp.float32(ws[i]), state, jnp.int32(i))
         out.append(np.asarray(s + delta))
     return np.stack(out)
 
@@ -151,6 +153,78 @@ def test_apg_mix_equals_diffusers():
     _close(_ours(rule, 3.5, strong, weak), theirs)
 
 
+def test_a_scale_from_the_unconditional_formulation_ports_as_docs_method_says():
+    """diffusers' default (HunyuanImage's) D_u + s P(d) is ours at s with eta' =
+    (s eta - 1) / (s - 1), without momentum or norm cap (docs/METHOD.md)."""
+    strong, weak = _preds(13)
+    s, eta = 10.0, 0.0
+    ref = guiders.AdaptiveProjectedMixGuidance(
+        guidance_scale=3.5,
+        adaptive_projected_guidance_scale=s,
+        adaptive_projected_guidance_momentum=None,
+        adaptive_projected_guidance_rescale=0.0,
+        eta=eta,
+        adaptive_projected_guidance_start_step=1,
+    )
+    rule = R.Mix(R.APG(0.0, np.inf, (s * eta - 1.0) / (s - 1.0)), scale=s, cfg_steps=2)
+    _close(_ours(rule, 3.5, strong, weak), _theirs(ref, strong, weak))
+
+
+def test_apg_mix_is_on_only_where_its_weight_is_as_in_diffusers():
+    """diffusers runs APG only while CFG is on (steps 1..3 of 5 here), and its momentum
+    only accumulates then; our weight is 1 outside the window."""
+    from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer
+
+    strong, weak = _preds(10)
+    ref = guiders.AdaptiveProjectedMixGuidance(
+        guidance_scale=2.5,
+        adaptive_projected_guidance_scale=6.0,
+        adaptive_projected_guidance_momentum=-0.5,
+        adaptive_projected_guidance_rescale=3.0,
+        use_original_formulation=True,
+        start=0.2,
+        stop=0.8,
+        adaptive_projected_guidance_start_step=1,
+    )
+    theirs = _theirs(ref, strong, weak, momentum=MomentumBuffer(-0.5))
+    rule = R.Mix(R.APG(-0.5, 3.0, 0.0), scale=7.0, cfg_steps=2)
+    ours = _ours(rule, [1.0, 3.5, 3.5, 3.5, 1.0], strong, weak)
+    _close(ours, theirs)
+    np.testing.assert_array_equal(ours[[0, 4]], strong[[0, 4]])
+
+
+def test_apg_mix_at_weight_one_adds_nothing_after_its_cfg_steps():
+    strong, weak = _preds(11)
+    ours = _ours(R.Mix(R.APG(-0.5, 10.0, 0.0), scale=10.0, cfg_steps=2), 1.0, strong, weak)
+    np.testing.assert_array_equal(ours, strong)
+
+
+ZERO_STAR = {
+    "cfg_zero_star": lambda: G.cfg_zero_star(4.0, zero_steps=2),
+    "cfg_zero_star rescaled": lambda: G.cfg_zero_star(4.0, zero_steps=2, rescale=0.7),
+    "cfg+pag+zero_star": lambda: G.make_guider("cfg+pag+zero_star", zero_star={"zero_steps": 2}),
+    "cfg+pag+seg+zero_star": lambda: G.make_guider(
+        "cfg+pag+seg+zero_star", zero_star={"zero_steps": 2}
+    ),
+    "cfg_zero_star+pag": lambda: G.compose(G.cfg_zero_star(4.0, zero_steps=2), G.pag(3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_STAR))
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_zero_star_step_has_zero_velocity_whatever_the_terms(name, index):
+    """u = (x - a x0) / s - x0 = 0 at x0 = x / (a + s), one term or several."""
+    guider = ZERO_STAR[name]()
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(SHAPE).astype(np.float32)
+    preds = [jnp.asarray(rng.standard_normal(SHAPE), jnp.float32) for _ in guider.models]
+    a, s = 0.6, 0.8
+    out, _ = guider.combine(
+        preds, 0.5, guider.init_state(preds[0]), x=jnp.asarray(x), a=a, s=s, index=index
+    )
+    np.testing.assert_allclose(np.asarray(out), x / (a + s), rtol=1e-5, atol=1e-5)
+
+
 def test_spaces_convert_the_change_exactly():
     """A rule in eps or velocity space, done by hand in that space, then back to x0."""
     rng = np.random.default_rng(8)
@@ -194,10 +268,13 @@ NEUTRAL = {
     "tcfg": lambda: G.tcfg(1.0),
     "mambo": lambda: G.mambo(1.0, alpha=3.0),
     "fdg": lambda: G.fdg((1.0, 1.0), parallel=0.5),
-    "apg_mix": lambda: G.apg_mix(1.0, apg_scale=1.0, cfg_steps=2),
+    "apg_mix": lambda: G.apg_mix(1.0, cfg_steps=2),
+    "apg_mix outside its interval": lambda: G.apg_mix(4.0, cfg_steps=2, interval=(0.0, 0.1)),
     "erg+tcfg": lambda: G.make_guider("erg+tcfg", erg={"scale": 1.0}),
     "erg+fdg": lambda: G.make_guider("erg+fdg", fdg={"scales": (1.0, 1.0)}),
-    "erg+apg_mix": lambda: G.make_guider("erg+apg_mix", erg={"scale": 1.0}, apg_mix={"scale": 1.0}),
+    "erg+apg_mix": lambda: G.make_guider(
+        "erg+apg_mix", erg={"scale": 1.0}, apg_mix={"cfg_steps": 2}
+    ),
 }
 
 
@@ -216,6 +293,14 @@ def test_neutral_settings_give_the_strong_prediction(name):
     guided = S.sample(den, noise, conds, NEUTRAL[name](), smp, keys=keys, num_layers=L)
     plain = S.sample(den, noise, conds, G.none(), smp, keys=keys, num_layers=L)
     np.testing.assert_allclose(np.asarray(guided), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_star_steps_leave_the_sample_where_it_is():
+    """Two terms and two zero steps of two: the Euler steps move x by zero velocity."""
+    den, keys, noise, conds = _toy()
+    guider = G.make_guider("cfg+pag+zero_star", zero_star={"zero_steps": 2})
+    out = S.sample(den, noise, conds, guider, S.make_sampler("euler", 2), keys=keys, num_layers=L)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(noise), rtol=1e-5, atol=1e-5)
 
 
 def test_erg_with_a_rule_uses_the_erg_weak_branch():
@@ -278,13 +363,13 @@ def test_job_methods_build_the_rules_from_the_config():
 
     config = base_config()
     g = config.guidance
-    g.methods, g.scale, g.fdg_scales, g.mambo_alpha = (
+    g.methods, g.scale, g.fdg.scales, g.mambo.alpha = (
         "tcfg,erg+fdg,mambo,cfg_zero_star",
         3.0,
-        "6,2",
+        (6.0, 2.0),
         2.0,
     )
-    g.zero_star_steps, g.apg_mix_cfg_steps = 2, 4
+    g.zero_star.zero_steps, g.apg_mix.cfg_steps = 2, 4
     out = make_methods(config, text=False)
     assert (
         isinstance(out["tcfg"].terms[0].rule, R.Tangential)
@@ -295,8 +380,8 @@ def test_job_methods_build_the_rules_from_the_config():
     assert float(fdg.weight.scale) == 2.0  # the schedule gates the bands
     assert float(out["mambo"].terms[0].rule.alpha) == 2.0
     assert int(out["cfg_zero_star"].terms[0].rule.zero_steps) == 2
-    g.methods, g.fdg_scales = "fdg", "6,x"
-    with pytest.raises(ValueError, match="guidance.fdg_scales"):
+    g.methods, g.fdg.scales = "fdg", ()
+    with pytest.raises(ValueError, match="fdg scales"):
         make_methods(config, text=False)
     g.methods = "erg+tcfg+apg"
     with pytest.raises(ValueError, match="already has one"):

@@ -330,23 +330,21 @@ def test_bad_settings_are_refused_by_name():
 
 
 def test_job_method_and_the_middle_block_default():
-    from erg_jax.jobs.job_setup import make_method
+    from erg_jax.jobs.job_setup import make_methods
 
-    g = base_config().guidance
-    term = make_method("sag", g, text=False).terms[0]
+    c = base_config()
+    c.guidance.methods = "sag"
+    term = make_methods(c, text=False)["sag"].terms[0]
     assert term.uses_sag and term.sag_layer is None and term.condition == "cond"
     np.testing.assert_array_equal(SAG.capture_weights(None, 28), np.eye(28)[14])
-    with g.unlocked():
-        g.sag_layer = "5"
-    assert int(make_method("sag", g, text=False).terms[0].sag_layer) == 5
-    with g.unlocked():
-        g.sag_layer = "mid"
-    with pytest.raises(ValueError, match="guidance.sag_layer"):
-        make_method("sag", g, text=False)
-    with g.unlocked():
-        g.sag_layer, g.cache_every = "", 2
+    c.guidance.sag.layer = "5"
+    assert int(make_methods(c, text=False)["sag"].terms[0].sag_layer) == 5
+    c.guidance.sag.layer = "mid"
+    with pytest.raises(ValueError, match="sag layer"):
+        make_methods(c, text=False)
+    c.guidance.sag.layer, c.guidance.methods = "", "sag+cache"
     with pytest.raises(ValueError, match="sag cannot use the weak-branch cache"):
-        make_method("sag", g, text=False)
+        make_methods(c, text=False)
     assert G.make_guider("sag", sag={"scale": 2.0, "layer": 1}).terms[0].uses_sag
 
 

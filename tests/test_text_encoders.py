@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from erg_jax import sharding
-from erg_jax.convert.common import read_safetensors
 from erg_jax.energy import Energy
 from erg_jax.models.text import load_text_encoder
 from erg_jax.models.text.t5 import relative_buckets
+from erg_jax.weights import read_safetensors
 
 WORDS = "a photo of cat dog the on red blue car sitting mat hello world big small green".split()
 PROMPTS = ["a photo of a red car", "the cat sitting on the mat", "hello world", "a big dog"]

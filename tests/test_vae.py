@@ -134,8 +134,8 @@ def test_bf16_weights_convert_leaf_by_leaf_to_bf16_params(root, tmp_path):
     import ml_dtypes
     from safetensors.numpy import load_file, save_file
 
-    from erg_jax.convert.common import read_state_dict
     from erg_jax.convert.vae import convert_diffusers_vae
+    from erg_jax.weights import read_state_dict
 
     folder, _ = _saved("sd4", root)
     os.symlink(os.path.join(folder, "config.json"), tmp_path / "config.json")

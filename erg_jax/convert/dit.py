@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import (
+from erg_jax.models.dit import SIZES, check_config, dit_config, sincos_table
+from erg_jax.weights import (
     StateDict,
     conv2d,
     find_weights,
@@ -56,7 +57,6 @@ from erg_jax.convert.common import (
     read_config,
     read_state_dict,
 )
-from erg_jax.models.dit import SIZES, check_config, dit_config, sincos_table
 
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 

@@ -36,14 +36,14 @@ import os
 
 import numpy as np
 
-from erg_jax.convert.common import (
+from erg_jax.models import flux
+from erg_jax.weights import (
     StateDict,
     find_weights,
     place_leaves,
     read_config,
     read_state_dict,
 )
-from erg_jax.models import flux
 
 _ARCH_FIELDS = (
     "in_channels",

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from erg_jax.convert.common import (
+from erg_jax.models import mmdit
+from erg_jax.weights import (
     StateDict,
     find_weights,
     place_leaves,
     read_config,
     read_state_dict,
 )
-from erg_jax.models import mmdit
 
 _ARCH_FIELDS = (
     "sample_size",

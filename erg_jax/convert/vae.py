@@ -34,7 +34,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import (
+from erg_jax.models.vae import vae_config
+from erg_jax.weights import (
     StateDict,
     conv2d,
     find_weights,
@@ -43,7 +44,6 @@ from erg_jax.convert.common import (
     read_config,
     read_state_dict,
 )
-from erg_jax.models.vae import vae_config
 
 # (new name, old name) of the mid-block attention's sub-layers.
 _ATTENTION_NAMES = (

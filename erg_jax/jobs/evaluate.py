@@ -24,7 +24,6 @@ from erg_jax import data, metrics
 from erg_jax import guidance as G
 from erg_jax import predictions as P
 from erg_jax import samplers as S
-from erg_jax.energy import Energy
 
 
 @dataclasses.dataclass
@@ -88,64 +87,6 @@ def load_demo(
     return DemoModel(kind, den, int(cfg["num_layers"]), shape, cfg["time"], conditions)
 
 
-CACHE_TAG = "@cache"
-
-
-def method_guider(method: str, scale: float, settings: dict) -> G.Guider:
-    """The bench's guiders; ``settings`` holds tau, kappa, layers, apg and cads fields.
-
-    A method name may end in "@cacheK" (e.g. "erg@cache2"): the guider under the
-    weak-branch cache, its weak branches every K-th step (``guidance.cache``).
-    """
-    if CACHE_TAG in method:
-        base, _, every = method.partition(CACHE_TAG)
-        if not every.isdigit() or int(every) < 1:
-            raise ValueError(f"eval methods: {method!r} must end in @cacheK with K >= 1")
-        return G.cache(method_guider(base, scale, settings), every=int(every))
-    erg = dict(
-        energy=Energy(tau=settings["tau"]),
-        layers=settings["layers"],
-        kappa=settings["kappa"],
-        condition="auto",
-    )
-    if method == "none":
-        return G.none()
-    if method == "cfg":
-        return G.cfg(scale)
-    if method == "apg":
-        return G.apg(
-            scale,
-            momentum=settings["apg_momentum"],
-            eta=settings["apg_eta"],
-            norm_threshold=settings["apg_norm_threshold"],
-        )
-    if method == "erg":
-        return G.erg(scale, **erg)
-    if method == "erg+apg":
-        return G.with_apg(
-            G.erg(scale, **erg),
-            momentum=settings["apg_momentum"],
-            eta=settings["apg_eta"],
-            norm_threshold=settings["apg_norm_threshold"],
-        )
-    if method == "erg+cads":
-        return G.with_cads(
-            G.erg(scale, **erg),
-            tau1=settings["cads_tau1"],
-            tau2=settings["cads_tau2"],
-            noise_scale=settings["cads_noise_scale"],
-        )
-    if method == "sag":  # the middle block's map, the reference's blur
-        return G.sag(scale)
-    if method == "erg_null":  # the null-class reading: CFG before the kickoff
-        return G.erg(scale, **{**erg, "condition": "null"})
-    if method == "pag":
-        return G.pag(scale, layers=settings["layers"])
-    if method == "seg":
-        return G.seg(scale, layers=settings["layers"])
-    raise ValueError(f"eval methods: unknown method {method!r}")
-
-
 class _Scorer:
     """Samples guiders on one set of held-out conditions from fixed noise and scores them.
 
@@ -164,9 +105,9 @@ class _Scorer:
         self.smp = S.make_sampler("euler", config.steps, time=model.time)
         self.compiled: dict = {}
 
-    def conditions(self, unconditional=False, tau_c=None) -> dict:
-        if tau_c is None:
-            return self.model.conditions(self.cond_set, unconditional=unconditional)
+    def conditions(self, guider: G.Guider, unconditional=False) -> dict:
+        """The condition slots of the tuning or bench set, tempered at the guider's tau_c."""
+        tau_c = G.tempered_tau_c(guider)
         return self.model.conditions(self.cond_set, unconditional=unconditional, tau_c=tau_c)
 
     def score(self, guider: G.Guider, conds: dict) -> dict:
@@ -204,6 +145,12 @@ class _Scorer:
         return row
 
 
+def bench_guider(method: str, weight: float, guidance: dict) -> G.Guider:
+    """A bench row's guider: ``guidance.make_guider`` at the row's weight, with the
+    config's guidance sections (the same sections as a sampling job's)."""
+    return G.make_guider(method, scale=float(weight), **guidance)
+
+
 def forwards(guider: G.Guider, sampler: S.Sampler) -> int:
     """Denoiser forwards per sample of an Euler run: the strong branch every step, each
     weak branch at every step or, under a cache, at the steps that refresh it."""
@@ -218,11 +165,6 @@ def forwards(guider: G.Guider, sampler: S.Sampler) -> int:
         weak += int(not inside or count % every == 0)
         count = count + 1 if inside else 0
     return steps + weak * len(guider.terms)
-
-
-def parse_layers(spec: str) -> list[int] | None:
-    """'0,2' -> [0, 2]; '' (every layer) -> None."""
-    return None if not spec else [int(x) for x in spec.split(",")]
 
 
 def _print_row(label: str, row: dict) -> None:
@@ -246,8 +188,7 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
       The table rows.
     """
     scorer = _Scorer(model, classifier, config, start=config.num_real, seed=config.seed)
-    settings = config.settings.to_dict()
-    settings["layers"] = parse_layers(settings["layers"])
+    guidance = config.guidance.to_dict()
     rows = []
     plans = [
         (m, w, False)
@@ -264,12 +205,11 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
         plans += [(f"c-erg@{tc:g}", config.weights[0], False) for tc in config.tau_c_values]
     for method, weight, uncond in plans:
         if method.startswith("c-erg@"):
-            guider = G.erg(float(weight), energy=None, condition="tempered")
-            conds = scorer.conditions(tau_c=float(method.split("@")[1]))
+            cerg = dict(guidance["erg"], image_energy=False, tau_c=float(method.split("@")[1]))
+            guider = bench_guider("erg", weight, dict(guidance, erg=cerg))
         else:
-            guider = method_guider(method, float(weight), settings)
-            conds = scorer.conditions(unconditional=uncond)
-        row = scorer.score(guider, conds)
+            guider = bench_guider(method, weight, guidance)
+        row = scorer.score(guider, scorer.conditions(guider, unconditional=uncond))
         row.update(method=("uncond " if uncond else "") + method, weight=float(weight))
         rows.append(row)
         _print_row(f"{row['method']} w={weight:g}", row)
@@ -303,22 +243,17 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
         model, classifier, config, start=config.num_real + config.num_samples, seed=sc.seed
     )
     weight = float(sc.weight)
-    cfg_row = scorer.score(G.cfg(weight), scorer.conditions())
+    guidance = config.guidance.to_dict()
+    cfg = bench_guider("cfg", weight, guidance)
+    cfg_row = scorer.score(cfg, scorer.conditions(cfg))
     _print_row(f"cfg w={weight:g}", cfg_row)
     tau_cs = tuple(sc.tau_cs) if model.kind == "mmdit" else (1.0,)
-    conds = {}
 
     def score(tau, layers, kappa, tau_c, stage):
-        if tau_c not in conds:  # the class model ignores tau_c
-            conds[tau_c] = scorer.conditions(tau_c=float(tau_c))
-        guider = G.erg(
-            weight,
-            energy=Energy(tau=float(tau)),
-            layers=parse_layers(layers),
-            kappa=float(kappa),
-            condition="auto",  # C-ERG's tempered text where there is one
-        )
-        row = scorer.score(guider, conds[tau_c])
+        erg = dict(guidance["erg"], tau=float(tau), layers=layers, kappa=float(kappa))
+        erg["tau_c"] = float(tau_c)  # C-ERG's tempered text where the model has one
+        guider = bench_guider("erg", weight, dict(guidance, erg=erg))
+        row = scorer.score(guider, scorer.conditions(guider))
         ratios = [row[k] / max(cfg_row[k], 1e-9) for k in _CLAIMED]
         row.update(
             tau=float(tau),
@@ -421,7 +356,7 @@ def run_config(config, workdir: str) -> list[dict]:
     from erg_jax.demo_models import resolve
     from erg_jax.models.classifier import load_classifier
 
-    model = load_demo(config.model, config.models_dir, tau_c=config.settings.tau_c)
+    model = load_demo(config.model, config.models_dir)
     if config.mode not in ("bench", "search"):
         raise ValueError(f"mode must be 'bench' or 'search', got {config.mode!r}")
     run = run_bench if config.mode == "bench" else run_search

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erg_jax import guidance as G
 from erg_jax import samplers as S
 from erg_jax import sharding
 from erg_jax.jobs import compile_cache, output, report
@@ -118,7 +119,7 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _generate_fn(plan: Plan):
+def generate_fn(plan: Plan):
     """(params, vae_params, noise, conds, keys, guider) -> images in [-1, 1]."""
 
     def generate(params, vae_params, noise, conds, keys, guider):
@@ -193,7 +194,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
             example = _example_inputs(plan, guider, bspec)
             if structure not in compiled_cache:
                 t0 = time.perf_counter()
-                fn = jax.jit(_generate_fn(plan))
+                fn = jax.jit(generate_fn(plan))
                 with sharding.mesh_context(plan.mesh, plan.rules):
                     compiled_cache[structure] = fn.lower(*example).compile()
                 stats["compile_seconds"] = time.perf_counter() - t0
@@ -209,7 +210,8 @@ def _run(config, workdir: str, t_start: float) -> dict:
                 if not _any_process(bool(missing)):
                     continue
                 t0 = time.perf_counter()
-                noise, conds, keys = _batch_inputs(plan, np.arange(start, start + batch), bspec)
+                idx = np.arange(start, start + batch)
+                noise, conds, keys = _batch_inputs(plan, idx, bspec, guider)
                 images = compiled(plan.params, plan.vae_params, noise, conds, keys, guider)
                 rows = _local_rows(images, owned)
                 wanted = set(missing)  # finished samples of a partly done batch stay as they are
@@ -295,11 +297,11 @@ def _grid(workdir: str, method: str, plan: Plan) -> None:
     )
 
 
-def _batch_inputs(plan: Plan, idx: np.ndarray, bspec):
+def _batch_inputs(plan: Plan, idx: np.ndarray, bspec, guider):
     keys = S.sample_keys(plan.seed, jnp.asarray(idx))
     noise = np.asarray(S.initial_noise(keys, plan.latent_shape))
     key_data = np.asarray(jax.random.key_data(keys))
-    conds = plan.conditions.slots(idx)
+    conds = plan.conditions.slots(idx, G.tempered_tau_c(guider))
     return (
         _global_array(noise, bspec(noise.shape)),
         _put_tree(conds, bspec),
@@ -308,14 +310,14 @@ def _batch_inputs(plan: Plan, idx: np.ndarray, bspec):
 
 
 def _example_inputs(plan: Plan, guider, bspec):
-    noise, conds, keys = _batch_inputs(plan, np.arange(plan.batch_size), bspec)
+    noise, conds, keys = _batch_inputs(plan, np.arange(plan.batch_size), bspec, guider)
     return plan.params, plan.vae_params, noise, conds, keys, guider
 
 
 def make_program(plan: Plan):
     """The job's jitted (params, vae_params, noise, conds, keys, guider) -> images; one
     program serves every guider of the same structure and any conditions or seed."""
-    return jax.jit(_generate_fn(plan))
+    return jax.jit(generate_fn(plan))
 
 
 def generate(plan: Plan, method: str, indices, program=None) -> np.ndarray:
@@ -335,9 +337,10 @@ def generate(plan: Plan, method: str, indices, program=None) -> np.ndarray:
     for start in range(0, len(idx), plan.batch_size):
         chunk = idx[start : start + plan.batch_size]
         padded = np.concatenate([chunk, np.full(plan.batch_size - len(chunk), chunk[-1])])
-        noise, conds, keys = _batch_inputs(plan, padded, bspec)
+        guider = plan.methods[method]
+        noise, conds, keys = _batch_inputs(plan, padded, bspec, guider)
         with sharding.mesh_context(plan.mesh, plan.rules):
-            images = fn(plan.params, plan.vae_params, noise, conds, keys, plan.methods[method])
+            images = fn(plan.params, plan.vae_params, noise, conds, keys, guider)
         out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out)
 

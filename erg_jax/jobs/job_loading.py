@@ -22,6 +22,7 @@ every branch, which a checkpoint without a guidance embedding (schnell) refuses.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 
@@ -116,7 +117,7 @@ def _guidance_embeds(mc, src: pipe.Pretrained | None) -> bool:
         return bool(checkpoint.read_config(mc.checkpoint).get("guidance_embeds", False))
     from erg_jax.models.flux import flux_config  # random weights, or the dry run's stand-in
 
-    return bool(flux_config(mc.preset, **_overrides(mc.overrides))["guidance_embeds"])
+    return bool(flux_config(mc.preset, **parse_overrides(mc.overrides))["guidance_embeds"])
 
 
 def check_distilled(config, sources: Sources) -> None:
@@ -140,13 +141,15 @@ def check_distilled(config, sources: Sources) -> None:
     embeds = _guidance_embeds(mc, sources.pretrained)
     if embeds and scale <= 0:
         raise ValueError(
-            "guidance.distilled: this FLUX.1 has a guidance embedding (as dev); set the "
-            f"scale it was distilled for, e.g. 3.5 (FluxPipeline's default), got {scale}"
+            "guidance.distilled: this FLUX.1 has a guidance embedding (as dev) and needs "
+            f"the scale it was distilled for, got {scale}; use --config=configs/flux.py:dev "
+            "(28 steps, text.max_sequence_length=512, guidance.distilled=3.5)"
         )
     if not embeds and scale:
         raise ValueError(
             f"guidance.distilled={scale}: this FLUX.1 has no guidance embedding (as "
-            "schnell), so the value would be ignored; set it to 0"
+            "schnell), so the value would be ignored; use --config=configs/flux.py:schnell "
+            "(4 steps, text.max_sequence_length=256, guidance.distilled=0)"
         )
 
 
@@ -159,31 +162,23 @@ def denoiser_maker(mod, mcfg: dict, config):
     return lambda p: mod.make_denoiser(mcfg, p)
 
 
-def _runtime(mc) -> dict:
+def runtime_fields(mc) -> dict:
+    """Model-config fields of how it runs: dtypes, precision, attention, scan_blocks."""
     fields = ("dtype", "param_dtype", "precision", "attention_implementation")
     out = {k: mc[k] for k in fields if mc.get(k)}
     out["scan_blocks"] = bool(mc.scan_blocks)
     return out
 
 
-def _model_module(kind: str):
-    if kind == "dit":
-        from erg_jax.models import dit
-
-        return dit
-    if kind == "mmdit":
-        from erg_jax.models import mmdit
-
-        return mmdit
-    if kind == "flux":
-        from erg_jax.models import flux
-
-        return flux
-    raise ValueError(f"model.kind must be 'dit', 'mmdit' or 'flux', got {kind!r}")
+def model_module(kind: str):
+    """The module of a model.kind, erg_jax.models.<kind> (dit, mmdit, flux), imported now."""
+    if kind not in PRESETS:
+        raise ValueError(f"model.kind must be 'dit', 'mmdit' or 'flux', got {kind!r}")
+    return importlib.import_module(f"erg_jax.models.{kind}")
 
 
-def _overrides(spec: str, field: str = "model.overrides") -> dict:
-    """'a=1,b=0.5,c=text' -> {a: 1, b: 0.5, c: 'text'}."""
+def parse_overrides(spec: str, field: str = "model.overrides") -> dict:
+    """'a=1,b=0.5,c=text' -> {a: 1, b: 0.5, c: 'text'}; ``field`` names it in errors."""
     out = {}
     for item in [x for x in str(spec).split(",") if x.strip()]:
         key, sep, value = item.partition("=")
@@ -218,8 +213,8 @@ def _model_checkpoint(mc, sources: Sources) -> str:
 
 def load_model(mc, mesh, seed_key, sources: Sources):
     """(model module, model config, params placed on the mesh)."""
-    mod = _model_module(mc.kind)
-    runtime = _runtime(mc)
+    mod = model_module(mc.kind)
+    runtime = runtime_fields(mc)
 
     def shardings(config):
         return sharding.shardings_from_axes(
@@ -228,7 +223,7 @@ def load_model(mc, mesh, seed_key, sources: Sources):
 
     if mc.random_init:
         preset = getattr(mod, PRESETS[mc.kind])
-        mcfg = preset(mc.preset, **runtime, **_overrides(mc.overrides))
+        mcfg = preset(mc.preset, **runtime, **parse_overrides(mc.overrides))
         # one compiled init instead of hundreds of eagerly dispatched small ops
         init = jax.jit(lambda k: mod.init_params(mcfg, k))
         host = jax.tree_util.tree_map(np.asarray, init(seed_key))
@@ -384,24 +379,29 @@ def load_text_encoders(config, mesh, sources: Sources) -> list:
     return encoders
 
 
-def encode_prompts(config, encoders, context_width: int, prompts=None) -> TextConditions:
-    """Prompts (None: the config's) encoded strong and C-ERG tempered, negatives as null."""
+def encode_prompts(
+    config, encoders, context_width: int, prompts=None, tau_cs=(1.0,)
+) -> TextConditions:
+    """Prompts (None: the config's) encoded strong and C-ERG tempered at each of
+    ``tau_cs`` (the methods' ``guidance.tempered_tau_c``), negatives as null."""
     t = config.text
     own, negatives = _prompts(t)
     return TextConditions(
         encoders,
         own if prompts is None else list(prompts),
-        config.guidance.tau_c,
+        list(tau_cs),
         t.layout,
         negative_prompts=negatives,
         t5_shape=(int(t.max_sequence_length), context_width),
     )
 
 
-def text_conditions(config, mesh, sources: Sources, context_width: int) -> TextConditions:
+def text_conditions(
+    config, mesh, sources: Sources, context_width: int, tau_cs=(1.0,)
+) -> TextConditions:
     """Encodes every prompt once (strong and C-ERG tempered), then frees the encoders."""
     encoders = load_text_encoders(config, mesh, sources)
-    conditions = encode_prompts(config, encoders, context_width)
+    conditions = encode_prompts(config, encoders, context_width, tau_cs=tau_cs)
     for enc in encoders:  # the prompts are encoded: give the device memory back
         if enc is not None:
             jax.tree_util.tree_map(lambda a: a.delete(), enc.params)
@@ -470,7 +470,7 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
     literal = {"true": True, "false": False, "none": None}
     overrides = {
         k: literal.get(str(v).lower(), v)
-        for k, v in _overrides(smp.scheduler_overrides, "sampler.scheduler_overrides").items()
+        for k, v in parse_overrides(smp.scheduler_overrides, "sampler.scheduler_overrides").items()
     }
     native = float(reference.get("shift", 1.0) or 1.0)
     own_shift = float(overrides.get("shift", native))

@@ -13,50 +13,24 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from erg_jax import guidance as G
 from erg_jax import samplers as S
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions, parse_classes
-from erg_jax.energy import IMPLEMENTATIONS, Energy
+from erg_jax.energy import IMPLEMENTATIONS
 from erg_jax.guider import check_layers
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs import output
 
-# Combination rules: each a base method on CFG's null branch and a modifier of any method.
-RULES = {
-    "zero_star": G.with_zero_star,
-    "tcfg": G.with_tcfg,
-    "mambo": G.with_mambo,
-    "fdg": G.with_fdg,
-    "apg_mix": G.with_apg_mix,
-}
-RULE_BASES = {"cfg_zero_star": "zero_star", "tcfg": "tcfg", "mambo": "mambo", "fdg": "fdg"}
-RULE_BASES["apg_mix"] = "apg_mix"
-BASE_METHODS = ("none", "cfg", "apg", "erg", "pag", "seg", "slg", "sag", *RULE_BASES)
-MODIFIERS = ("apg", "cads", *RULES)
+# Fields of the guidance section that are the job's, not a guider's settings.
+JOB_FIELDS = ("methods", "sweep", "distilled")
 
 
-def _rule_settings(name: str, g) -> dict:
-    """The keyword arguments of rule ``name`` from the job's guidance section."""
-    if name == "zero_star":
-        return dict(zero_steps=g.zero_star_steps)
-    if name == "mambo":
-        return dict(alpha=g.mambo_alpha)
-    if name == "fdg":
-        spec = str(g.fdg_scales).strip()
-        try:
-            scales = tuple(float(v) for v in spec.split(",")) if spec else (g.scale, g.scale)
-        except ValueError as e:
-            raise ValueError(
-                f"guidance.fdg_scales must be '' or weights like '10,5', got {spec!r}"
-            ) from e
-        return dict(scales=scales, parallel=g.fdg_parallel)
-    if name == "apg_mix":
-        apg = dict(momentum=g.apg_momentum, norm_threshold=g.apg_norm_threshold, eta=g.apg_eta)
-        return dict(scale=g.apg_mix_scale, cfg_steps=g.apg_mix_cfg_steps, **apg)
-    return {}
+def guidance_settings(section) -> dict:
+    """``guidance.make_guider``'s settings from a config's guidance section."""
+    d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return {k: v for k, v in d.items() if k not in JOB_FIELDS}
 
 
 @dataclasses.dataclass
@@ -96,177 +70,25 @@ class Plan:
     text_encoders: list | None = None
 
 
-def _layers(spec: str, field: str):
-    spec = str(spec).strip()
-    if spec in ("", "all"):
-        return None
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"{field} must be '' (all layers) or layer ids like '3,4,5'") from e
-
-
-def _interval(spec: str, default: tuple, field: str) -> tuple:
-    spec = str(spec).strip()
-    if not spec:
-        return default
-    try:
-        lo, hi = (float(v) for v in spec.split(","))
-    except ValueError as e:
-        raise ValueError(f"{field} must be '' or two noise levels 'lo,hi', got {spec!r}") from e
-    return lo, hi
-
-
-def _sag_layer(spec: str):
-    """guidance.sag_layer: "" is the model's middle block (None), else one block index."""
-    spec = str(spec).strip()
-    if not spec:
-        return None
-    try:
-        layer = int(spec)
-    except ValueError as e:
-        raise ValueError(
-            f"guidance.sag_layer must be '' (the middle block) or one index, got {spec!r}"
-        ) from e
-    if layer < 0:
-        raise ValueError(f"guidance.sag_layer must be a block index >= 0, got {layer}")
-    return layer
-
-
-def _f32(tree):
-    """Python numbers as float32 arrays, so every sweep value has the same type."""
-    return jax.tree_util.tree_map(
-        lambda x: np.float32(x) if isinstance(x, int | float) and not isinstance(x, bool) else x,
-        tree,
-    )
-
-
-def make_method(method: str, g, *, text: bool, cached: bool = False) -> G.Guider:
-    """A guider from a method name ("cfg", "erg+apg", "cfg+pag", ...) and the flat
-    guidance section of a job config; under the weak-branch cache when
-    ``guidance.cache_every`` is not 1 or ``cached`` (a sweep over the cache fields)."""
-    parts = [p.strip() for p in method.split("+")]
-    shape, interval = g.schedule, (g.interval_min, g.interval_max)
-    common = dict(shape=shape, interval=interval)
-    bases, mods = [], []
-    for i, p in enumerate(parts):
-        if i > 0 and p in MODIFIERS:
-            mods.append(p)
-            continue
-        if p not in BASE_METHODS or mods:
-            raise ValueError(
-                f"guidance.methods: unknown or misplaced method {p!r} in "
-                f"{method!r}; methods: {BASE_METHODS}, modifiers: {MODIFIERS}"
-            )
-        if p == "none":
-            bases.append(G.none())
-        elif p == "cfg":
-            bases.append(G.cfg(g.scale, rescale=g.rescale, **common))
-        elif p == "apg":
-            bases.append(
-                G.apg(
-                    g.scale,
-                    momentum=g.apg_momentum,
-                    norm_threshold=g.apg_norm_threshold,
-                    eta=g.apg_eta,
-                    **common,
-                )
-            )
-        elif p == "erg":
-            energy = Energy(g.tau, g.alpha, g.gamma) if g.image_energy else None
-            cond = "tempered" if text and g.tau_c != 1.0 else "cond"
-            if g.erg_condition:
-                if g.erg_condition not in ("cond", "null", "tempered"):
-                    raise ValueError(
-                        "guidance.erg_condition must be '', 'cond', 'null' or 'tempered', "
-                        f"got {g.erg_condition!r}"
-                    )
-                cond = g.erg_condition
-            bases.append(
-                G.erg(
-                    g.scale,
-                    energy=energy,
-                    layers=_layers(g.layers, "guidance.layers"),
-                    kappa=g.kappa,
-                    kappa_unit=g.kappa_unit,
-                    steps=g.energy_steps,
-                    condition=cond,
-                    **common,
-                )
-            )
-        elif p == "pag":
-            bases.append(
-                G.pag(g.scale, layers=_layers(g.pag_layers, "guidance.pag_layers"), **common)
-            )
-        elif p == "seg":
-            bases.append(
-                G.seg(
-                    g.scale,
-                    sigma=g.seg_sigma,
-                    layers=_layers(g.seg_layers, "guidance.seg_layers"),
-                    **common,
-                )
-            )
-        elif p in RULE_BASES:
-            rule = RULE_BASES[p]
-            base = G.cfg(g.scale, rescale=g.rescale, **common)
-            bases.append(RULES[rule](base, **_rule_settings(rule, g)))
-        elif p == "sag":
-            layer = _sag_layer(g.sag_layer)
-            bases.append(G.sag(g.scale, layer=layer, sigma=g.sag_sigma, **common))
-        elif p == "slg":
-            slg = dict(
-                common, interval=_interval(g.slg_interval, interval, "guidance.slg_interval")
-            )
-            bases.append(G.slg(g.scale, layers=_layers(g.slg_layers, "guidance.slg_layers"), **slg))
-    guider = bases[0] if len(bases) == 1 else G.compose(*bases)
-    for m in mods:
-        if m in RULES:
-            guider = RULES[m](guider, **_rule_settings(m, g))
-        elif m == "apg":
-            guider = G.with_apg(
-                guider, momentum=g.apg_momentum, norm_threshold=g.apg_norm_threshold, eta=g.apg_eta
-            )
-        else:
-            guider = G.with_cads(
-                guider,
-                tau1=g.cads_tau1,
-                tau2=g.cads_tau2,
-                noise_scale=g.cads_noise_scale,
-                psi=g.cads_psi,
-            )
-    if (cached or g.cache_every != 1) and guider.terms:
-        window = (g.cache_t_min, g.cache_t_max)
-        guider = G.cache(guider, every=g.cache_every, window=window)
-    return _f32(guider.replace(name=method))
-
-
 def make_methods(config, *, text: bool) -> dict:
-    """Method name -> guider, one per method and sweep value (guidance.sweep='scale=2,3')."""
+    """Method name -> guider, one per method and sweep value (guidance.sweep='scale=2,3'),
+    each built by ``guidance.make_guiders`` from the config's guidance section."""
     g = config.guidance
-    names = [m.strip() for m in str(g.methods).split(",") if m.strip()]
-    if not names:
-        raise ValueError("guidance.methods: name at least one method, e.g. 'cfg,erg'")
-    sweep = str(g.sweep).strip()
-    if not sweep:
-        return {m: make_method(m, g, text=text) for m in names}
-    field, _, values = sweep.partition("=")
-    field = field.strip()
-    if field not in g or not values:
-        raise ValueError(
-            f"guidance.sweep must be 'FIELD=v1,v2' with a guidance field, got {sweep!r}"
-        )
-    out = {}
-    for v in values.split(","):
-        gv = g.copy_and_resolve_references()
-        with gv.unlocked():
-            gv[field] = (
-                type(g[field])(float(v)) if isinstance(g[field], float) else type(g[field])(v)
+    guiders = G.make_guiders(g.methods, sweep=g.sweep, **guidance_settings(g))
+    check_text_guiders(guiders, text=text, kind=config.model.kind)
+    return guiders
+
+
+def check_text_guiders(guiders: dict, *, text: bool, kind: str) -> None:
+    """Refuses C-ERG (tau_c != 1) on a model without a text encoder, by name."""
+    if text:
+        return
+    for name, guider in guiders.items():
+        if G.tempered_tau_c(guider) != 1.0:
+            raise ValueError(
+                f"guidance.erg.tau_c: {name} tempers a text encoder, and {kind} has none "
+                "(class-conditional); leave tau_c at 1"
             )
-        for m in names:
-            cached = field.startswith("cache_")
-            out[f"{m}_{field}{v.strip()}"] = make_method(m, gv, text=text, cached=cached)
-    return out
 
 
 def checked_layout(config):
@@ -326,11 +148,13 @@ def _load(config, cfg, mesh, rules, methods, sources, text, keep_encoders=False)
     embed, encoders = None, None
     if text:
         width = int(mcfg.get("joint_attention_dim", 0))
+        # one tempered encoding per C-ERG temperature the methods ask for
+        tau_cs = sorted({G.tempered_tau_c(g) for g in methods.values()})
         if keep_encoders:
             encoders = L.load_text_encoders(config, mesh, sources)
-            conditions = L.encode_prompts(config, encoders, width)
+            conditions = L.encode_prompts(config, encoders, width, tau_cs=tau_cs)
         else:
-            conditions = L.text_conditions(config, mesh, sources, width)
+            conditions = L.text_conditions(config, mesh, sources, width, tau_cs=tau_cs)
     else:
         ncls = int(mcfg.get("num_classes", 0))
         conditions = ClassConditions(

@@ -31,18 +31,18 @@ import importlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from erg_jax import guidance as G
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions
 from erg_jax.guider import check_layers
 from erg_jax.jobs import job, output
 from erg_jax.jobs import job_loading as L
-from erg_jax.jobs.job_setup import build_plan, make_methods
+from erg_jax.jobs.job_setup import build_plan, check_text_guiders, guidance_settings
 
-CALL_FIELDS = ("seed", "steps", "scale")  # set by __call__'s own arguments
 MODEL_FIELDS = ("checkpoint", "pretrained", "cache_dir", "kind", "preset")
 
 
@@ -86,6 +86,17 @@ def _set(config, dotted: str, value, origin: str) -> None:
         node[leaf] = value
     except TypeError as e:
         raise ValueError(f"{origin}: {dotted} takes a {type(old).__name__}, got {value!r}") from e
+
+
+def _config_module(name: str):
+    """configs/<name>.py: erg-jax's own erg_jax_configs (the installed wheel, or the
+    checkout's folder under pip install -e), else a checkout's configs/ on sys.path."""
+    try:
+        return importlib.import_module(f"erg_jax_configs.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "erg_jax_configs":
+            raise
+    return importlib.import_module(f"configs.{name}")
 
 
 def _is_model_folder(path: str) -> bool:
@@ -178,7 +189,7 @@ class Pipeline:
             $XDG_CACHE_HOME/erg_jax or ~/.cache/erg_jax).
         """
         name, default, own = _describe(str(path), vae)
-        module = importlib.import_module(f"configs.{name}")
+        module = _config_module(name)
         variant = variant or default
         config = module.get_config(variant or None)
         variant = variant or module.VARIANTS[0]
@@ -241,19 +252,13 @@ class Pipeline:
             )
         return [int(x) for x in items]
 
-    def job_config(self, conditions: list, methods, *, seed=0, steps=None, scale=None, **guidance):
-        """The job config of a call (every field checked as the job checks it)."""
+    def job_config(self, conditions: list, methods, *, seed=0, steps=None):
+        """The job config of a call but for its guidance (every field checked as the job
+        checks it)."""
         c = self.config.copy_and_resolve_references()
         names = [methods] if isinstance(methods, str) else list(methods)
         _set(c, "guidance.methods", ",".join(names), "methods")
-        for key, value in guidance.items():
-            if key in ("methods", "sweep") or key not in c.guidance:
-                raise ValueError(
-                    f"{key!r} is not a guidance field a call takes; fields: "
-                    f"{sorted(set(c.guidance) - {'methods', 'sweep'})}"
-                )
-            _set(c, f"guidance.{key}", value, key)
-        for key, value in (("seed", seed), ("sampler.steps", steps), ("guidance.scale", scale)):
+        for key, value in (("seed", seed), ("sampler.steps", steps)):
             if value is not None:
                 _set(c, key, value, key.rpartition(".")[2])
         _set(c, "output.num_samples", len(conditions), "prompts_or_classes")
@@ -262,6 +267,30 @@ class Pipeline:
         else:
             _set(c, "conditioning.classes", ",".join(map(str, conditions)), "prompts_or_classes")
         return c
+
+    def guidance(self, scale=None, **guidance) -> dict:
+        """``guidance.make_guider``'s settings of a call: the loaded config's guidance
+        section, with the call's scale, shape, interval and sections (typed values, kept
+        as given) laid over it."""
+        settings = guidance_settings(self.config.guidance)
+        for key, value in guidance.items():
+            if key in G.COMMON:
+                settings[key] = value
+            elif isinstance(settings.get(key), dict):
+                if not isinstance(value, Mapping):
+                    raise ValueError(
+                        f"{key}= takes {key}'s settings as a dict, e.g. {key}=dict("
+                        f"{next(iter(settings[key]))}=...), got {value!r}"
+                    )
+                settings[key] = {**settings[key], **value}
+            else:
+                raise ValueError(
+                    f"{key!r} is not a guidance setting a call takes; settings: "
+                    f"{sorted(set(settings) - {'scale'})}"
+                )
+        if scale is not None:
+            settings["scale"] = scale
+        return settings
 
     def _program(self, c):
         """(sampler, jitted program) of the call's number of steps, built once."""
@@ -289,19 +318,24 @@ class Pipeline:
           methods: names the job takes ("none", "cfg", "erg", "erg+apg", "pag", ...).
           seed, steps, scale: the job's seed, sampler.steps and guidance.scale (None:
             the config's).
-          **guidance: other guidance fields of the job config (tau=0.5, layers=[3, 4],
-            kappa=0.1, tau_c=0.5, ...).
+          **guidance: ``guidance.make_guider``'s settings over the config's: shape,
+            interval, and a dict per method or modifier (erg=dict(tau=0.5, layers=[3, 4],
+            kappa=0.1, tau_c=0.5), apg=dict(momentum=-0.5), cache=dict(every=2), ...).
         """
         conditions = self._conditions(prompts_or_classes)
-        c = self.job_config(conditions, methods, seed=seed, steps=steps, scale=scale, **guidance)
-        guiders = make_methods(c, text=self.text)
+        c = self.job_config(conditions, methods, seed=seed, steps=steps)
+        settings = self.guidance(scale, **guidance)
+        guiders = G.make_guiders(c.guidance.methods, **settings)
+        check_text_guiders(guiders, text=self.text, kind=self.config.model.kind)
         for guider in guiders.values():
             check_layers(guider, self.plan.num_layers)
         L.check_scheduler(c.sampler, self.plan.sources)
         sampler, program = self._program(c)
         if self.text:
             width = int(self.plan.model_config.get("joint_attention_dim", 0))
-            table = L.encode_prompts(c, self.plan.text_encoders, width, conditions)
+            tau_cs = sorted({G.tempered_tau_c(g) for g in guiders.values()})
+            encoders = self.plan.text_encoders
+            table = L.encode_prompts(c, encoders, width, conditions, tau_cs=tau_cs)
         else:
             table = ClassConditions(self.num_classes, conditions)
         plan = dataclasses.replace(
@@ -312,9 +346,9 @@ class Pipeline:
         images = {
             m: output.to_uint8(job.generate(plan, m, indices, program=program)) for m in guiders
         }
-        return Samples(images, {m: self._settings(c, m) for m in guiders}, conditions)
+        return Samples(images, {m: self._settings(c, m, settings) for m in guiders}, conditions)
 
-    def _settings(self, c, method: str) -> dict:
+    def _settings(self, c, method: str, guidance: dict) -> dict:
         d = c.to_dict()
         cond = {"text": {"prompts": d["text"]["prompts"]}} if self.text else {
             "conditioning": {"classes": d["conditioning"]["classes"]}
@@ -324,7 +358,7 @@ class Pipeline:
             "output": {"num_samples": d["output"]["num_samples"]},
             "model": {k: d["model"][k] for k in MODEL_FIELDS},
             "sampler": d["sampler"],
-            "guidance": dict(d["guidance"], methods=method),
+            "guidance": dict(d["guidance"], **guidance, methods=method),
             **cond,
         }
 
@@ -332,7 +366,7 @@ class Pipeline:
         """The launch.sample flags (less --workdir) that draw a method's images: the
         config file, then every field of the load and the call that differs from it."""
         module, _, variant = self.config_file.partition(":")
-        base = importlib.import_module(module[:-3].replace("/", ".")).get_config(variant)
+        base = _config_module(os.path.basename(module)[:-3]).get_config(variant)
         c = self.config.copy_and_resolve_references()
         for key, value in _flatten(settings):
             _set(c, key, value, "settings")

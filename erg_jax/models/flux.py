@@ -53,6 +53,7 @@ from erg_jax.models.flux_config import (  # noqa: F401  (re-exported)
     Run,
     Spec,
     block_name,
+    check_sample_size,
     flux_config,
     run_name,
     runs,
@@ -61,7 +62,7 @@ from erg_jax.models.flux_config import (  # noqa: F401  (re-exported)
     stack_blocks,
     unstack_blocks,
 )
-from erg_jax.models.mmdit import MLP, QKNorm, _dense, _layer_norm, _modulate, timestep_features
+from erg_jax.models.mmdit import MLP, QKNorm, dense, layer_norm, modulate, timestep_features
 from erg_jax.models.shared_prefix import Layers, branched_layers
 
 Array = jax.Array
@@ -118,6 +119,18 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def _rounded(x: Array, dtype: Any) -> Array:
+    """x (float32) rounded to the nearest value of dtype (bfloat16...), kept in float32.
+
+    ``x.astype(dtype)`` between float ops is not enough: XLA runs chains of bfloat16
+    ops in float32 and may drop the roundings between them (excess precision), where
+    eager torch rounds after every op; ``reduce_precision`` is always kept. Identity
+    for float32.
+    """
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def _blur_image(q: Array, text_len: int, grid, control: AttentionControl | None) -> Array:
     """SEG's blur of the image queries of q (b, text_len + H*W, h, d), text left alone."""
     if control is None or control.blur is None:
@@ -146,7 +159,7 @@ class Attention(nn.Module):
         s = self.s
         names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
         q, k, v = (
-            _dense(s, s.dim, ("embed", "heads"), n)(x).reshape(x.shape[:2] + (s.heads, s.head_dim))
+            dense(s, s.dim, ("embed", "heads"), n)(x).reshape(x.shape[:2] + (s.heads, s.head_dim))
             for n in names
         )
         norm = "added_" if added else ""
@@ -181,8 +194,8 @@ class Attention(nn.Module):
         out = out.reshape(out.shape[:2] + (s.dim,))
         if not self.joint:
             return out, None
-        img = _dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, text_len:])
-        txt = _dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, :text_len])
+        img = dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, text_len:])
+        txt = dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, :text_len])
         return img, txt
 
 
@@ -201,15 +214,15 @@ class DoubleBlock(nn.Module):
     def __call__(self, carry, y: Array, rope, control: AttentionControl | None):
         s, d = self.s, self.s.dim
         x, c = carry
-        m = jnp.split(_dense(s, 6 * d, ("embed", "mlp"), "norm1")(y), 6, axis=-1)
-        cm = jnp.split(_dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
-        xn, cn = _modulate(_layer_norm(x), m[0], m[1]), _modulate(_layer_norm(c), cm[0], cm[1])
+        m = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1")(y), 6, axis=-1)
+        cm = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
+        xn, cn = modulate(layer_norm(x), m[0], m[1]), modulate(layer_norm(c), cm[0], cm[1])
         a_x, a_c = Attention(s, self.grid, name="attn")(xn, cn, rope, control)
         x_out = x + m[2][:, None] * a_x
-        ff = MLP(s, 4 * d, d, name="ff")(_modulate(_layer_norm(x_out), m[3], m[4]))
+        ff = MLP(s, 4 * d, d, name="ff")(modulate(layer_norm(x_out), m[3], m[4]))
         x_out = x_out + m[5][:, None] * ff
         c_out = c + cm[2][:, None] * a_c
-        ff_c = MLP(s, 4 * d, d, name="ff_context")(_modulate(_layer_norm(c_out), cm[3], cm[4]))
+        ff_c = MLP(s, 4 * d, d, name="ff_context")(modulate(layer_norm(c_out), cm[3], cm[4]))
         c_out = c_out + cm[5][:, None] * ff_c
         return (skip_block(x, x_out, control), skip_block(c, c_out, control)), None
 
@@ -227,12 +240,12 @@ class SingleBlock(nn.Module):
         s, d = self.s, self.s.dim
         x, c = carry
         h = jnp.concatenate([c, x], axis=1)
-        shift, scale, gate = jnp.split(_dense(s, 3 * d, ("embed", "mlp"), "norm")(y), 3, axis=-1)
-        hn = _modulate(_layer_norm(h), shift, scale)
-        mlp = nn.gelu(_dense(s, 4 * d, ("embed", "mlp"), "proj_mlp")(hn), approximate=True)
+        shift, scale, gate = jnp.split(dense(s, 3 * d, ("embed", "mlp"), "norm")(y), 3, axis=-1)
+        hn = modulate(layer_norm(h), shift, scale)
+        mlp = nn.gelu(dense(s, 4 * d, ("embed", "mlp"), "proj_mlp")(hn), approximate=True)
         att, _ = Attention(s, self.grid, joint=False, name="attn")(hn, None, rope, control)
         both = jnp.concatenate([att, mlp], axis=-1)
-        u = gate[:, None] * _dense(s, d, ("mlp", "embed"), "proj_out")(both)
+        u = gate[:, None] * dense(s, d, ("mlp", "embed"), "proj_out")(both)
         n = c.shape[1]
         x_out, c_out = x + u[:, n:], c + u[:, :n]
         return (skip_block(x, x_out, control), skip_block(c, c_out, control)), None
@@ -285,7 +298,8 @@ class Flux(nn.Module):
 
         Args:
           x: (b, H, W, in_channels) latents, H and W multiples of patch_size.
-          t: (b,) flow time in [0, 1] (1 = noise); embedded as 1000 t.
+          t: (b,) flow time in [0, 1] (1 = noise); embedded as 1000 t, computed in the
+            activation dtype as FluxTransformer2DModel does (so is a guidance 1000 g).
           context: (b, L, joint_attention_dim) T5 tokens.
           pooled: (b, pooled_projection_dim) pooled CLIP embedding.
           guidance: (b,) distilled guidance scale (guidance_embeds only, else None).
@@ -310,26 +324,29 @@ class Flux(nn.Module):
                 f"attention control has {attention.num_layers} layers, the model {s.num_layers}"
             )
         grid = (hgt // p, wid // p)
-        h = _dense(s, d, (None, "embed"), "x_embedder")(pack(x, p).astype(s.dtype))
+        h = dense(s, d, (None, "embed"), "x_embedder")(pack(x, p).astype(s.dtype))
 
         def embed(values, name):
-            feats = timestep_features(1000.0 * values.astype(jnp.float32)).astype(s.dtype)
+            # FluxTransformer2DModel scales in the activations' dtype: in bfloat16 the
+            # distilled guidance 3.5 is embedded as 3504, not 3500, t at steps of up to 4.
+            scaled = 1000 * _rounded(values.astype(jnp.float32), s.dtype)
+            feats = timestep_features(_rounded(scaled, s.dtype)).astype(s.dtype)
             return MLP(s, d, d, act="silu", name=name)(feats)
 
         y = embed(t, "time_embed")
         if guidance is not None:
             y = y + embed(guidance, "guidance_embed")
         y = nn.silu(y + MLP(s, d, d, act="silu", name="text_embed")(pooled.astype(s.dtype)))
-        c = _dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
+        c = dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
         rope = rope_tables(position_ids(grid, context.shape[1]), s.axes_dims)
 
         if blocks is None:
             h = self._blocks((h, c), y, rope, grid, attention)
         else:
             h = blocks((h, c), y, rope)
-        scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
-        h = _modulate(_layer_norm(h), shift, scale)
-        h = _dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
+        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
+        h = modulate(layer_norm(h), shift, scale)
+        h = dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
         return unpack(h, grid, p)
 
 
@@ -386,6 +403,11 @@ def _conditions(s: Spec, x: Array, t: Array, cond: dict):
         )
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    if jnp.finfo(s.dtype).bits < 32:
+        # FluxPipeline hands the transformer its scheduler's timestep 1000 t cast to the
+        # latents' dtype, over 1000 in that dtype. (In float32 that round trip through
+        # 1000 comes back to 1000 t itself, which the float32 path computes directly.)
+        t = _rounded(_rounded(1000 * t, s.dtype) / 1000, s.dtype)
     g = None
     if s.guidance:
         g = jnp.broadcast_to(jnp.asarray(cond["guidance"], jnp.float32), (b,))

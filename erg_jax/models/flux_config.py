@@ -96,6 +96,19 @@ def flux_config(name: str = "dev", **overrides: Any) -> dict:
     return config
 
 
+def check_sample_size(config: dict) -> None:
+    """Raises a ValueError naming ``model.sample_size`` unless the latent side is a
+    multiple of ``patch_size`` (2 in every FLUX.1: the side must be even), before any
+    program is traced; a config without a side (0 or absent) passes."""
+    side, p = int(config.get("sample_size") or 0), int(config["patch_size"])
+    if side % p:
+        raise ValueError(
+            f"model.sample_size={side}: a FLUX.1 latent side must be even, a multiple of "
+            f"patch_size={p} (the latents are packed into {p}x{p} patches), as 128 for "
+            "1024px images or 64 for 512px"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """The static settings every layer shares (hashable, built from a config dict)."""
@@ -126,6 +139,7 @@ class Spec:
 
     @classmethod
     def from_config(cls, config: dict) -> Spec:
+        check_sample_size(config)
         heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
         double, single = int(config["num_double_layers"]), int(config["num_single_layers"])
         if int(config["num_layers"]) != double + single or double < 0 or single < 0:

@@ -72,7 +72,9 @@ from erg_jax.models.shared_prefix import Layers, branched_layers
 Array = jax.Array
 
 
-def _dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
+def dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
+    """A Dense layer in s's dtypes and precision, its kernel (and bias) sharded over the
+    logical axes (in, out), xavier-uniform initialised like diffusers' linears."""
     init = nn.initializers.xavier_uniform()
     return nn.Dense(
         features,
@@ -85,7 +87,7 @@ def _dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: st
     )
 
 
-def _layer_norm(x: Array, eps: float = 1e-6) -> Array:
+def layer_norm(x: Array, eps: float = 1e-6) -> Array:
     """LayerNorm without affine over the last axis, two-pass statistics in float32."""
     x32 = x.astype(jnp.float32)
     centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -93,7 +95,7 @@ def _layer_norm(x: Array, eps: float = 1e-6) -> Array:
     return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
     """x (b, n, D) * (1 + scale) + shift, with shift, scale (b, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         names = ("add_q_proj", "add_k_proj", "add_v_proj") if added else ("to_q", "to_k", "to_v")
         norm = "added_" if added else ""
         q, k, v = (
-            _dense(s, s.dim, ("embed", "heads"), n)(x).reshape(x.shape[:2] + (s.heads, s.head_dim))
+            dense(s, s.dim, ("embed", "heads"), n)(x).reshape(x.shape[:2] + (s.heads, s.head_dim))
             for n in names
         )
         if s.qk_norm is not None:
@@ -189,10 +191,10 @@ class Attention(nn.Module):
             sow_entropy(self, q, k, control)  # the entropy probe: joint attention only
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
-        img = _dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
+        img = dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
         txt = None
         if self.joint and self.context_out:
-            txt = _dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, n:])
+            txt = dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, n:])
         return img, txt
 
 
@@ -206,9 +208,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = _dense(self.s, self.hidden, ("embed", "mlp"), "linear_1")(x)
+        h = dense(self.s, self.hidden, ("embed", "mlp"), "linear_1")(x)
         h = nn.gelu(h, approximate=True) if self.act == "gelu" else nn.silu(h)
-        return _dense(self.s, self.out, ("mlp", "embed"), "linear_2")(h)
+        return dense(self.s, self.out, ("mlp", "embed"), "linear_2")(h)
 
 
 class JointBlock(nn.Module):
@@ -231,32 +233,32 @@ class JointBlock(nn.Module):
         x, c = carry
         pre_only, dual = self.pre_only, self.dual
         m = jnp.split(
-            _dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y),
+            dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y),
             9 if dual else 6,
             axis=-1,
         )
-        xn = _layer_norm(x)
+        xn = layer_norm(x)
         if pre_only:
-            scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm1_context")(y), 2, -1)
+            scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm1_context")(y), 2, -1)
             cm = None
         else:
-            cm = jnp.split(_dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
+            cm = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
             shift, scale = cm[0], cm[1]
         a_x, a_c = Attention(s, self.grid, context_out=not pre_only, name="attn")(
-            _modulate(xn, m[0], m[1]), _modulate(_layer_norm(c), shift, scale), control
+            modulate(xn, m[0], m[1]), modulate(layer_norm(c), shift, scale), control
         )
         out = x + m[2][:, None] * a_x
         if dual:
             a2, _ = Attention(s, self.grid, joint=False, name="attn2")(
-                _modulate(xn, m[6], m[7]), None, control
+                modulate(xn, m[6], m[7]), None, control
             )
             out = out + m[8][:, None] * a2
-        ff = MLP(s, 4 * d, d, name="ff")(_modulate(_layer_norm(out), m[3], m[4]))
+        ff = MLP(s, 4 * d, d, name="ff")(modulate(layer_norm(out), m[3], m[4]))
         out = out + m[5][:, None] * ff
         c_out = c
         if not pre_only:
             c_out = c + cm[2][:, None] * a_c
-            ff_c = MLP(s, 4 * d, d, name="ff_context")(_modulate(_layer_norm(c_out), cm[3], cm[4]))
+            ff_c = MLP(s, 4 * d, d, name="ff_context")(modulate(layer_norm(c_out), cm[3], cm[4]))
             c_out = c_out + cm[5][:, None] * ff_c
         return (skip_block(x, out, control), skip_block(c, c_out, control)), None
 
@@ -362,12 +364,12 @@ class MMDiT(nn.Module):
         y = MLP(s, d, d, act="silu", name="time_embed")(timestep_features(t).astype(s.dtype))
         y = y + MLP(s, d, d, act="silu", name="text_embed")(pooled.astype(s.dtype))
         y = nn.silu(y)
-        c = _dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
+        c = dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
 
         h = self._blocks((h, c), y, grid, attention) if blocks is None else blocks((h, c), y)
-        scale, shift = jnp.split(_dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
-        h = _modulate(_layer_norm(h), shift, scale)
-        h = _dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
+        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
+        h = modulate(layer_norm(h), shift, scale)
+        h = dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
         h = h.reshape(h.shape[:-2] + (grid[0], grid[1], p, p, s.out_channels))
         return jnp.swapaxes(h, -4, -3).reshape(h.shape[:-5] + (hgt, wid, s.out_channels))
 

@@ -11,7 +11,7 @@ computation, so it runs once; only the rest is mapped over the branches:
     h_i+1  = map(layer_i)(h_i, c_i)    per branch,        i >= first
     out    = map(head)(h_L)
 
-(map: ``samplers.map_branches``, a vmap on accelerators, branch by branch on CPU).
+(map: ``branches.map_branches``, a vmap on accelerators, branch by branch on CPU).
 
 ``first`` is found from the controls at run time: each layer is a ``lax.cond`` between
 its shared and its per-branch form (inside one ``lax.scan`` over a run of layers whose
@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from erg_jax.branches import map_branches
 from erg_jax.control import AttentionControl
-from erg_jax.samplers import map_branches
 
 Array = jax.Array
 

@@ -70,7 +70,7 @@ def forward_flops(setup: setups.Setup) -> float:
     """FLOPs of one denoiser forward at the setup's batch (XLA's cost analysis).
 
     A guided step runs this once per branch; its own program is not counted directly
-    because on CPU the branches are a loop (``samplers.map_branches``), whose body the
+    because on CPU the branches are a loop (``branches.map_branches``), whose body the
     cost analysis counts once.
     """
     keys, x = setup.noise()

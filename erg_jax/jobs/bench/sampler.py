@@ -16,7 +16,6 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from erg_jax import Energy
 from erg_jax import guidance as G
 from erg_jax import samplers as S
 from erg_jax.jobs.bench import setups
@@ -96,15 +95,8 @@ def sweep_guiders(num_layers: int) -> list[G.Guider]:
     out = []
     for i in range(8):
         mask = jnp.arange(num_layers) >= (i % num_layers)
-        out.append(
-            G.erg(
-                2.0 + 0.5 * i,
-                energy=Energy(tau=0.3 + 0.1 * i),
-                layers=mask,
-                kappa=0.1 * (i % 4),
-                condition="cond",
-            )
-        )
+        erg = dict(tau=0.3 + 0.1 * i, layers=mask, kappa=0.1 * (i % 4), condition="cond")
+        out.append(G.make_guider("erg", scale=2.0 + 0.5 * i, erg=erg))
     return out
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from erg_jax import Energy
 from erg_jax import guidance as G
 from erg_jax import samplers as S
 from erg_jax.models import dit, mmdit
@@ -109,21 +108,23 @@ def mmdit_setup(small: bool = False, batch: int = 8) -> Setup:
 
 
 def guiders(num_layers: int) -> dict[str, G.Guider]:
-    """The compared guidance methods (w = 4), perturbing the second half / middle layer."""
+    """The compared guidance methods (w = 4), perturbing the second half / middle layer,
+    each built by ``guidance.make_guider`` as every entry point builds them."""
     late = list(range(num_layers // 2, num_layers))
     mid = [num_layers // 2]
-    erg = G.erg(4.0, energy=Energy(tau=0.5), layers=late, condition="cond")
+    erg = dict(tau=0.5, layers=late, condition="cond")
+    make = G.make_guider
     return {
-        "none": G.none(),
-        "cfg": G.cfg(4.0),
-        "erg": erg,
-        "erg_k3": G.erg(4.0, energy=Energy(tau=0.5), layers=late, steps=3, condition="cond"),
-        "erg_all_layers": G.erg(4.0, energy=Energy(tau=0.5), condition="cond"),
-        "erg+apg": G.with_apg(erg, momentum=-0.5, eta=0.0),
-        "pag": G.pag(3.0, layers=mid),
-        "seg": G.seg(3.0, sigma=math.inf, layers=mid),
-        "cfg_cache2": G.cache(G.cfg(4.0), every=2),
-        "erg_cache2": G.cache(erg, every=2),
+        "none": make("none"),
+        "cfg": make("cfg", scale=4.0),
+        "erg": make("erg", scale=4.0, erg=erg),
+        "erg_k3": make("erg", scale=4.0, erg=dict(erg, steps=3)),
+        "erg_all_layers": make("erg", scale=4.0, erg=dict(erg, layers=None)),
+        "erg+apg": make("erg+apg", scale=4.0, erg=erg, apg=dict(momentum=-0.5)),
+        "pag": make("pag", scale=3.0, pag=dict(layers=mid)),
+        "seg": make("seg", scale=3.0, seg=dict(sigma=math.inf, layers=mid)),
+        "cfg_cache2": make("cfg+cache", scale=4.0, cache=dict(every=2)),
+        "erg_cache2": make("erg+cache", scale=4.0, erg=erg, cache=dict(every=2)),
     }
 
 

@@ -13,10 +13,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import StateDict
-from erg_jax.convert.text import embedding, layer_norm, linear, strip_prefix
 from erg_jax.energy import Energy
 from erg_jax.models.text import layers as L
+from erg_jax.weights import StateDict, embedding, linear, norm, strip_prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +122,7 @@ def convert(tensors: dict[str, np.ndarray], c: BertConfig, source: str) -> dict:
         "word_embed": embedding(sd, "embeddings.word_embeddings", c.vocab_size, d),
         "pos_embed": embedding(sd, "embeddings.position_embeddings", c.max_positions, d),
         "type_embed": embedding(sd, "embeddings.token_type_embeddings", c.type_vocab_size, d),
-        "embed_norm": layer_norm(sd, "embeddings.LayerNorm", d),
+        "embed_norm": norm(sd, "embeddings.LayerNorm", d),
     }
     for i in range(c.num_layers):
         pre = f"encoder.layer.{i}"
@@ -135,10 +134,10 @@ def convert(tensors: dict[str, np.ndarray], c: BertConfig, source: str) -> dict:
                 "v": linear(sd, f"{att}.self.value", d, d, True),
                 "o": linear(sd, f"{att}.output.dense", d, d, True),
             },
-            "attn_norm": layer_norm(sd, f"{att}.output.LayerNorm", d),
+            "attn_norm": norm(sd, f"{att}.output.LayerNorm", d),
             "mlp_in": linear(sd, f"{pre}.intermediate.dense", d, f, True),
             "mlp_out": linear(sd, f"{pre}.output.dense", f, d, True),
-            "mlp_norm": layer_norm(sd, f"{pre}.output.LayerNorm", d),
+            "mlp_norm": norm(sd, f"{pre}.output.LayerNorm", d),
         }
     if c.pooler:
         p["pooler"] = linear(sd, "pooler.dense", d, d, True)

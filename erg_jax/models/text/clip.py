@@ -15,10 +15,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import StateDict
-from erg_jax.convert.text import embedding, layer_norm, linear
 from erg_jax.energy import Energy
 from erg_jax.models.text import layers as L
+from erg_jax.weights import StateDict, embedding, linear, norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,20 +140,20 @@ def convert(tensors: dict[str, np.ndarray], c: ClipTextConfig, source: str) -> d
     p = {
         "token_embed": embedding(sd, "embeddings.token_embedding", c.vocab_size, d),
         "pos_embed": embedding(sd, "embeddings.position_embedding", c.max_positions, d),
-        "final_norm": layer_norm(sd, "final_layer_norm", d),
+        "final_norm": norm(sd, "final_layer_norm", d),
     }
     for i in range(c.num_layers):
         pre = f"encoder.layers.{i}"
         att = f"{pre}.self_attn"
         p[f"layers_{i}"] = {
-            "attn_norm": layer_norm(sd, f"{pre}.layer_norm1", d),
+            "attn_norm": norm(sd, f"{pre}.layer_norm1", d),
             "attn": {
                 "q": linear(sd, f"{att}.q_proj", d, d, True),
                 "k": linear(sd, f"{att}.k_proj", d, d, True),
                 "v": linear(sd, f"{att}.v_proj", d, d, True),
                 "o": linear(sd, f"{att}.out_proj", d, d, True),
             },
-            "mlp_norm": layer_norm(sd, f"{pre}.layer_norm2", d),
+            "mlp_norm": norm(sd, f"{pre}.layer_norm2", d),
             "mlp_in": linear(sd, f"{pre}.mlp.fc1", d, f, True),
             "mlp_out": linear(sd, f"{pre}.mlp.fc2", f, d, True),
         }

@@ -23,10 +23,9 @@ import numpy as np
 from flax import traverse_util
 
 from erg_jax import sharding
-from erg_jax.convert.common import read_config
-from erg_jax.convert.text import read_folder
 from erg_jax.energy import Energy, check_energy
 from erg_jax.models.text import bert, clip, llama, t5
+from erg_jax.weights import read_config, read_folder
 
 logger = logging.getLogger(__name__)
 

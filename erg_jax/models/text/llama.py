@@ -16,10 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import StateDict
-from erg_jax.convert.text import linear, strip_prefix
 from erg_jax.energy import Energy
 from erg_jax.models.text import layers as L
+from erg_jax.weights import StateDict, linear, strip_prefix
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

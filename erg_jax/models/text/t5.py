@@ -15,10 +15,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.convert.common import StateDict
-from erg_jax.convert.text import embedding, linear
 from erg_jax.energy import Energy
 from erg_jax.models.text import layers as L
+from erg_jax.weights import StateDict, embedding, linear
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Reading PyTorch / safetensors state dicts and mapping them onto Flax params.
+"""Reading PyTorch / safetensors state dicts and mapping their tensors onto Flax params.
 
+The one reader below every loader: the pipeline converters (``erg_jax.convert``) and the
+text encoders (``erg_jax.models.text``, whose own modules map their weights) both use it.
 Every loader goes through ``StateDict``: it reads local files only, and a missing file,
 a missing or unused tensor, or a shape that does not fit is a ValueError that names the
 key, never a silent skip.
@@ -7,8 +9,9 @@ key, never a silent skip.
 Safetensors files (an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the raw bytes) are memory-mapped and viewed in
 their stored dtype, bfloat16 included (as ``ml_dtypes.bfloat16``): nothing is read from
-disk until a converter touches a tensor, and converters cast leaf by leaf, so converting
-a bf16 checkpoint never holds a float32 copy of the whole state dict.
+disk until a converter touches a tensor (or, loading onto a mesh, one shard of it), and
+converters cast leaf by leaf, so converting a bf16 checkpoint never holds a float32 copy
+of the whole state dict.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ _SAFETENSORS_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+# A Hugging Face (transformers) folder's weights, single file or sharded.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -163,12 +169,41 @@ def find_weights(folder: str, stem: str = "diffusion_pytorch_model") -> str:
     raise ValueError(f"no weights file ({stem}.safetensors or model.safetensors) in {folder}")
 
 
+def read_folder(folder: str) -> tuple[dict[str, np.ndarray], str]:
+    """All tensors of a Hugging Face folder (single file or sharded index) and their source.
+
+    Raises:
+      ValueError: no weights file, or a shard named in the index is missing (named).
+    """
+    for name in HF_WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return read_state_dict(path), path
+    raise ValueError(
+        f"no weights in {folder}: expected {HF_WEIGHT_FILES[0]} or {HF_WEIGHT_FILES[1]}"
+    )
+
+
 def read_config(folder: str, name: str = "config.json") -> dict:
+    """A folder's JSON config (diffusers' or transformers' config.json) as a dict."""
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         raise ValueError(f"missing {name} in {folder}")
     with open(path) as f:
         return json.load(f)
+
+
+def strip_prefix(
+    tensors: dict[str, np.ndarray], prefix: str, drop: Callable[[str], bool] = lambda k: False
+) -> dict[str, np.ndarray]:
+    """Keys under ``prefix`` with the prefix removed (if any key has it); ``drop`` filters.
+
+    Lets one converter read a bare model (``layers.0...``) and its task wrapper
+    (``model.layers.0...`` beside ``lm_head.weight``) alike.
+    """
+    if any(k.startswith(prefix) for k in tensors):
+        tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k: v for k, v in tensors.items() if not drop(k)}
 
 
 class StateDict:
@@ -246,6 +281,11 @@ def norm(sd: StateDict, prefix: str, dim: int, bias: bool = True) -> dict:
     if bias:
         out["bias"] = sd.take(f"{prefix}.bias", (dim,))
     return out
+
+
+def embedding(sd: StateDict, prefix: str, num: int, dim: int) -> dict:
+    """A torch Embedding (num, dim) as a flax Embed {'embedding': (num, dim)}."""
+    return {"embedding": sd.take(f"{prefix}.weight", (num, dim))}
 
 
 def place_leaves(

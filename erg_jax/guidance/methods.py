@@ -1,0 +1,278 @@
+"""The guidance methods' constructors: checked settings in, a Guider out.
+
+Each returns an ``erg_jax.guider.Guider`` whose terms say the method's weak branch (the
+formulas are in the package docstring and docs/METHOD.md); every number stays data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from erg_jax import rules as R
+from erg_jax.energy import Energy, check_energy, check_positive
+from erg_jax.guider import CADS, SLOTS, Cache, Guider, Term
+from erg_jax.schedules import check_range, schedule
+
+
+def layer_ids(layers, name):
+    """Layer ids or a boolean mask, as the guider takes them: None, "" or "all" (every
+    layer), "3,4" (a config string), a sequence or array of ints, or of booleans (a mask
+    over the model's layers; a Python list of booleans is a mask, never ids 0 and 1)."""
+    if layers is None or isinstance(layers, jax.core.Tracer):
+        return layers
+    if isinstance(layers, str):
+        spec = layers.strip()
+        if spec in ("", "all"):
+            return None
+        try:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError as e:
+            raise ValueError(
+                f"{name} must be '' (every layer) or ids like '3,4', got {spec!r}"
+            ) from e
+    value = np.asarray(layers)
+    if value.dtype == np.bool_:
+        if value.ndim != 1 or not value.size:
+            raise ValueError(f"{name}: a layer mask must be 1-D and non-empty, got {value.shape}")
+        return jnp.asarray(value)
+    if value.size == 0:
+        raise ValueError(f"{name} must name at least one layer, got an empty list")
+    if not np.issubdtype(value.dtype, np.integer) and not np.all(value % 1 == 0):
+        raise ValueError(f"{name} must hold whole layer indices, got {layers!r}")
+    if int(value.min()) < -1:
+        raise ValueError(f"{name} must hold layer indices >= 0 (or -1 as padding), got {layers!r}")
+    return jnp.asarray(value.reshape(-1), jnp.int32)
+
+
+def none() -> Guider:
+    """No guidance: the strong branch alone (1 function evaluation per step)."""
+    return Guider(name="none")
+
+
+def cfg(scale=4.0, *, rescale=0.0, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Classifier-free guidance (Ho & Salimans 2022) with rescale phi (Lin et al. 2024)."""
+    check_range(rescale, "rescale", 0.0, 1.0)
+    return Guider((Term(schedule(scale, shape, interval), "null"),), rescale, name="cfg")
+
+
+def apg(
+    scale=4.0,
+    *,
+    momentum=0.0,
+    norm_threshold=math.inf,
+    eta=0.0,
+    shape="constant",
+    interval=(0.0, 1.0),
+) -> Guider:
+    """Adaptive projected guidance against the null condition (Sadat et al. 2025)."""
+    settings = R.check_apg(momentum, norm_threshold, eta)
+    return Guider((Term(schedule(scale, shape, interval), "null", apg=settings),), name="apg")
+
+
+def erg(
+    scale=3.0,
+    *,
+    tau=0.5,
+    alpha=1.0,
+    gamma=1.0,
+    image_energy: bool = True,
+    layers=None,
+    kappa=0.0,
+    kappa_unit: str = "noise",
+    steps: int = 1,
+    tau_c=1.0,
+    condition: str = "auto",
+    energy: Energy | None = None,
+    shape="constant",
+    interval=(0.0, 1.0),
+) -> Guider:
+    """Entropy Rectifying Guidance (Berrada Ifriqi et al. 2025).
+
+    Args:
+      scale: w; 1 is no guidance.
+      tau, alpha, gamma: I-ERG's Energy in the selected denoiser layers.
+      image_energy: False turns I-ERG off (C-ERG alone: the weak branch differs only by
+        its tempered condition).
+      layers: the I-ERG layers (None or "" = all), indices, "3,4" or a boolean mask.
+      kappa: kickoff. With ``kappa_unit="noise"`` (the paper's definition) I-ERG is on
+        while the noise level t <= 1 - kappa; with "steps", from the step whose share of
+        the sampler's steps done is >= kappa (kappa = 0.1 of 50 steps: from step 5).
+        A shifted grid (SD3's shift 3) spends more steps at high noise, so the two differ.
+      steps: energy updates K in those layers (static).
+      tau_c: C-ERG's temperature in the text encoder's layers (1 = no C-ERG). The guider
+        records it; whoever encodes the prompts (the Pipeline, the sampling job) makes the
+        "tempered" condition at this value.
+      condition: the weak branch's condition slot: "tempered" (C-ERG), "cond"
+        (class-conditional or I-ERG only), "null", or "auto" (the tempered one when the
+        conditions hold it, else "cond").
+      energy: an Energy in place of tau, alpha and gamma (per-layer or per-head values).
+
+    Raises:
+      ValueError: naming the field, for a bad value, or when nothing is perturbed
+        (image_energy False, tau_c 1 and the strong condition: the weak branch would be
+        the strong one, guidance at twice the cost that does nothing).
+    """
+    if condition not in SLOTS:
+        raise ValueError(f"erg condition must be one of {SLOTS}, got {condition!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"erg steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(image_energy, bool | np.bool_):
+        raise ValueError(f"erg image_energy must be True or False, got {image_energy!r}")
+    check_range(kappa, "erg kappa", 0.0, 1.0)
+    check_positive(tau_c, "erg tau_c")
+    if kappa_unit not in ("noise", "steps"):
+        raise ValueError(f"erg kappa_unit must be 'noise' or 'steps', got {kappa_unit!r}")
+    if energy is None and image_energy:
+        energy = Energy(tau=tau, alpha=alpha, gamma=gamma)
+    elif not image_energy:
+        energy = None
+    if energy is not None:
+        check_energy(energy)
+    cerg_off = not isinstance(tau_c, jax.core.Tracer) and float(tau_c) == 1.0
+    if energy is None and (condition == "cond" or (condition == "auto" and cerg_off)):
+        raise ValueError(
+            "erg perturbs nothing: image_energy is False (no I-ERG) and tau_c is 1 (no "
+            "C-ERG), so the weak branch is the strong one; set image_energy=True, "
+            "tau_c != 1 (text models) or condition='tempered'/'null'"
+        )
+    term = Term(
+        schedule(scale, shape, interval),
+        condition,
+        energy=energy,
+        energy_layers=layer_ids(layers, "erg layers"),
+        kappa=kappa,
+        kappa_unit=kappa_unit,
+        energy_steps=steps,
+        tau_c=tau_c,
+    )
+    return Guider((term,), name="erg")
+
+
+def pag(scale=3.0, *, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Perturbed-attention guidance: identity attention in the layers (Ahn et al. 2024)."""
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        identity_layers=layer_ids(layers, "layers"),
+        uses_identity=True,
+    )
+    return Guider((term,), name="pag")
+
+
+def seg(scale=3.0, *, sigma=math.inf, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Smoothed energy guidance: queries blurred over the token grid (Hong 2024)."""
+    check_positive(1.0 if sigma == math.inf else sigma, "sigma")
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        blur_sigma=sigma,
+        blur_layers=layer_ids(layers, "layers"),
+        uses_blur=True,
+    )
+    return Guider((term,), name="seg")
+
+
+def slg(scale=3.0, *, layers="0", shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Skip-layer guidance: the weak branch skips the layers."""
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        skip_layers=layer_ids(layers, "layers"),
+        uses_skip=True,
+    )
+    return Guider((term,), name="slg")
+
+
+def sag(scale=1.75, *, layer=None, sigma=1.0, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Self-attention guidance (Hong et al. 2023) as a guider of its own: the weak branch
+    is D(x_t', c), x_t' = x_t with the strong x0 estimate blurred where the strong
+    branch's attention in ``layer`` is above average (``erg_jax.sag``).
+
+    Args:
+      scale: w = the reference's sag_scale + 1 (its default 0.75: w = 1.75).
+      layer: the block whose attention map is taken: None (the middle block), an index,
+        or one-hot weights over the blocks (traced: a sweep over layers compiles once).
+      sigma: the blur's width in latent pixels (kernel 9, as the reference).
+    """
+    check_positive(sigma, "sag sigma")
+    if isinstance(layer, str):  # a config field: "" is the middle block
+        try:
+            layer = int(layer) if layer.strip() else None
+        except ValueError as e:
+            raise ValueError(
+                f"sag layer must be '' (the middle block) or one index, got {layer!r}"
+            ) from e
+    if layer is not None and not isinstance(layer, jax.core.Tracer):
+        value = np.asarray(layer)
+        index = value.ndim == 0 and value.dtype != np.bool_
+        if value.ndim == 0 and not (index and value >= 0 and value % 1 == 0):
+            raise ValueError(f"sag layer must be a layer index >= 0 or None, got {layer!r}")
+        layer = jnp.asarray(layer, jnp.int32 if index else jnp.float32)
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        sag_layer=layer,
+        sag_sigma=sigma,
+        uses_sag=True,
+    )
+    return Guider((term,), name="sag")
+
+
+def autoguidance(scale=2.0, *, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """AutoGuidance (Karras et al. 2024): the weak branch is model 1, a weaker network."""
+    return Guider((Term(schedule(scale, shape, interval), "cond", model=1),), name="autoguidance")
+
+
+def with_apg(guider: Guider, *, momentum=0.0, norm_threshold=math.inf, eta=0.0) -> Guider:
+    """Every term's difference through APG's projection (for example ERG + APG)."""
+    settings = R.check_apg(momentum, norm_threshold, eta)
+    if any(t.rule is not None for t in guider.terms):
+        raise ValueError(f"apg replaces a term's combination; {guider.name!r} already has one")
+    terms = tuple(t.replace(apg=settings) for t in guider.terms)
+    return guider.replace(terms=terms, name=guider.name + "+apg")
+
+
+def with_cads(guider: Guider, *, tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0) -> Guider:
+    """The guider with CADS on its conditional branches (for example ERG + CADS)."""
+    check_range(tau1, "cads tau1", 0.0, math.inf)
+    check_range(tau2, "cads tau2", 0.0, math.inf)
+    if float(tau2) < float(tau1):
+        raise ValueError(f"cads tau2 must be >= tau1, got tau1={tau1}, tau2={tau2}")
+    check_range(psi, "cads psi", 0.0, 1.0)
+    return guider.replace(cads=CADS(tau1, tau2, noise_scale, psi), name=guider.name + "+cads")
+
+
+def cache(guider: Guider, *, every=2, window=(0.0, 1.0)) -> Guider:
+    """The guider with its weak branches evaluated only every ``every``-th step inside
+    the noise-level ``window``, their x0 difference to the strong branch reused between.
+
+    Each skipped step costs the strong branch alone; ``every=1`` is the guider itself.
+    ``every`` and the window are traced, so a sweep over them compiles once. The sampler
+    carries the cached differences (``samplers.sample``).
+    """
+    if any(t.uses_sag for t in guider.terms):
+        raise ValueError(
+            f"{guider.name}: sag cannot use the weak-branch cache: its weak input is built "
+            "from the current step's strong output"
+        )
+    check_range(every, "cache every", 1.0, math.inf)
+    if not isinstance(every, jax.core.Tracer) and float(every) % 1:
+        raise ValueError(f"cache every must be a whole number >= 1, got {every!r}")
+    lo, hi = window
+    check_range(lo, "cache window[0]", 0.0, 1.0)
+    check_range(hi, "cache window[1]", 0.0, 1.0)
+    if float(lo) > float(hi):
+        raise ValueError(f"cache window must have window[0] <= window[1], got {window}")
+    return guider.replace(cache=Cache(every, lo, hi), name=guider.name + "+cache")
+
+
+def compose(*guiders: Guider, rescale=0.0) -> Guider:
+    """One strong branch, every guider's terms added (for example CFG + PAG)."""
+    if any(g.cads is not None or g.cache is not None for g in guiders):
+        raise ValueError("compose guiders first, then add CADS (with_cads) or a cache")
+    terms = tuple(t for g in guiders for t in g.terms)
+    return Guider(terms, rescale, name="+".join(g.name for g in guiders))

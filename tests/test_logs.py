@@ -1,0 +1,41 @@
+"""What a launcher prints (launch/logs.py): the job's progress and results; the
+libraries' INFO lines (Orbax per checkpoint, JAX's backend probing, transformers' advice
+without torch) only with --verbose."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFO = re.compile(r"^I\d{4} ", re.M)  # absl's prefix of an INFO line: I<month><day>
+NO_TORCH = "PyTorch was not found"
+
+
+def _demo(workdir, *flags: str) -> str:
+    """stdout and stderr of the demo's runlocal variant, torch unimportable as in the
+    demo's own setup (scripts/setup.sh demo), where transformers says so on import."""
+    block = (
+        "import sys, runpy; sys.modules['torch'] = None; "
+        f"sys.argv = ['demo', '--config=configs/quickstart.py:runlocal', '--workdir={workdir}'"
+        + "".join(f", {f!r}" for f in flags)
+        + "]; runpy.run_module('launch.demo', run_name='__main__', alter_sys=True)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_prints_its_results_and_the_libraries_info_only_when_verbose(tmp_path):
+    quiet = _demo(tmp_path / "quiet")
+    assert "| method |" in quiet and "wrote " in quiet  # the results are shown
+    assert not INFO.search(quiet), INFO.findall(quiet)
+    assert NO_TORCH not in quiet
+    verbose = _demo(tmp_path / "verbose", "--verbose")
+    assert INFO.search(verbose)  # Orbax's, restoring the demo's checkpoints, among them
+    assert NO_TORCH in verbose
