@@ -26,11 +26,11 @@ PARAMS = "params"
 CONFIG = "config.json"
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         return x.item()
     if x is None or isinstance(x, bool | int | float | str):
@@ -50,7 +50,7 @@ def save(directory: str, params: Any, config: dict) -> None:
 
     if not isinstance(config, dict) or "kind" not in config:
         raise ValueError("config must be a dict with a 'kind' field (docs/INTERFACES.md)")
-    text = json.dumps(_jsonable(config), indent=2, sort_keys=True)
+    text = json.dumps(jsonable(config), indent=2, sort_keys=True)
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()

@@ -266,7 +266,7 @@ def _initial_params(directory: str, mcfg: dict, abstract: Any) -> Any:
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ValueError(f"train.init_from: {directory!r} is not an exported model folder")
     saved = checkpoint.read_config(directory)
-    ours = json.loads(json.dumps(checkpoint._jsonable(mcfg)))
+    ours = json.loads(json.dumps(checkpoint.jsonable(mcfg)))
     differ = sorted(k for k in ours if k != "param_dtype" and saved.get(k, ours[k]) != ours[k])
     if differ:
         k = differ[0]

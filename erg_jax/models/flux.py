@@ -120,15 +120,9 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
 
 
 def _rounded(x: Array, dtype: Any) -> Array:
-    """x (float32) rounded to the nearest value of dtype (bfloat16...), kept in float32.
-
-    ``x.astype(dtype)`` between float ops is not enough: XLA runs chains of bfloat16
-    ops in float32 and may drop the roundings between them (excess precision), where
-    eager torch rounds after every op; ``reduce_precision`` is always kept. Identity
-    for float32.
-    """
-    info = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    """x (float32) rounded to dtype, as torch rounds after each op; XLA may skip the
+    roundings of ``astype`` between ops (excess precision). Identity for float32."""
+    return jax.lax.reduce_precision(x, jnp.finfo(dtype).nexp, jnp.finfo(dtype).nmant)
 
 
 def _blur_image(q: Array, text_len: int, grid, control: AttentionControl | None) -> Array:
@@ -298,8 +292,7 @@ class Flux(nn.Module):
 
         Args:
           x: (b, H, W, in_channels) latents, H and W multiples of patch_size.
-          t: (b,) flow time in [0, 1] (1 = noise); embedded as 1000 t, computed in the
-            activation dtype as FluxTransformer2DModel does (so is a guidance 1000 g).
+          t: (b,) flow time in [0, 1] (1 = noise); embedded as 1000 t in the activation dtype.
           context: (b, L, joint_attention_dim) T5 tokens.
           pooled: (b, pooled_projection_dim) pooled CLIP embedding.
           guidance: (b,) distilled guidance scale (guidance_embeds only, else None).
@@ -327,8 +320,7 @@ class Flux(nn.Module):
         h = dense(s, d, (None, "embed"), "x_embedder")(pack(x, p).astype(s.dtype))
 
         def embed(values, name):
-            # FluxTransformer2DModel scales in the activations' dtype: in bfloat16 the
-            # distilled guidance 3.5 is embedded as 3504, not 3500, t at steps of up to 4.
+            # FluxTransformer2DModel's, in the activation dtype: bf16 makes 1000 * 3.5 3504
             scaled = 1000 * _rounded(values.astype(jnp.float32), s.dtype)
             feats = timestep_features(_rounded(scaled, s.dtype)).astype(s.dtype)
             return MLP(s, d, d, act="silu", name=name)(feats)
@@ -404,9 +396,7 @@ def _conditions(s: Spec, x: Array, t: Array, cond: dict):
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     if jnp.finfo(s.dtype).bits < 32:
-        # FluxPipeline hands the transformer its scheduler's timestep 1000 t cast to the
-        # latents' dtype, over 1000 in that dtype. (In float32 that round trip through
-        # 1000 comes back to 1000 t itself, which the float32 path computes directly.)
+        # FluxPipeline's t: 1000 t in the latents' dtype, / 1000 (exact in float32)
         t = _rounded(_rounded(1000 * t, s.dtype) / 1000, s.dtype)
     g = None
     if s.guidance:

@@ -59,7 +59,7 @@ from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     QK_NORMS,
     Segment,
     Spec,
-    _scanned,
+    is_scanned,
     mmdit_config,
     scanned_groups,
     segment_name,
@@ -273,7 +273,7 @@ class MMDiT(nn.Module):
         s, (h, c) = self.s, carry
         block = nn.remat(JointBlock, prevent_cse=not s.scan) if s.remat else JointBlock
         for seg in segments(s):
-            if _scanned(seg, s.scan):
+            if is_scanned(seg, s.scan):
                 run = nn.scan(
                     block,
                     variable_axes={"params": 0, "intermediates": 0},
@@ -446,7 +446,7 @@ def make_denoiser(config: dict, params: Any):
             for seg in segments(s):
                 blk = JointBlock(s, grid, seg.dual, seg.pre_only, parent=None)
                 apply = lambda q, st, c, blk=blk: blk.apply({"params": q}, st, y, c)[0]
-                if _scanned(seg, s.scan):
+                if is_scanned(seg, s.scan):
                     runs.append(Layers(apply, params[segment_name(seg)], stacked=True))
                 else:
                     layers = [params[f"blocks_{i}"] for i in range(seg.start, seg.stop)]

@@ -167,7 +167,7 @@ def segments(s: Spec) -> list[Segment]:
     return out
 
 
-def _scanned(seg: Segment, scan: bool) -> bool:
+def is_scanned(seg: Segment, scan: bool) -> bool:
     return scan and seg.stop - seg.start > 1
 
 
@@ -181,7 +181,7 @@ def scanned_groups(config: dict) -> list[tuple[str, range]]:
     return [
         (segment_name(seg), range(seg.start, seg.stop))
         for seg in segments(Spec.from_config(config))
-        if _scanned(seg, True)
+        if is_scanned(seg, True)
     ]
 
 
