@@ -123,14 +123,9 @@ def _guidance_embeds(mc, src: pipe.Pretrained | None) -> bool:
 def check_distilled(config, sources: Sources) -> None:
     """guidance.distilled against the checkpoint, before anything loads: a FLUX.1 with a
     guidance embedding (dev) needs its value > 0, one without (schnell) or another kind
-    refuses any; a sweep cannot vary it (it is a constant of the compiled program)."""
+    refuses any (a sweep cannot vary it: ``job_setup.make_methods``)."""
     g, mc = config.guidance, config.model
     scale = float(g.get("distilled", 0.0))
-    if str(g.sweep).partition("=")[0].strip() == "distilled":
-        raise ValueError(
-            "guidance.sweep cannot vary guidance.distilled (a constant of the compiled "
-            "program): run one job per value"
-        )
     if mc.kind != "flux":
         if scale:
             raise ValueError(

@@ -74,6 +74,12 @@ def make_methods(config, *, text: bool) -> dict:
     """Method name -> guider, one per method and sweep value (guidance.sweep='scale=2,3'),
     each built by ``guidance.make_guiders`` from the config's guidance section."""
     g = config.guidance
+    field = str(g.sweep).partition("=")[0].strip()
+    if field in JOB_FIELDS:
+        raise ValueError(
+            f"guidance.sweep cannot vary guidance.{field} (a constant of the compiled "
+            "program): run one job per value"
+        )
     guiders = G.make_guiders(g.methods, sweep=g.sweep, **guidance_settings(g))
     check_text_guiders(guiders, text=text, kind=config.model.kind)
     return guiders

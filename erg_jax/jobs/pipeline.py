@@ -38,6 +38,7 @@ import numpy as np
 from erg_jax import guidance as G
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions
+from erg_jax.demo_models import resolve
 from erg_jax.guider import check_layers
 from erg_jax.jobs import job, output
 from erg_jax.jobs import job_loading as L
@@ -188,7 +189,8 @@ class Pipeline:
           cache_dir: where published checkpoints are converted on first use ("" =
             $XDG_CACHE_HOME/erg_jax or ~/.cache/erg_jax).
         """
-        name, default, own = _describe(str(path), vae)
+        path = resolve(str(path))  # models/... : the shipped copy outside a checkout
+        name, default, own = _describe(path, vae)
         module = _config_module(name)
         variant = variant or default
         config = module.get_config(variant or None)

@@ -61,6 +61,9 @@ def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
       A callable ``(x, t, cond, attention=None) -> raw output`` with .config, .params.
     """
     from erg_jax import checkpoint
+    from erg_jax.demo_models import resolve
+
+    directory = resolve(directory)  # models/... : the shipped copy outside a checkout
 
     unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if unknown:
