@@ -106,14 +106,17 @@ def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_pa
     )
     subprocess.run([sys.executable, "-c", block], cwd=ROOT, check=True, capture_output=True)
     config = quickstart.get_config("runlocal")
-    methods = config.methods.split(",")
+    methods = config.guidance.methods.split(",")
     prompts = config.prompts.split("|")
     saved = json.load(open(tmp_path / "metrics.json"))
     assert list(saved["methods"]) == methods
     table = (tmp_path / "metrics.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == methods
     grid = np.asarray(Image.open(tmp_path / "grid.png"))[..., 0]
-    labels = [m if m == "none" else f"{m} (w={config.guidance.scale:g})" for m in methods]
+    # each method at its own weight: its first term's section (cfg, or erg for erg+apg)
+    weight = {m: config.guidance[m.split("+")[0]].scale for m in methods if m != "none"}
+    assert weight == {"cfg": 4.0, "erg": 1.5, "erg+apg": 1.5}
+    labels = [m if m == "none" else f"{m} (w={weight[m]:g})" for m in methods]
     left, top = report.label_bands(labels, prompts, 32 * 3)
     h = (grid.shape[0] - top) // len(methods)
     for i, label in enumerate(labels):

@@ -389,3 +389,21 @@ def test_unknown_config_field_is_refused_by_the_entry_point(tmp_path):
     )
     assert res.returncode != 0
     assert "scal" in res.stderr
+
+
+def test_a_sweep_over_tau_c_encodes_each_temperature_and_compiles_once(tmp_path):
+    """C-ERG alone at two text-encoder temperatures: two tempered encodings, two sets of
+    images, one program (the tempered condition is data)."""
+    from configs import sd3
+    from erg_jax.jobs.job import run_sampling
+
+    c = sd3.get_config("tiny")
+    c.output.progress, c.output.num_samples = False, 8
+    c.guidance.methods, c.guidance.sweep = "erg", "erg.tau_c=0.5,2.0"
+    c.guidance.erg.image_energy = False  # the weak branch differs by its condition alone
+    summary = run_sampling(c, str(tmp_path))
+    assert summary["compiles"] == 1
+    assert set(summary["methods"]) == {"erg_tau_c0.5", "erg_tau_c2.0"}
+    low = _images(str(tmp_path), "erg_tau_c0.5").astype(int)
+    high = _images(str(tmp_path), "erg_tau_c2.0").astype(int)
+    assert np.mean(np.abs(low - high) > 1) > 0.01
