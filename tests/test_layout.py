@@ -8,7 +8,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = {"energy", "fused", "splash", "control", "guidance", "guider", "rules", "schedules",
+CORE = {"energy", "fused", "splash", "control", "guidance", "rules", "schedules",
         "samplers", "predictions", "sag", "grids", "branches"}  # fmt: skip
 
 
@@ -66,13 +66,13 @@ def test_models_know_no_sampler_and_no_guider():
     """A denoiser takes an attention control and returns its output: how branches are
     chosen and combined (the guider) and how steps are taken (the sampler) sit above."""
     modules = _modules()
-    above = ("erg_jax.samplers", "erg_jax.guidance", "erg_jax.guider")
+    above = ("erg_jax.samplers", "erg_jax.guidance")  # the guidance package holds the guider
     bad = [
         f"{mod} imports {dep}"
         for mod, path in modules.items()
         if _layer(mod) == "models"
         for dep in _imports(path, modules)
-        if dep in above
+        if any(dep == a or dep.startswith(a + ".") for a in above)
     ]
     assert not bad, bad
 
@@ -184,3 +184,66 @@ def test_no_file_over_500_lines():
                     if n > 500:
                         long.append((os.path.relpath(path, ROOT), n))
     assert not long, long
+
+
+KIND_LITERALS = {"dit", "mmdit", "flux"}
+# Files that may name a model kind by its string, and why (the registry itself aside).
+KIND_EXEMPT = {
+    "erg_jax/conditioning.py": "text layouts ('single', 'sd3', 'flux'), not model kinds",
+    "erg_jax/models/dit.py": "make_denoiser refuses a config of another kind than its own",
+    "erg_jax/models/__init__.py": "load_denoiser / relayout: still to switch to the registry",
+}
+
+
+def _kind_literal(node) -> bool:
+    if isinstance(node, ast.Constant):
+        return node.value in KIND_LITERALS
+    return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(map(_kind_literal, node.elts))
+
+
+def _names_layout(node) -> bool:
+    """A side of a comparison that names a text layout (t.layout, (layout, i))."""
+    names = [n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node)
+             if isinstance(n, (ast.Name, ast.Attribute))]  # fmt: skip
+    return any("layout" in n for n in names)
+
+
+def _kind_comparisons(path: str) -> list[str]:
+    """Comparisons against "dit", "mmdit" or "flux" (==, !=, in a tuple) and dict keys of
+    them, as "line: source"; a comparison whose other side names a layout is a layout's."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(_kind_literal, sides)) and not any(map(_names_layout, sides)):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Dict) and any(_kind_literal(k) for k in node.keys if k):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_model_kinds_are_looked_up_in_the_registry_not_compared():
+    """A model kind's properties live in its erg_jax/models/registry.py entry; a job or
+    library module asks the entry (registry.get(kind).text), never compares the kind's name."""
+    bad = []
+    for mod, path in _modules().items():
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        if mod != "erg_jax.models.registry" and rel not in KIND_EXEMPT:
+            bad += [f"{rel}:{found}" for found in _kind_comparisons(path)]
+    assert not bad, bad
+
+
+def test_the_kind_rule_sees_what_it_forbids(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "a = kind == 'dit'\n"
+        "b = mc.kind in ('mmdit', 'flux')\n"
+        "c = {'dit': 1}[kind]\n"
+        "d = 'flux' != cfg['kind']\n"
+        "e = t.layout == 'flux'\n"  # a text layout
+        "f = (t.layout, i) in (('sd3', 2), ('flux', 1))\n"
+        "g = src.kind == 'dit-pt' or kind == 'sd3'\n"  # not model kinds
+        "h = registry.get(kind).text\n"
+    )
+    got = sorted(int(line.split(":")[0]) for line in _kind_comparisons(str(source)))
+    assert got == [1, 2, 3, 4]

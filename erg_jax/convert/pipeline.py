@@ -25,13 +25,11 @@ import logging
 import os
 import shutil
 
+from erg_jax.models import registry
+
 logger = logging.getLogger(__name__)
 
-PIPELINES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "DiTPipeline": "dit",
-}
+PIPELINES = registry.pipeline_classes()  # diffusers _class_name -> Pretrained.kind
 PT_SUFFIXES = (".pt", ".pth")
 # Bumped when a converter's output changes, so old cache entries are not reused.
 CONVERTER_VERSION = 1
@@ -129,7 +127,7 @@ def open_pretrained(path: str, field: str = "model.pretrained") -> Pretrained:
         os.path.join(parts["scheduler"], "scheduler_config.json"), "scheduler config"
     )
     text = ()
-    if kind in ("sd3", "flux"):
+    if registry.for_pipeline(kind).text:  # its text encoders, in the layout's order
         pairs = []
         for enc, tok in SD3_TEXT + (SD3_T5,) if kind == "sd3" else FLUX_TEXT:
             e, t = _component(path, index, enc, field), _component(path, index, tok, field)
@@ -163,28 +161,16 @@ def _fingerprint(source: str, settings: dict) -> str:
 
 
 def convert_component(source_kind: str, source: str, settings: dict) -> tuple:
-    """(params, config) of one component; source_kind is a ``launch.convert`` source."""
-    if source_kind == "dit-pt":
-        from erg_jax.convert.dit import load_dit_pt
-
-        return load_dit_pt(source, **settings)
-    if source_kind == "diffusers-dit":
-        from erg_jax.convert.dit import convert_diffusers_dit
-
-        return convert_diffusers_dit(source, **settings)
-    if source_kind == "diffusers-sd3":
-        from erg_jax.convert.sd3 import convert_diffusers_sd3
-
-        return convert_diffusers_sd3(source, **settings)
-    if source_kind == "diffusers-flux":
-        from erg_jax.convert.flux import convert_diffusers_flux
-
-        return convert_diffusers_flux(source, **settings)
+    """(params, config) of one component; source_kind is a ``launch.convert`` source: a
+    model kind's converter (``registry.Converter.source``) or "diffusers-vae"."""
     if source_kind == "diffusers-vae":
         from erg_jax.convert.vae import convert_diffusers_vae
 
         return convert_diffusers_vae(source, **settings)
-    raise ValueError(f"unknown conversion source {source_kind!r}")
+    by_source = {c.source: c for c in registry.converters().values()}
+    if source_kind not in by_source:
+        raise ValueError(f"unknown conversion source {source_kind!r}")
+    return registry.resolve(by_source[source_kind].convert)(source, **settings)
 
 
 def converted(source_kind: str, source: str, cache_dir: str, **settings) -> tuple[str, bool]:

@@ -22,7 +22,7 @@ rescale (phi, Lin et al. 2024), CADS (Sadat et al. 2024) and weak-branch caching
 (``cache``) act on the whole guider. Every number is traced data, so a sweep of weights,
 temperatures or kickoffs compiles once; what is static is the structure (how many
 terms, which perturbations, the energy's step count). The data and its per-step work
-are ``erg_jax.guider``.
+are ``erg_jax.guidance.guider``.
 """
 
 from erg_jax.guidance.combination import (
@@ -47,6 +47,7 @@ from erg_jax.guidance.factory import (
     make_guiders,
     tempered_tau_c,
 )
+from erg_jax.guidance.guider import CADS, SLOTS, Cache, Guider, Term
 from erg_jax.guidance.methods import (
     apg,
     autoguidance,
@@ -63,7 +64,6 @@ from erg_jax.guidance.methods import (
     with_apg,
     with_cads,
 )
-from erg_jax.guider import CADS, SLOTS, Cache, Guider, Term
 from erg_jax.rules import APG
 from erg_jax.schedules import schedule
 

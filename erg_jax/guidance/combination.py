@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from erg_jax import rules as R
+from erg_jax.guidance.guider import Guider
 from erg_jax.guidance.methods import cfg
-from erg_jax.guider import Guider
 from erg_jax.schedules import check_range
 
 

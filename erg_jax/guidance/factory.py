@@ -19,6 +19,7 @@ from erg_jax.guidance.combination import (
     with_tcfg,
     with_zero_star,
 )
+from erg_jax.guidance.guider import Guider
 from erg_jax.guidance.methods import (
     apg,
     autoguidance,
@@ -34,7 +35,6 @@ from erg_jax.guidance.methods import (
     with_apg,
     with_cads,
 )
-from erg_jax.guider import Guider
 
 BUILDERS = {
     "none": none,

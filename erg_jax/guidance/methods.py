@@ -1,6 +1,6 @@
 """The guidance methods' constructors: checked settings in, a Guider out.
 
-Each returns an ``erg_jax.guider.Guider`` whose terms say the method's weak branch (the
+Each returns an ``erg_jax.guidance.guider.Guider`` whose terms say the method's weak branch (the
 formulas are in the package docstring and docs/METHOD.md); every number stays data.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from erg_jax import rules as R
 from erg_jax.energy import Energy, check_energy, check_positive
-from erg_jax.guider import CADS, SLOTS, Cache, Guider, Term
+from erg_jax.guidance.guider import CADS, SLOTS, Cache, Guider, Term
 from erg_jax.schedules import check_range, schedule
 
 

@@ -44,6 +44,7 @@ from erg_jax.jobs import job_loading as L
 from erg_jax.jobs import output
 from erg_jax.jobs.job import generate_fn
 from erg_jax.jobs.job_setup import checked_layout, make_methods
+from erg_jax.models import registry
 
 GIB = 2**30
 CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's
@@ -65,29 +66,25 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
     ``pretrained`` is model.pretrained already opened (``pipeline.open_pretrained``).
     """
     mc = config.model
-    mod = L.model_module(mc.kind)
-    preset = getattr(mod, L.PRESETS[mc.kind])
+    entry = registry.get(mc.kind)
+    mod, preset = entry.module(), entry.make_config
     size = {"sample_size": int(mc.sample_size)} if mc.sample_size else {}
     stored = None
     if mc.pretrained:
         src = pretrained or pipe.open_pretrained(mc.pretrained)
-        if L.PIPELINE_MODEL_KIND[src.kind] != mc.kind:
+        if registry.for_pipeline(src.kind).name != mc.kind:
             raise ValueError(
                 f"model.kind is {mc.kind!r}, but model.pretrained holds a {src.kind} model"
             )
         dtype = mc.param_dtype or "float32"  # what the conversion stores
-        if src.kind == "dit-pt":
+        reader = registry.converter(src.kind).config
+        if reader is None:
             source = f"preset {mc.preset!r} (a .pt file holds no config file)"
             stored = preset(mc.preset, param_dtype=dtype, **size)
-        else:
-            from erg_jax.convert import dit as dit_convert
-            from erg_jax.convert import flux as flux_convert
-            from erg_jax.convert import sd3 as sd3_convert
-
+        else:  # mapped as the converter maps it
             source = os.path.join(src.transformer, "config.json")
             raw = pipe.read_json(source, "transformer config")
-            convert = {"sd3": sd3_convert, "flux": flux_convert}.get(src.kind, dit_convert)
-            stored = convert.config_from_diffusers(raw, param_dtype=dtype)
+            stored = registry.resolve(reader)(raw, param_dtype=dtype)
     elif mc.checkpoint and not mc.random_init:
         stored = checkpoint.read_config(mc.checkpoint)
         source = os.path.join(mc.checkpoint, checkpoint.CONFIG)
@@ -96,7 +93,7 @@ def model_config(config, pretrained: pipe.Pretrained | None = None) -> tuple[Any
                 f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}"
             )
     runtime = L.runtime_fields(mc)
-    if stored is not None and mc.kind == "flux":  # rotary positions: any latent side runs
+    if stored is not None and entry.any_latent_side:  # rotary positions
         stored = dict(stored, **size)
     if stored is not None:
         if size and int(stored["sample_size"]) != size["sample_size"]:
@@ -216,7 +213,7 @@ def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
 
     side, channels = int(mcfg["sample_size"]), int(mcfg["in_channels"])
     keys = jax.eval_shape(lambda: S.sample_keys(0, jnp.arange(batch)))
-    if mcfg["kind"] == "dit":
+    if not registry.get(mcfg["kind"]).text:  # class ids
         conds = {slot: spec((batch,), jnp.int32) for slot in ("cond", "null")}
     else:
         dtype, tokens = jnp.dtype(config.text.dtype or "float32"), text_tokens(config)
@@ -235,15 +232,12 @@ def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
 def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
     """The job's program ``(params, vae_params, noise, conds, keys, guider) -> images``;
     config: the job config, for FLUX.1 [dev]'s guidance.distilled."""
-
-    def embed(den, conds):  # CADS anneals class embeddings, as the job's plan does
-        return {k: den.embed_classes(v) for k, v in conds.items()}
-
     plan = types.SimpleNamespace(
         make_denoiser=(
             L.denoiser_maker(mod, mcfg, config) if config else lambda p: mod.make_denoiser(mcfg, p)
         ),
-        embed_conditions=embed if mcfg["kind"] == "dit" else None,
+        # CADS anneals class embeddings, as the job's plan does
+        embed_conditions=registry.get(mcfg["kind"]).embed_conditions,
         sampler=sampler,
         num_layers=int(mcfg["num_layers"]),
         decode=decode,
@@ -323,7 +317,7 @@ def _checked_config(config) -> tuple:
     memory = float(config.dry_run_memory_gb) * GIB
     if memory <= 0:
         raise ValueError(f"dry_run_memory_gb must be > 0, got {config.dry_run_memory_gb}")
-    methods = make_methods(config, text=mc.kind in L.TEXT_KINDS)
+    methods = make_methods(config, text=registry.get(mc.kind).text)
     rules, mesh, unit = checked_layout(config)
     return methods, rules, mesh, unit, memory
 
@@ -358,7 +352,8 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
         vae_params = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), vae_abstract
         )
-    encoders = _text_encoders(config, mesh, rules, pretrained) if mc.kind in L.TEXT_KINDS else None
+    text = registry.get(mc.kind).text
+    encoders = _text_encoders(config, mesh, rules, pretrained) if text else None
     # the widest program: a method's working memory grows with its branches
     method = max(methods, key=lambda m: methods[m].num_branches)  # the first of a tie
     guider = methods[method]

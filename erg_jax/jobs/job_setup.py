@@ -19,9 +19,10 @@ from erg_jax import samplers as S
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions, parse_classes
 from erg_jax.energy import IMPLEMENTATIONS
-from erg_jax.guider import check_layers
+from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs import output
+from erg_jax.models import registry
 
 # Fields of the guidance section that are the job's, not a guider's settings.
 JOB_FIELDS = ("methods", "sweep", "distilled")
@@ -126,7 +127,7 @@ def build_plan(config, workdir: str, *, keep_text_encoders: bool = False) -> Pla
         raise ValueError(f"output.num_samples must be >= 1, got {out.num_samples}")
     if smp.batch_size < 1:
         raise ValueError(f"sampler.batch_size must be >= 1, got {smp.batch_size}")
-    text = config.model.kind in L.TEXT_KINDS
+    text = registry.get(config.model.kind).text
     methods = make_methods(config, text=text)
     sources = L.resolve_sources(config, workdir)
     L.check_scheduler(smp, sources)

@@ -39,7 +39,7 @@ from erg_jax import guidance as G
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions
 from erg_jax.demo_models import resolve
-from erg_jax.guider import check_layers
+from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import job, output
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs.job_setup import build_plan, check_text_guiders, guidance_settings

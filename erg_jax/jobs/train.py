@@ -33,6 +33,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, data, sharding
+from erg_jax.models import registry
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -62,38 +63,24 @@ def model_config(config) -> dict:
         time="sd3",
         **m.overrides.to_dict(),
     )
-    if m.kind == "dit":
-        from erg_jax.models import dit
-
-        return dit.dit_config(m.preset, num_classes=data.NUM_CLASSES, **fields)
-    if m.kind == "mmdit":
-        from erg_jax.models import mmdit
-
-        out = mmdit.mmdit_config(m.preset, **fields)
-        out.update(text_encoder=config.text.encoder, text_max_length=config.text.max_length)
-        return out
-    raise ValueError(f"model.kind must be 'dit' or 'mmdit', got {m.kind!r}")
+    trainable = registry.names(trainable=True)
+    if m.kind not in trainable:
+        raise ValueError(f"model.kind must be one of {trainable}, got {m.kind!r}")
+    entry = registry.get(m.kind)
+    if not entry.text:
+        return entry.make_config(m.preset, num_classes=data.NUM_CLASSES, **fields)
+    out = entry.make_config(m.preset, **fields)
+    out.update(text_encoder=config.text.encoder, text_max_length=config.text.max_length)
+    return out
 
 
 def _module(mcfg: dict):
-    if mcfg["kind"] == "dit":
-        from erg_jax.models import dit
-
-        return dit.dit_module(mcfg)
-    from erg_jax.models import mmdit
-
-    return mmdit.mmdit_module(mcfg)
+    return registry.get(mcfg["kind"]).make_network(mcfg)
 
 
 def init_params(mcfg: dict, rng: jax.Array) -> Any:
     """Random params of the model config."""
-    if mcfg["kind"] == "dit":
-        from erg_jax.models import dit
-
-        return dit.init_params(mcfg, rng)
-    from erg_jax.models import mmdit
-
-    return mmdit.init_params(mcfg, rng)
+    return registry.get(mcfg["kind"]).module().init_params(mcfg, rng)
 
 
 def apply_model(module, params, x, t, cond) -> jax.Array:
@@ -203,7 +190,8 @@ class Batches:
 
     Args:
       config: the training config (data, text, train sections and seed).
-      kind: 'dit' (class labels) or 'mmdit' (caption encodings).
+      kind: the model.kind: a class model trains on class labels, a text model
+        (``registry.get(kind).text``) on caption encodings.
       workdir: where the caption encodings are cached.
     """
 
@@ -211,8 +199,9 @@ class Batches:
         d = data.make_dataset(config.data.num_train, config.data.seed)
         self.images = d["images"]
         self.seed, self.kind = int(config.seed), kind
+        self.text = registry.get(kind).text
         self.batch_size, self.null_prob = config.train.batch_size, config.train.null_prob
-        if kind == "dit":
+        if not self.text:
             self.cond = np.asarray(d["label"], np.int32)
             self.null = data.NUM_CLASSES
             return
@@ -237,7 +226,7 @@ class Batches:
         idx = rng.integers(0, len(self.images), self.batch_size)
         cond = np.where(rng.random(self.batch_size) < self.null_prob, self.null, self.cond[idx])
         out = {"images": self.images[idx]}
-        if self.kind == "dit":
+        if not self.text:
             out["cond"] = cond.astype(np.int32)
         else:
             out["cond"] = {k: v[cond] for k, v in self.table.items()}

@@ -1,0 +1,238 @@
+"""One entry per model kind: what the jobs, the dry run, the Pipeline, the converters and
+the entropy probe look up about a ``model.kind`` (big_vision's ``models.{name}``).
+
+A kind's code stays in its own module (``erg_jax.models.<name>``: preset, params, axes,
+denoiser); its entry here says where that module is and how the rest of the library treats
+the kind: text- or class-conditioned, which published checkpoints convert into it, which
+config file samples it, and the few FLUX.1-style behaviours (any latent side, a distilled
+guidance embedding, the pipeline's own sigmas). Modules are named by import path and
+imported on use: the model code loads only when a model of that kind does, and the
+converters, which sit above the models (``erg_jax.convert``), are never imported from here
+at module level. Adding an architecture is its module and one ``ModelKind`` in ``KINDS``
+(docs/INTERFACES.md, "Adding an architecture").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def resolve(path: str) -> Any:
+    """'package.module:name' -> that object, or 'package.module' -> the module, imported now."""
+    module, _, name = path.partition(":")
+    out = importlib.import_module(module)
+    return getattr(out, name) if name else out
+
+
+def embed_classes(den: Any, conds: dict) -> dict:
+    """Class ids -> the denoiser's class embeddings, slot by slot: CADS anneals embeddings
+    (Sadat et al. 2024), so a class model's ids are embedded before the guider sees them."""
+    return {k: den.embed_classes(v) for k, v in conds.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How one kind of published checkpoint becomes an erg_jax checkpoint of a model kind.
+
+    Attributes:
+      pipeline: ``convert.pipeline.Pretrained.kind`` of the checkpoint ("sd3", "dit-pt").
+      source: its ``launch.convert --source`` and conversion-cache name ("diffusers-sd3").
+      pipeline_class: the diffusers ``_class_name`` in model_index.json; None: a file.
+      convert: "module:function", (path, **settings) -> (params, config).
+      config: "module:function", (transformer config.json dict, **overrides) -> our
+        config dict; None where the checkpoint holds no config (a .pt: the preset stands in).
+    """
+
+    pipeline: str
+    source: str
+    pipeline_class: str | None
+    convert: str
+    config: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """A model kind as the library looks it up.
+
+    Attributes:
+      name: ``model.kind`` and the ``kind`` of a checkpoint's config.json.
+      module_path: import path of its model module, which has make_denoiser,
+        init_params, abstract_params, param_axes and its preset function.
+      preset: the preset function's name in that module, (name, **overrides) -> config.
+      network: the function there building its Flax module from a config (training).
+      config_file: configs/<config_file>.py samples it.
+      text: conditioned on prompts (text encoders); otherwise on class ids.
+      converters: the published checkpoints that convert into it.
+      pipeline_layout: the ``text.layout`` its published pipeline folders need (None: no
+        text encoders in them).
+      any_latent_side: any latent side runs (rotary positions), not only the stored one.
+      distilled_guidance: it may carry a distilled guidance embedding, whose scale
+        ``guidance.distilled`` fills into every branch (FLUX.1 [dev]).
+      pipeline_sigmas: its diffusers pipeline hands the scheduler sigmas of its own,
+        linspace(1, 1 / steps, steps) (FluxPipeline).
+      entropy_probe: its denoiser has ``with_entropy`` (launch.entropy).
+      demo: a shipped demo model, models/demo-<name>, exists (bench, probe, demo).
+      trainable: ``launch.train``'s flow-matching trainer builds and trains it.
+    """
+
+    name: str
+    module_path: str
+    preset: str
+    network: str
+    config_file: str
+    text: bool
+    converters: tuple[Converter, ...] = ()
+    pipeline_layout: str | None = None
+    any_latent_side: bool = False
+    distilled_guidance: bool = False
+    pipeline_sigmas: bool = False
+    entropy_probe: bool = False
+    demo: bool = False
+    trainable: bool = False
+
+    def module(self) -> Any:
+        """Its model module, imported now."""
+        return resolve(self.module_path)
+
+    def make_config(self, preset: str, **overrides: Any) -> dict:
+        """The config dict of a named preset with fields overridden."""
+        return getattr(self.module(), self.preset)(preset, **overrides)
+
+    def make_network(self, config: dict) -> Any:
+        """Its Flax module of a config dict."""
+        return getattr(self.module(), self.network)(config)
+
+    @property
+    def embed_conditions(self) -> Callable | None:
+        """(denoiser, condition slots) -> what CADS anneals: class ids embedded for a class
+        model; None for a text model, whose conditions are already embeddings."""
+        return None if self.text else embed_classes
+
+
+_DIT = "erg_jax.convert.dit"
+KINDS: dict[str, ModelKind] = {
+    k.name: k
+    for k in (
+        ModelKind(
+            name="dit",
+            module_path="erg_jax.models.dit",
+            preset="dit_config",
+            network="dit_module",
+            config_file="dit",
+            text=False,
+            converters=(
+                Converter(
+                    "dit",
+                    "diffusers-dit",
+                    "DiTPipeline",
+                    f"{_DIT}:convert_diffusers_dit",
+                    f"{_DIT}:config_from_diffusers",
+                ),
+                Converter("dit-pt", "dit-pt", None, f"{_DIT}:load_dit_pt"),
+            ),
+            entropy_probe=True,
+            demo=True,
+            trainable=True,
+        ),
+        ModelKind(
+            name="mmdit",
+            module_path="erg_jax.models.mmdit",
+            preset="mmdit_config",
+            network="mmdit_module",
+            config_file="sd3",
+            text=True,
+            converters=(
+                Converter(
+                    "sd3",
+                    "diffusers-sd3",
+                    "StableDiffusion3Pipeline",
+                    "erg_jax.convert.sd3:convert_diffusers_sd3",
+                    "erg_jax.convert.sd3:config_from_diffusers",
+                ),
+            ),
+            pipeline_layout="sd3",
+            entropy_probe=True,
+            demo=True,
+            trainable=True,
+        ),
+        ModelKind(
+            name="flux",
+            module_path="erg_jax.models.flux",
+            preset="flux_config",
+            network="flux_module",
+            config_file="flux",
+            text=True,
+            converters=(
+                Converter(
+                    "flux",
+                    "diffusers-flux",
+                    "FluxPipeline",
+                    "erg_jax.convert.flux:convert_diffusers_flux",
+                    "erg_jax.convert.flux:config_from_diffusers",
+                ),
+            ),
+            pipeline_layout="flux",
+            any_latent_side=True,
+            distilled_guidance=True,
+            pipeline_sigmas=True,
+        ),
+    )
+}
+
+
+def names(**where: Any) -> tuple[str, ...]:
+    """The kinds whose fields equal ``where``, in registration order: names(text=True)."""
+    return tuple(
+        k.name for k in KINDS.values() if all(getattr(k, f) == v for f, v in where.items())
+    )
+
+
+def get(kind: str) -> ModelKind:
+    """The entry of a model.kind; any other is a ValueError naming the known kinds."""
+    if kind not in KINDS:
+        raise ValueError(f"model.kind must be one of {names()}, got {kind!r}")
+    return KINDS[kind]
+
+
+def converters() -> dict[str, Converter]:
+    """Every model kind's converters, by ``Pretrained.kind``."""
+    return {c.pipeline: c for k in KINDS.values() for c in k.converters}
+
+
+def converter(pipeline: str) -> Converter:
+    """The converter of a ``Pretrained.kind``; an unknown one is a ValueError naming all."""
+    found = converters()
+    if pipeline not in found:
+        raise ValueError(
+            f"no model kind converts a {pipeline!r} checkpoint; known: {sorted(found)}"
+        )
+    return found[pipeline]
+
+
+def for_pipeline(pipeline: str) -> ModelKind:
+    """The kind a published checkpoint of ``Pretrained.kind`` ``pipeline`` converts into."""
+    wanted = converter(pipeline)
+    return next(k for k in KINDS.values() if wanted in k.converters)
+
+
+def pipeline_classes() -> dict[str, str]:
+    """diffusers pipeline ``_class_name`` -> its ``Pretrained.kind``."""
+    return {c.pipeline_class: p for p, c in converters().items() if c.pipeline_class}
+
+
+__all__ = [
+    "KINDS",
+    "Converter",
+    "ModelKind",
+    "converter",
+    "converters",
+    "embed_classes",
+    "for_pipeline",
+    "get",
+    "names",
+    "pipeline_classes",
+    "resolve",
+]
