@@ -165,7 +165,7 @@ def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tm
     assert report["params_bytes_per_device"] < report["params_bytes_total"]
     # the job's own program on real arrays: the same working memory and outputs
     bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
-    inputs = job._batch_inputs(plan, np.arange(plan.batch_size), bspec)
+    inputs = job._batch_inputs(plan, np.arange(plan.batch_size), bspec, plan.methods["erg"])
     with jax.set_mesh(plan.mesh), sharding.use_rules(plan.rules):
         lowered = jax.jit(job.generate_fn(plan)).lower(
             plan.params, plan.vae_params, *inputs, plan.methods["erg"]

@@ -219,7 +219,7 @@ def test_scores_of_generated_copies_of_the_real_set():
     c.num_samples = c.num_real
     pool = data.split("heldout", c.num_real)
     scorer = _Scorer(_perfect_model(), _oracle(pool), c, start=0, seed=0)
-    row = scorer.score(G.none(), scorer.conditions())
+    row = scorer.score(G.none(), scorer.conditions(G.none()))
     assert abs(row["fd"]) < 1e-6
     for key in ("precision", "recall", "coverage", "consistency"):
         assert row[key] == 1.0, key
