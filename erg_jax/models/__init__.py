@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from erg_jax.models import registry
+
 # Fields that change how a model runs but not its parameters' structure.
 RUNTIME_FIELDS = (
     "dtype",
@@ -27,24 +29,10 @@ def relayout(params: dict, old: dict, new: dict) -> dict:
     """Params stored under config ``old`` in the block layout (scanned or not) of ``new``."""
     if bool(old.get("scan_blocks")) == bool(new.get("scan_blocks")):
         return params
-    if new.get("kind") == "dit":
-        from erg_jax.models import dit
-
-        layers = int(new["num_layers"])
-        if new.get("scan_blocks"):
-            return dit.stack_blocks(params, layers)
-        return dit.unstack_blocks(params, layers)
-    if new.get("kind") == "flux":
-        from erg_jax.models import flux
-
-        if new.get("scan_blocks"):
-            return flux.stack_blocks(params, new)
-        return flux.unstack_blocks(params, new)
-    from erg_jax.models import mmdit
-
+    module = registry.get(new.get("kind")).module()
     if new.get("scan_blocks"):
-        return mmdit.stack_blocks(params, new)
-    return mmdit.unstack_blocks(params, new)
+        return module.stack_blocks(params, new)
+    return module.unstack_blocks(params, new)
 
 
 def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
@@ -74,21 +62,12 @@ def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
         dtype = jnp.dtype(overrides["param_dtype"])
         params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     kind = config.get("kind")
-    if kind == "dit":
-        from erg_jax.models import dit
-
-        return dit.make_denoiser(config, relayout(params, stored, config))
-    if kind == "mmdit":
-        from erg_jax.models import mmdit
-
-        return mmdit.make_denoiser(config, relayout(params, stored, config))
-    if kind == "flux":
-        from erg_jax.models import flux
-
-        return flux.make_denoiser(config, relayout(params, stored, config))
-    raise ValueError(
-        f"{directory} holds a {kind!r} model, not a denoiser ('dit', 'mmdit' or 'flux')"
-    )
+    if kind not in registry.KINDS:
+        raise ValueError(
+            f"{directory} holds a {kind!r} model, not a denoiser ({', '.join(registry.KINDS)})"
+        )
+    module = registry.get(kind).module()
+    return module.make_denoiser(config, relayout(params, stored, config))
 
 
 __all__ = ["RUNTIME_FIELDS", "load_denoiser", "relayout"]

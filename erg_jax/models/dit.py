@@ -325,14 +325,20 @@ def count_params(config: dict) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract_params(config)))
 
 
-def stack_blocks(params: dict, num_layers: int) -> dict:
-    """Unscanned params (blocks_0 ..) -> scanned ones (blocks, leading layer axis)."""
-    return stack_groups(params, [("blocks", [f"blocks_{i}" for i in range(num_layers)])])
+def _block_names(config: dict | int) -> list[str]:
+    n = config if isinstance(config, int) else int(config["num_layers"])
+    return [f"blocks_{i}" for i in range(n)]
 
 
-def unstack_blocks(params: dict, num_layers: int) -> dict:
+def stack_blocks(params: dict, config: dict | int) -> dict:
+    """Unscanned params (blocks_0 ..) -> scanned ones (blocks, leading layer axis), for
+    a config (or its number of layers)."""
+    return stack_groups(params, [("blocks", _block_names(config))])
+
+
+def unstack_blocks(params: dict, config: dict | int) -> dict:
     """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
-    return unstack_groups(params, [("blocks", [f"blocks_{i}" for i in range(num_layers)])])
+    return unstack_groups(params, [("blocks", _block_names(config))])
 
 
 class DiTDenoiser:
