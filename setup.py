@@ -2,14 +2,15 @@
 
 from setuptools import find_packages, setup
 
-LAUNCHERS = ("sample", "demo", "train", "convert", "evaluate", "entropy", "report", "benchmark")
+LAUNCHERS = ("sample", "quickstart", "train", "convert", "quality", "entropy", "report",
+             "benchmark")  # fmt: skip
 
 setup(
     name="erg-jax",
     version="0.1.0",
     description="Entropy Rectifying Guidance (ERG) and guidance baselines in JAX/Flax",
     # Every top-level name in site-packages is erg-jax's own: the checkout's launch/,
-    # configs/ and models/ (15 MB of demo weights, found by erg_jax.demo_models) install
+    # configs/ and models/ (15 MB of shipped weights, found by erg_jax.shipped_models) install
     # as erg_jax_launch, erg_jax_configs and the data-only erg_jax_models, never under the
     # generic names a checkout runs them by (python -m launch.sample --config=configs/...).
     packages=find_packages(include=["erg_jax", "erg_jax.*"])

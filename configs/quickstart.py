@@ -1,7 +1,7 @@
-"""The main job: CFG against ERG on the shipped text-to-image demo model (models/).
+"""The quickstart: CFG against ERG on the shipped text-to-image demo model (models/).
 
-    python -m launch.demo --config=configs/quickstart.py --workdir=out/demo
-    python -m launch.demo --config=configs/quickstart.py --workdir=out/demo \
+    python -m launch.quickstart --config=configs/quickstart.py --workdir=out/demo
+    python -m launch.quickstart --config=configs/quickstart.py --workdir=out/demo \
         --config.guidance.erg.scale=2 --config.guidance.erg.tau_c=0.5
 
 Writes out/demo/grid.png (a labelled row per method, a column per prompt, the same noise

@@ -2,8 +2,8 @@
 
 Runs in seconds on a CPU, with nothing to download:
 
-    python -m launch.demo --config=configs/toy.py --workdir=out/demo
-    python -m launch.demo --config=configs/toy.py --workdir=out/demo \
+    python -m launch.quickstart --config=configs/toy.py --workdir=out/demo
+    python -m launch.quickstart --config=configs/toy.py --workdir=out/demo \
         --config.guidance.scale=5 --config.guidance.erg.tau=0.3
 """
 

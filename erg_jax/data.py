@@ -1,7 +1,7 @@
 """A synthetic, seeded data set of 32x32 RGB images, one coloured shape on a textured ground.
 
-The built-in models of erg-jax train on this set, and the quality, diversity and
-consistency bench (``erg_jax.metrics``) reads it back. Each image holds one object:
+The built-in models of erg-jax train on this set, and the quality bench (quality,
+diversity, consistency: ``erg_jax.metrics``) reads it back. Each image holds one object:
 
 - shape: one of ``SHAPES`` (square, circle, triangle, cross, diamond, ring), drawn from a
   signed distance function with a one-pixel linear edge ramp, so edges are antialiased;

@@ -1,7 +1,7 @@
 """Quality, diversity and consistency of generated samples, from classifier features.
 
-All metrics take features, (n, d) arrays; the bench reads them from the penultimate layer
-of the attribute classifier trained on ``erg_jax.data``.
+All metrics take features, (n, d) arrays; the quality bench reads them from the penultimate
+layer of the attribute classifier trained on ``erg_jax.data``.
 
 Frechet distance (Heusel et al. 2017, as pytorch-fid computes it): with means mu and
 unbiased covariances S (``np.cov(rowvar=False)``) of the two sets,
@@ -189,7 +189,7 @@ def compute_metrics(
     predictions: tuple[np.ndarray, np.ndarray] | None = None,
     conditions: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Every metric of the bench from features and, optionally, classifier predictions.
+    """Every metric of the quality bench from features and, optionally, classifier predictions.
 
     Args:
       real_features: (n, d) classifier features of held-out real images.

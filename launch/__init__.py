@@ -2,10 +2,10 @@
 
 An installed wheel holds this folder as ``erg_jax_launch`` and configs/ as
 ``erg_jax_configs`` (setup.py: no generic top-level names in site-packages), and each
-program is also a command, ``erg-jax-NAME`` (erg-jax-sample, erg-jax-demo, ...), with the
+program is also a command, ``erg-jax-NAME`` (erg-jax-sample, erg-jax-quickstart, ...), with the
 same flags. There a ``--config=configs/NAME.py[:variant]`` that does not exist relative to
 the working directory names the installed copy, as ``models/...`` names the shipped
-weights (erg_jax.demo_models), so the README's commands run with ``python -m launch.``
+weights (erg_jax.shipped_models), so the README's commands run with ``python -m launch.``
 replaced by ``erg-jax-``.
 """
 
@@ -55,10 +55,10 @@ def run_launcher(name: str) -> None:
 
 # The console scripts of setup.py (erg-jax-NAME).
 sample = functools.partial(run_launcher, "sample")
-demo = functools.partial(run_launcher, "demo")
+quickstart = functools.partial(run_launcher, "quickstart")
 train = functools.partial(run_launcher, "train")
 convert = functools.partial(run_launcher, "convert")
-evaluate = functools.partial(run_launcher, "evaluate")
+quality = functools.partial(run_launcher, "quality")
 entropy = functools.partial(run_launcher, "entropy")
 report = functools.partial(run_launcher, "report")
 benchmark = functools.partial(run_launcher, "benchmark")

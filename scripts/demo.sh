@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
-.venv/bin/python -m launch.demo --config=configs/quickstart.py --workdir="${WORKDIR:-out/demo}" "$@"
+.venv/bin/python -m launch.quickstart --config=configs/quickstart.py --workdir="${WORKDIR:-out/demo}" "$@"

@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags
 
 from erg_jax import Energy, energy_attention
-from erg_jax.jobs.bench import setups
-from erg_jax.jobs.bench.timing import interleaved_medians
+from erg_jax.jobs.speed import setups
+from erg_jax.jobs.speed.timing import interleaved_medians
 from erg_jax.models import dit
 
 flags.DEFINE_string("out", "gpu_check.json", "JSON file to write")

@@ -15,7 +15,7 @@ import pytest
 
 from erg_jax import Energy, energy_attention
 from erg_jax import energy as energy_module
-from erg_jax.jobs.bench import setups
+from erg_jax.jobs.speed import setups
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDERS = ("none", "cfg", "erg", "erg_k3", "erg_all_layers", "erg+apg", "pag", "seg")

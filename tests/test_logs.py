@@ -19,9 +19,10 @@ def _demo(workdir, *flags: str) -> str:
     demo's own setup (scripts/setup.sh demo), where transformers says so on import."""
     block = (
         "import sys, runpy; sys.modules['torch'] = None; "
-        f"sys.argv = ['demo', '--config=configs/quickstart.py:runlocal', '--workdir={workdir}'"
+        "sys.argv = ['quickstart', '--config=configs/quickstart.py:runlocal', "
+        f"'--workdir={workdir}'"
         + "".join(f", {f!r}" for f in flags)
-        + "]; runpy.run_module('launch.demo', run_name='__main__', alter_sys=True)"
+        + "]; runpy.run_module('launch.quickstart', run_name='__main__', alter_sys=True)"
     )
     res = subprocess.run(
         [sys.executable, "-c", block], cwd=ROOT, capture_output=True, text=True, timeout=600

@@ -10,7 +10,7 @@ import pytest
 
 from configs import dit as dit_configs
 from configs import entropy as entropy_configs
-from configs import evaluate as evaluate_configs
+from configs import quality as quality_configs
 from configs import quickstart as quickstart_configs
 from erg_jax import guidance as G
 from erg_jax.conditioning import TextConditions
@@ -63,7 +63,7 @@ def _same(a, b, label):
 
 def _entry_points(methods: str) -> dict:
     """Entry point -> {method name: guider}, each from SETTINGS."""
-    from erg_jax.jobs import demo, entropy, evaluate
+    from erg_jax.jobs import entropy, quality, quickstart
     from erg_jax.jobs.job_setup import make_methods
     from erg_jax.jobs.pipeline import Pipeline
 
@@ -78,11 +78,11 @@ def _entry_points(methods: str) -> dict:
     settings = pipe.guidance(**SETTINGS)
     out["Pipeline"] = G.make_guiders(methods, **settings)
 
-    bench = evaluate_configs.get_config("mmdit")
+    bench = quality_configs.get_config("mmdit")
     _section(bench.guidance, {k: v for k, v in SETTINGS.items() if k != "scale"})
     guidance = bench.guidance.to_dict()
-    out["launch.evaluate"] = {
-        m: evaluate.bench_guider(m, SETTINGS["scale"], guidance) for m in methods.split(",")
+    out["launch.quality"] = {
+        m: quality.bench_guider(m, SETTINGS["scale"], guidance) for m in methods.split(",")
     }
 
     quick = quickstart_configs.get_config()
@@ -90,7 +90,7 @@ def _entry_points(methods: str) -> dict:
         del quick.guidance.cfg["scale"], quick.guidance.erg["scale"]
     quick.guidance.methods = methods
     _section(quick.guidance, SETTINGS)
-    out["launch.demo"] = demo.make_guiders(quick)
+    out["launch.quickstart"] = quickstart.make_guiders(quick)
 
     probe = entropy_configs.get_config("mmdit")
     _section(probe.guidance, SETTINGS)

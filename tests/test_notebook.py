@@ -80,7 +80,7 @@ def test_quickstart_notebook_runs():
 
 def test_models_paths_find_the_shipped_weights_from_anywhere(tmp_path, monkeypatch):
     """A typed models/ path: the folder on disk where there is one, else the shipped copy."""
-    from erg_jax.demo_models import models_dir, resolve
+    from erg_jax.shipped_models import models_dir, resolve
 
     assert models_dir() == os.path.join(ROOT, "models")  # a checkout uses its own folder
     monkeypatch.chdir(tmp_path)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import train_shapes
 from erg_jax import checkpoint, data, metrics
 from erg_jax import guidance as G
 from erg_jax import samplers as S
@@ -28,7 +28,7 @@ MODELS = os.path.join(ROOT, "models")
 
 
 def tiny_config(**train_fields):
-    c = demo.get_config("tiny")
+    c = train_shapes.get_config("tiny")
     c.export = ""
     c.train.update(train_fields)
     return c
@@ -64,7 +64,7 @@ def uninterrupted(tmp_path_factory):
 def test_tiny_run_on_8_devices_lowers_the_loss(uninterrupted):
     assert jax.device_count() == 8
     losses = [uninterrupted["losses"][n] for n in sorted(uninterrupted["losses"])]
-    assert len(losses) == demo.get_config("tiny").train.steps
+    assert len(losses) == train_shapes.get_config("tiny").train.steps
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.85 * first, (first, last)
     # The EMA moved away from the initial params, towards the trained ones.
@@ -122,7 +122,7 @@ MARGIN = {"dit": 0.125, "mmdit": 0.0625}
 def _shipped(name: str) -> str:
     path = os.path.join(MODELS, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        pytest.skip(f"models/{name} is absent (train it: configs/demo.py docstring)")
+        pytest.skip(f"models/{name} is absent (train it: configs/train_shapes.py docstring)")
     return path
 
 

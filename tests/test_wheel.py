@@ -170,16 +170,16 @@ def test_the_installed_commands_run_outside_the_checkout(tmp_path):
 
     # The launcher's default config (configs/quickstart.py) is found: absl's --help exits 1
     # after the override has been applied to it; an unfound default fails before.
-    demo = os.path.join(venv, "bin", "erg-jax-demo")
+    quickstart = os.path.join(venv, "bin", "erg-jax-quickstart")
     r = subprocess.run(
-        [demo, "--config.seed=1", "--help"], cwd=work, env=env, capture_output=True, text=True
+        [quickstart, "--config.seed=1", "--help"], cwd=work, env=env, capture_output=True, text=True
     )
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "erg_jax_launch/demo.py:" in r.stdout and "--workdir" in r.stdout, r.stdout
+    assert "erg_jax_launch/quickstart.py:" in r.stdout and "--workdir" in r.stdout, r.stdout
 
     # A given configs/ path names the installed file: the exact toy job, end to end.
     out = tmp_path / "toy"
-    run([demo, "--config=configs/toy.py:runlocal", f"--workdir={out}"], 600)
+    run([quickstart, "--config=configs/toy.py:runlocal", f"--workdir={out}"], 600)
     assert (out / "grid.png").is_file() and (out / "metrics.json").is_file()
 
     # The README's library examples as written: "models/demo-mmdit" is the shipped copy

@@ -3,7 +3,7 @@
 The sampling job (``job``: its checks and plan in ``job_setup``, model and condition
 loading in ``job_loading``, preemption-safe files in ``output``, the dry run in
 ``dry_run``, the persistent compile cache in ``compile_cache``), training (``train``),
-the quality bench (``evaluate``), the speed benchmark (``benchmark`` on ``bench``), the
-demo (``demo``) and the HTML report (``report``). Nothing in the library (energy,
+the quality bench (``quality``), the speed benchmark (``benchmark`` on ``speed``), the
+quickstart (``quickstart``) and the HTML report (``report``). Nothing in the library (energy,
 control, guidance, schedules, samplers, predictions, models, convert) imports from here.
 """

@@ -1,10 +1,10 @@
-"""Measurements behind ``python -m launch.benchmark``: times and memory as ratios.
+"""The speed benchmark, ``python -m launch.benchmark``: times and memory as ratios.
 
 Every comparison is taken in one run on one machine, the contenders interleaved round
 by round (this machine is shared and noisy), and reported as medians. Peak memory is
 XLA's own account of the compiled program (temporary buffers plus outputs). This module
-holds the attention table and ``run``, which gathers every section (``erg_jax.jobs.bench``)
-and checks the targets of docs/BENCHMARKS.md.
+holds the attention table and ``run``, which gathers every section (the speed
+benchmark's parts, ``erg_jax.jobs.speed``) and checks the targets of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from erg_jax.energy import Energy, energy_attention
-from erg_jax.jobs.bench.timing import compiled_bytes, interleaved_medians
+from erg_jax.jobs.speed.timing import compiled_bytes, interleaved_medians
 
 __all__ = ["attention_table", "compiled_bytes", "interleaved_medians", "run", "targets"]
 SECTIONS = ("attention", "guidance", "sampler", "peer", "floor", "bf16")
@@ -76,7 +76,7 @@ def attention_table(
 
 def run(only=SECTIONS, *, small: bool = False, repeats: int = 5, lengths=None) -> dict:
     """Every requested section's figures (see docs/BENCHMARKS.md) and the targets met."""
-    from erg_jax.jobs.bench import guidance, peer, sampler, setups
+    from erg_jax.jobs.speed import guidance, peer, sampler, setups
 
     unknown = set(only) - set(SECTIONS)
     if unknown:

@@ -135,7 +135,7 @@ def _prompts(spec: str) -> list[str]:
 
 
 def load_demo_model(config, tau_c: float = 1.0) -> ProbeModel:
-    """A shipped demo model (models/demo-KIND) sampled with Euler, as the demo job does."""
+    """A shipped demo model (models/demo-KIND) sampled with Euler, as the quickstart does."""
     from erg_jax.models import load_denoiser
 
     d = config.demo

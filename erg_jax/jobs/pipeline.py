@@ -7,7 +7,7 @@
 ``Pipeline.load`` takes
 - a model folder written by ``launch.train`` or ``launch.convert`` (config.json and
   params). A pixel-space one (the shipped demo models) runs on the ``tiny`` variant of its
-  configs/*.py without a VAE, with the demo's sampler (20 Euler steps on the even grid)
+  configs/*.py without a VAE, with the quickstart's sampler (20 Euler steps on the even grid)
   and the text encoder its config.json names; a latent one on the config's default
   variant, with ``vae=`` and, for a text model, its text encoders given as job fields
   (``fields={"text.encoders": ..., "text.tokenizers": ...}``);
@@ -38,12 +38,12 @@ import numpy as np
 from erg_jax import guidance as G
 from erg_jax import sharding
 from erg_jax.conditioning import ClassConditions
-from erg_jax.demo_models import resolve
 from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import job, output
 from erg_jax.jobs import job_loading as L
 from erg_jax.jobs.job_setup import build_plan, check_text_guiders, guidance_settings
 from erg_jax.models import registry
+from erg_jax.shipped_models import resolve
 
 MODEL_FIELDS = ("checkpoint", "pretrained", "cache_dir", "kind", "preset")
 

@@ -280,7 +280,7 @@ def run(config, workdir: str, *, stop_at: int | None = None) -> dict:
     """Trains (or resumes) the model of a config; exports its EMA params at the end.
 
     Args:
-      config: a configs/demo.py config (model, data, text, train, mesh, export, seed).
+      config: a configs/train_shapes.py config (model, data, text, train, mesh, export, seed).
       workdir: checkpoints/, metrics.jsonl and the caption cache go here.
       stop_at: stop after this step without a final checkpoint, as if killed (tests).
 

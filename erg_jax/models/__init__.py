@@ -49,7 +49,7 @@ def load_denoiser(directory: str, shardings: Any = None, **overrides: Any):
       A callable ``(x, t, cond, attention=None) -> raw output`` with .config, .params.
     """
     from erg_jax import checkpoint
-    from erg_jax.demo_models import resolve
+    from erg_jax.shipped_models import resolve
 
     directory = resolve(directory)  # models/... : the shipped copy outside a checkout
 

@@ -1,8 +1,8 @@
 """A small CNN that reads the shape and colour of an ``erg_jax.data`` image.
 
-The bench (``erg_jax.jobs.evaluate``) uses it twice: its two heads give a sample's shape and
-colour (consistency with the condition), and its penultimate layer gives the features
-for the Frechet distance and precision / recall / density / coverage (Naeem et al.
+The quality bench (``erg_jax.jobs.quality``) uses it twice: its two heads give a sample's
+shape and colour (consistency with the condition), and its penultimate layer gives the
+features for the Frechet distance and precision / recall / density / coverage (Naeem et al.
 2020), as Inception's pool features do for FID (Heusel et al. 2017), on our 32x32 data.
 
 Architecture, NHWC in [-1, 1]: three stages of 3x3 convolutions with ReLU and 2x2 average
@@ -112,7 +112,7 @@ def loss_fn(net, params, images, shape, colour) -> jax.Array:
 
 
 def train(config, workdir: str) -> dict:
-    """Trains the classifier of a configs/demo.py:classifier config; exports it.
+    """Trains the classifier of a configs/train_shapes.py:classifier config; exports it.
 
     Batch n is drawn with the generator (seed, n) from ``data.num_train`` training
     images; accuracy is measured on 2,000 held-out ones and written with the config.

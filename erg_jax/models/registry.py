@@ -74,7 +74,7 @@ class ModelKind:
       pipeline_sigmas: its diffusers pipeline hands the scheduler sigmas of its own,
         linspace(1, 1 / steps, steps) (FluxPipeline).
       entropy_probe: its denoiser has ``with_entropy`` (launch.entropy).
-      demo: a shipped demo model, models/demo-<name>, exists (bench, probe, demo).
+      demo: a shipped demo model, models/demo-<name>, exists (quality bench, probe, quickstart).
       trainable: ``launch.train``'s flow-matching trainer builds and trains it.
     """
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from erg_jax import guidance as G
 from erg_jax import samplers as S
-from erg_jax.jobs.bench import setups
-from erg_jax.jobs.bench.timing import interleaved_medians, timed
+from erg_jax.jobs.speed import setups
+from erg_jax.jobs.speed.timing import interleaved_medians, timed
 
 
 def _sample_fn(setup: setups.Setup, sampler: S.Sampler):

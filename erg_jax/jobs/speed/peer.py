@@ -16,8 +16,8 @@ import tempfile
 import jax.numpy as jnp
 import numpy as np
 
-from erg_jax.jobs.bench import setups
-from erg_jax.jobs.bench.timing import interleaved_medians
+from erg_jax.jobs.speed import setups
+from erg_jax.jobs.speed.timing import interleaved_medians
 
 
 def _diffusers_dit(small: bool):

@@ -1,7 +1,7 @@
-"""The main job: several guidance methods from the same noise, side by side.
+"""The quickstart: several guidance methods from the same noise, side by side.
 
-    python -m launch.demo --config=configs/quickstart.py --workdir=out/demo   # shipped model
-    python -m launch.demo --config=configs/toy.py --workdir=out/toy           # exact toy
+    python -m launch.quickstart --config=configs/quickstart.py --workdir=out/demo  # shipped
+    python -m launch.quickstart --config=configs/toy.py --workdir=out/toy          # exact toy
 
 Writes DIR/grid.png (a labelled row of samples per method), DIR/metrics.json and, for the
 shipped model, DIR/metrics.md and DIR/index.html. It prints the results; --verbose (every
@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.jobs.demo import run_quickstart, run_toy
+from erg_jax.jobs.quickstart import run_quickstart, run_toy
 
 from . import logs
 

@@ -1,4 +1,4 @@
-"""The bench and the main job run on the shipped models and write complete results."""
+"""The quality bench and the quickstart run on the shipped models and write complete results."""
 
 import json
 import os
@@ -22,8 +22,8 @@ shipped = pytest.mark.skipif(not SHIPPED, reason="the shipped models (models/) a
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["dit", "mmdit"])
 def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
-    from configs import evaluate as cfg
-    from erg_jax.jobs.evaluate import run_config
+    from configs import quality as cfg
+    from erg_jax.jobs.quality import run_config
 
     monkeypatch.chdir(ROOT)
     c = cfg.get_config("tiny")
@@ -45,9 +45,9 @@ def test_bench_writes_every_row_and_figure(model, tmp_path, monkeypatch):
 @shipped
 @pytest.mark.slow
 def test_search_ranks_erg_settings_against_cfg_on_other_conditions(tmp_path, monkeypatch):
-    from configs import evaluate as cfg
+    from configs import quality as cfg
     from erg_jax import data
-    from erg_jax.jobs.evaluate import run_config
+    from erg_jax.jobs.quality import run_config
 
     monkeypatch.chdir(ROOT)
     c = cfg.get_config("tiny")
@@ -101,8 +101,9 @@ def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_pa
 
     block = (
         "import sys, runpy; sys.modules['torch'] = sys.modules['diffusers'] = None; "
-        f"sys.argv = ['demo', '--config=configs/quickstart.py:runlocal', '--workdir={tmp_path}']; "
-        "runpy.run_module('launch.demo', run_name='__main__')"
+        "sys.argv = ['quickstart', '--config=configs/quickstart.py:runlocal', "
+        f"'--workdir={tmp_path}']; "
+        "runpy.run_module('launch.quickstart', run_name='__main__')"
     )
     subprocess.run([sys.executable, "-c", block], cwd=ROOT, check=True, capture_output=True)
     config = quickstart.get_config("runlocal")
@@ -154,7 +155,7 @@ def _oracle(pool):
 
 
 def _perfect_model():
-    from erg_jax.jobs.evaluate import DemoModel
+    from erg_jax.jobs.quality import DemoModel
 
     def denoiser(x, t, cond, attention=None):
         return (x - cond) / t.reshape(-1, 1, 1, 1)
@@ -168,7 +169,7 @@ def _perfect_model():
 
 
 def _bench_config():
-    from configs import evaluate as cfg
+    from configs import quality as cfg
 
     c = cfg.get_config("tiny")
     c.num_real, c.num_samples, c.nearest_k, c.steps = NUM_REAL, NUM_SAMPLES, K, STEPS
@@ -184,7 +185,7 @@ def _reference_frechet(a, b):
 
 def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
     from erg_jax import data
-    from erg_jax.jobs.evaluate import run_bench
+    from erg_jax.jobs.quality import run_bench
 
     pool = data.split("heldout", NUM_REAL + NUM_SAMPLES)
     rows = run_bench(_perfect_model(), _oracle(pool), _bench_config(), str(tmp_path))
@@ -213,7 +214,7 @@ def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
 def test_scores_of_generated_copies_of_the_real_set():
     from erg_jax import data
     from erg_jax import guidance as G
-    from erg_jax.jobs.evaluate import _Scorer
+    from erg_jax.jobs.quality import _Scorer
 
     c = _bench_config()
     c.num_samples = c.num_real
@@ -228,7 +229,7 @@ def test_scores_of_generated_copies_of_the_real_set():
 def test_cached_methods_and_their_forward_counts():
     from erg_jax import guidance as G
     from erg_jax import samplers as S
-    from erg_jax.jobs.evaluate import forwards
+    from erg_jax.jobs.quality import forwards
 
     erg = dict(tau=0.5, layers=None, kappa=0.0)
     sampler = S.make_sampler("euler", 20)
@@ -258,7 +259,7 @@ def test_the_two_class_conditional_readings_of_erg():
 @pytest.mark.slow
 def test_search_mode_runs_from_the_launcher_and_prints_its_table(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.evaluate", "--config=configs/evaluate.py:tiny"]
+        [sys.executable, "-m", "launch.quality", "--config=configs/quality.py:tiny"]
         + ["--config.mode=search", f"--workdir={tmp_path}"],
         cwd=ROOT,
         capture_output=True,

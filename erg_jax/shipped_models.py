@@ -1,4 +1,4 @@
-"""Where the shipped demo weights live: models/ in a checkout, package data when installed.
+"""Where the shipped weights live: models/ in a checkout, package data when installed.
 
 The repository keeps its small demo models (demo-dit, demo-mmdit, classifier) in models/,
 where training exports them. The wheel carries the same folder as the data-only package
@@ -33,7 +33,7 @@ def models_dir() -> str:
         if os.path.isdir(folder):
             return folder
     raise FileNotFoundError(
-        f"the shipped demo models are neither in a checkout ({checkout}) nor installed as "
+        f"the shipped models are neither in a checkout ({checkout}) nor installed as "
         f"the package {PACKAGE!r}: install erg-jax from its repository or a wheel"
     )
 

@@ -1,4 +1,5 @@
-"""The pieces of ``python -m launch.benchmark`` beyond attention (``erg_jax.jobs.benchmark``).
+"""The speed benchmark's parts: the pieces of ``python -m launch.benchmark`` beyond
+attention (``erg_jax.jobs.benchmark``).
 
 ``setups`` builds the benchmarked models, conditions and guiders; ``guidance`` times a
 sampling step per guidance method, its FLOP floor and bfloat16; ``sampler`` the scan,

@@ -1,4 +1,4 @@
-"""The quality-diversity-consistency bench on the shipped demo models.
+"""The quality bench: quality, diversity and consistency on the shipped demo models.
 
 For every guidance method over a sweep of weights, samples held-out conditions (captions
 for the text model, class labels for the class model) from the same noise, reads the
@@ -52,10 +52,10 @@ def load_demo(
     """A shipped demo model (models/demo-KIND): class- or text-conditional by its kind.
 
     ``models_dir`` "models" is the repository's folder, or the installed copy of it
-    outside a checkout (erg_jax.demo_models).
+    outside a checkout (erg_jax.shipped_models).
     """
-    from erg_jax.demo_models import resolve
     from erg_jax.models import load_denoiser
+    from erg_jax.shipped_models import resolve
 
     shipped = registry.names(demo=True)
     if kind not in shipped:
@@ -189,7 +189,7 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     Args:
       model: ``DemoModel`` (denoiser, conditions, latent shape, layers).
       classifier: callable images (n, 32, 32, 3) -> dict(shape, colour, features).
-      config: the eval section of configs/evaluate.py.
+      config: the eval section of configs/quality.py.
       workdir: where results.json, results.md and pareto.png go.
 
     Returns:
@@ -361,8 +361,8 @@ def pareto_plot(rows: list[dict], path: str) -> None:
 
 def run_config(config, workdir: str) -> list[dict]:
     """Loads the demo model and classifier a bench config names, then runs the bench."""
-    from erg_jax.demo_models import resolve
     from erg_jax.models.classifier import load_classifier
+    from erg_jax.shipped_models import resolve
 
     model = load_demo(config.model, config.models_dir)
     if config.mode not in ("bench", "search"):

@@ -1,10 +1,10 @@
-"""Training the built-in demo models on the synthetic shapes data set (erg_jax.data).
+"""Trains the shipped shapes models (models/) on the synthetic shapes data set (erg_jax.data).
 
 The shipped models in models/ were made with (2 shared CPU cores; README has the times):
 
-    python -m launch.train --config=configs/demo.py:classifier --workdir=workdir/classifier
-    python -m launch.train --config=configs/demo.py:dit --workdir=workdir/dit
-    python -m launch.train --config=configs/demo.py:mmdit --workdir=workdir/mmdit
+    python -m launch.train --config=configs/train_shapes.py:classifier --workdir=workdir/classifier
+    python -m launch.train --config=configs/train_shapes.py:dit --workdir=workdir/dit
+    python -m launch.train --config=configs/train_shapes.py:mmdit --workdir=workdir/mmdit
 
 A killed run started again with the same command resumes from its last checkpoint.
 The shipped DiT and MMDiT were first run with ``--config.train.steps=2000`` and then
@@ -15,7 +15,7 @@ schedule was stretched at step 2000), then fine-tuned from that export (a new wo
 weights with a fresh optimizer and schedule); the classifier ran its default 2000 steps.
 Variants: dit (class-conditional DiT, pixel space 32x32x3, patch 4), mmdit
 (text-conditional MMDiT on frozen MiniLM-L6 caption encodings), classifier (the
-attribute CNN of the bench), tiny (a DiT trained in seconds, for tests). Every field is
+attribute CNN of the quality bench), tiny (a DiT trained in seconds, for tests). Every field is
 a flag, e.g. ``--config.train.steps=100 --config.export=``.
 """
 
@@ -27,7 +27,7 @@ VARIANTS = ("dit", "mmdit", "classifier", "tiny")
 def get_config(arg=None):
     arg = arg or "dit"
     if arg not in VARIANTS:
-        raise ValueError(f"configs/demo.py variant must be one of {VARIANTS}, got {arg!r}")
+        raise ValueError(f"configs/train_shapes.py variant must be one of {VARIANTS}, got {arg!r}")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True

@@ -1,16 +1,16 @@
-"""The quality-diversity-consistency bench on the shipped demo models (docs/RESULTS.md).
+"""The quality bench: quality, diversity, consistency on the shipped models (docs/RESULTS.md).
 
-    python -m launch.evaluate --config=configs/evaluate.py:mmdit --workdir=out/eval_text
-    python -m launch.evaluate --config=configs/evaluate.py:dit --workdir=out/eval_class
-    python -m launch.evaluate --config=configs/evaluate.py:tiny --workdir=out/eval_tiny
+    python -m launch.quality --config=configs/quality.py:mmdit --workdir=out/eval_text
+    python -m launch.quality --config=configs/quality.py:dit --workdir=out/eval_class
+    python -m launch.quality --config=configs/quality.py:tiny --workdir=out/eval_tiny
 
 Writes results.json, results.md (FD, density, coverage, consistency, NFE, seconds per
 method and weight) and pareto.png (consistency against coverage).
 
 ERG's settings (tau, layer subset, kickoff, tau_c) were chosen by the search mode, on
-conditions and noise disjoint from the bench's:
+conditions and noise disjoint from the quality bench's:
 
-    python -m launch.evaluate --config=configs/evaluate.py:mmdit --config.mode=search \
+    python -m launch.quality --config=configs/quality.py:mmdit --config.mode=search \
         --workdir=out/search_text
 """
 
@@ -24,7 +24,7 @@ VARIANTS = ("mmdit", "dit", "tiny")
 def get_config(arg=None):
     arg = arg or "mmdit"
     if arg not in VARIANTS:
-        raise ValueError(f"configs/evaluate.py variant must be one of {VARIANTS}, got {arg!r}")
+        raise ValueError(f"configs/quality.py variant must be one of {VARIANTS}, got {arg!r}")
     c = ml_collections.ConfigDict()
     c.model = "mmdit" if arg == "mmdit" else "dit"
     c.models_dir = "models"

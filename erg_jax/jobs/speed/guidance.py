@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax import samplers as S
-from erg_jax.jobs.bench import setups
-from erg_jax.jobs.bench.timing import interleaved_medians
+from erg_jax.jobs.speed import setups
+from erg_jax.jobs.speed.timing import interleaved_medians
 
 SHARED = ("erg", "pag", "seg")
 

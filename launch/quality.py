@@ -1,17 +1,17 @@
-"""The quality-diversity-consistency bench: a sweep of guidance methods and weights.
+"""The quality bench: FD, density, coverage and consistency over guidance methods and weights.
 
-python -m launch.evaluate --config=configs/evaluate.py:mmdit --workdir=out/eval_text
+python -m launch.quality --config=configs/quality.py:mmdit --workdir=out/eval_text
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from erg_jax.jobs.evaluate import run_config
+from erg_jax.jobs.quality import run_config
 
 from . import logs
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/evaluate.py", "bench config", lock_config=True)
+config_flags.DEFINE_config_file("config", "configs/quality.py", "quality bench", lock_config=True)
 flags.DEFINE_string("workdir", "out/eval", "where results.json, results.md, pareto.png go")
 
 

@@ -1,4 +1,8 @@
-"""The toy job: guided sampling of the exact pattern denoiser, with simple metrics.
+"""The quickstart (``python -m launch.quickstart``, scripts/demo.sh): guidance methods side
+by side from the same noise, on the shipped text-to-image model (``run_quickstart``) or
+on the exact toy (``run_toy``).
+
+The toy job: guided sampling of the exact pattern denoiser, with simple metrics.
 
 Metrics per method, against the stored patterns (the whole "data set"):
 consistency, the share of samples whose nearest pattern has the requested class;
@@ -24,7 +28,7 @@ from erg_jax.models.toy import PatternDenoiser, shape_patterns
 
 
 def make_guiders(config) -> dict:
-    """The demo's guiders: ``guidance.make_guiders`` on its config's guidance section."""
+    """The quickstart's guiders: ``guidance.make_guiders`` on its config's guidance section."""
     g = config.guidance.to_dict()
     return G.make_guiders(g.pop("methods"), **g)
 
@@ -91,10 +95,10 @@ def run_quickstart(config, workdir: str) -> dict:
     workdir/index.html (the grid, the table, the settings).
     """
     from erg_jax import data, metrics
-    from erg_jax.demo_models import resolve
     from erg_jax.jobs import report
-    from erg_jax.jobs.evaluate import load_demo
+    from erg_jax.jobs.quality import load_demo
     from erg_jax.models.classifier import load_classifier
+    from erg_jax.shipped_models import resolve
 
     g = config.guidance
     guiders = make_guiders(config)
@@ -146,7 +150,7 @@ def run_quickstart(config, workdir: str) -> dict:
     columns = COLUMNS
     report.write_html(
         os.path.join(workdir, "index.html"),
-        title="erg-jax demo: guidance on the shipped text-to-image model",
+        title="erg-jax quickstart: guidance on the shipped text-to-image model",
         grid="grid.png",
         grid_caption=(
             f"rows: methods; columns: prompts ({config.steps} Euler steps, "
@@ -164,7 +168,7 @@ def run_quickstart(config, workdir: str) -> dict:
         notes=[
             f"Consistency: the share of the {n} samples per method whose shape and colour "
             "the shipped classifier reads as the prompt's; +- is its standard error. "
-            "Each method runs at its own weight w, the one the bench found best for it on "
+            "Each method runs at its own weight w, the one the quality bench found best for it on "
             "this model (docs/RESULTS.md). 'vs none' is the difference to no guidance with "
             "its standard error; a difference is claimed only where it exceeds it.",
         ],
