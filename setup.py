@@ -41,7 +41,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff==0.17.6"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff==0.17.6"],
         "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc", "kornia"],
         "notebook": ["nbclient", "nbformat", "ipykernel", "matplotlib"],
     },

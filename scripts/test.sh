@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+# One worker per core, a test file's tests on one worker (its module fixtures built once).
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

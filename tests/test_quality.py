@@ -90,6 +90,7 @@ def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_pa
     """The README's main job, run with torch and diffusers unimportable (the demo
     installs neither): its grid's left band names each method, its page (read in
     headless Chromium) lists methods and prompts, metrics.md has the table."""
+    import re
     import subprocess
     import sys
 
@@ -105,7 +106,15 @@ def test_main_job_without_torch_writes_a_labelled_grid_metrics_and_report(tmp_pa
         f"'--workdir={tmp_path}']; "
         "runpy.run_module('launch.quickstart', run_name='__main__')"
     )
-    subprocess.run([sys.executable, "-c", block], cwd=ROOT, check=True, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, "-c", block], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    # what a user sees is the table, not the libraries' INFO lines nor transformers'
+    # advice to install torch (launch/logs.py; tests/test_logs.py: --verbose shows them)
+    shown = run.stdout + run.stderr
+    assert "| method |" in shown and "wrote " in shown
+    assert not re.search(r"^I\d{4} ", shown, re.M), shown[-3000:]
+    assert "PyTorch was not found" not in shown
     config = quickstart.get_config("runlocal")
     methods = config.guidance.methods.split(",")
     prompts = config.prompts.split("|")
