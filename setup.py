@@ -24,7 +24,7 @@ setup(
     # Installed, `python -m launch.X` is the command `erg-jax-X`, and a --config of
     # configs/NAME.py not on disk names the installed copy (launch/__init__.py).
     entry_points={
-        "console_scripts": [f"erg-jax-{name}=erg_jax_launch:{name}" for name in LAUNCHERS]
+        "console_scripts": [f"erg-jax-{name}=erg_jax_launch:{name}_command" for name in LAUNCHERS]
     },
     python_requires=">=3.11",
     install_requires=[

@@ -53,12 +53,13 @@ def run_launcher(name: str) -> None:
     runpy.run_module(f"{__name__}.{name}", run_name="__main__", alter_sys=True)
 
 
-# The console scripts of setup.py (erg-jax-NAME).
-sample = functools.partial(run_launcher, "sample")
-quickstart = functools.partial(run_launcher, "quickstart")
-train = functools.partial(run_launcher, "train")
-convert = functools.partial(run_launcher, "convert")
-quality = functools.partial(run_launcher, "quality")
-entropy = functools.partial(run_launcher, "entropy")
-report = functools.partial(run_launcher, "report")
-benchmark = functools.partial(run_launcher, "benchmark")
+# The console scripts of setup.py (erg-jax-NAME): NAME_command, a name apart from the
+# launcher's own module (importing launch.NAME would otherwise replace the function).
+sample_command = functools.partial(run_launcher, "sample")
+quickstart_command = functools.partial(run_launcher, "quickstart")
+train_command = functools.partial(run_launcher, "train")
+convert_command = functools.partial(run_launcher, "convert")
+quality_command = functools.partial(run_launcher, "quality")
+entropy_command = functools.partial(run_launcher, "entropy")
+report_command = functools.partial(run_launcher, "report")
+benchmark_command = functools.partial(run_launcher, "benchmark")

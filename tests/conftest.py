@@ -15,3 +15,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="erg_jax_tests_xla_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+
+# scripts/test.sh gives two workers whole files in collection order: the longest files
+# go first, so that no worker is left running a long one after the other has finished.
+LONGEST_FIRST = ("test_job.py", "test_readme.py", "test_shared_prefix.py", "test_benchmark.py")
+LONGEST_FIRST += ("test_notebook.py", "test_mmdit.py", "test_models_e2e.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))

@@ -217,6 +217,5 @@ def test_using_the_library_blocks_run_as_written():
     got = json.loads(line.split(" ", 1)[1])
     assert got["images"] == {m: [[2, 32, 32, 3], "uint8"] for m in ("cfg", "erg")}
     assert got["tau"] == 0.5 and "--config.model.checkpoint=models/demo-mmdit" in got["flags"]
-    assert "--config.guidance.erg.tau=0.5" in got["flags"]  # the call's typed setting
     assert got["attention"] == [2, 16, 4, 8]
     assert got["x0"] == [8, 32, 32, 3] and got["x0_max"] < 1.5

@@ -90,10 +90,10 @@ def test_the_wheel_holds_only_erg_jax_names():
         for line in entry_points.splitlines()
         if "=" in line
     }
-    assert scripts == {f"erg-jax-{n}": f"erg_jax_launch:{n}" for n in _launchers()}, scripts
+    assert scripts == {f"erg-jax-{n}": f"erg_jax_launch:{n}_command" for n in _launchers()}, scripts
     import launch
 
-    assert all(callable(getattr(launch, n, None)) for n in _launchers())  # what they call
+    assert all(callable(getattr(launch, f"{n}_command", None)) for n in _launchers())
 
 
 def test_config_paths_resolve_to_the_installed_copy_only_where_absent(tmp_path, monkeypatch):
