@@ -42,41 +42,18 @@ try:  # erg-jax's own name: the installed wheel, or this folder under pip instal
 except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
     from configs.common import base_config
 
-VARIANTS = ("xl2_512", "xl2_256", "sit_xl2_256", "tiny")
+from erg_jax.models import registry
+
+# one variant per recipe of the model kind (erg_jax/models/dit_config.py's RECIPES: the
+# grid, text layout, dtypes, mesh and each method's layers of a published size)
+VARIANTS = registry.get("dit").recipe_names()
 
 
 def get_config(arg=None):
-    arg = arg or "xl2_512"
+    arg = arg or VARIANTS[0]
     if arg not in VARIANTS:
         raise ValueError(f"configs/dit.py variant must be one of {VARIANTS}, got {arg!r}")
-    c = base_config()
-    c.model.kind = "dit"
-    c.model.scan_blocks = True  # 28-38 blocks: one scanned body compiles far faster
-    c.vae.preset = "sd"
-    c.guidance.methods = "cfg,erg"
-    c.guidance.scale = 1.5  # DiT's FID scale at 256 and 512px (module docstring)
-    c.guidance.erg.layers = "10,11,12,13,14,15,16,17"
-    # PAG in block 1 (diffusers' default for its transformer pipelines), SEG and SLG in
-    # the middle block (the mid-block of the U-Nets their papers perturb).
-    c.guidance.pag.layers, c.guidance.seg.layers, c.guidance.slg.layers = "1", "14", "14"
-    c.sampler.solver, c.sampler.steps = "", 250  # "": the scheduler's own, else DDPM
-    if arg == "xl2_512":
-        c.model.preset, c.model.sample_size = "XL/2", 64
-    elif arg == "xl2_256":
-        c.model.preset, c.model.sample_size = "XL/2", 32
-    elif arg == "sit_xl2_256":
-        c.model.preset, c.model.sample_size = "SiT-XL/2", 32
-        c.sampler.solver, c.sampler.steps = "heun", 125
-    else:  # tiny: random weights, runs in seconds on a CPU
-        c.model.preset = "tiny/2"
-        c.model.random_init = True
-        c.model.scan_blocks = False
-        c.vae.random_init = True
-        c.vae.preset = "tiny"
-        c.guidance.erg.layers = ""
-        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "1"
-        c.guidance.scale = 3.0
-        c.sampler.solver, c.sampler.steps = "ddim", 6
-        c.sampler.batch_size = 8
+    c = base_config("dit", arg)
+    if arg == "tiny":  # a test's job: one batch
         c.output.num_samples = 8
     return c

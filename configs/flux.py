@@ -46,66 +46,18 @@ try:  # erg-jax's own name: the installed wheel, or this folder under pip instal
 except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
     from configs.common import base_config
 
-VARIANTS = ("dev", "schnell", "tiny")
+from erg_jax.models import registry
+
+# one variant per recipe of the model kind (erg_jax/models/flux_config.py's RECIPES: the
+# grid, text layout, dtypes, mesh and each method's layers of a published size)
+VARIANTS = registry.get("flux").recipe_names()
 
 
 def get_config(arg=None):
-    arg = arg or "dev"
+    arg = arg or VARIANTS[0]
     if arg not in VARIANTS:
         raise ValueError(f"configs/flux.py variant must be one of {VARIANTS}, got {arg!r}")
-    c = base_config()
-    c.model.kind = "flux"
-    c.model.preset = arg
-    c.model.scan_blocks = True  # 57 blocks: one scanned body per kind compiles far faster
-    c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.mesh.fsdp, c.mesh.data = -1, 1  # 12B parameters: sharded over every device
-    c.vae.preset = "sd3"  # FLUX.1's VAE has SD3's architecture (its own scale and shift)
-    c.text.layout = "flux"
-    c.text.dtype = "bfloat16"
-    c.sampler.solver = "euler"
-    # The distilled model alone is the baseline; every other method adds its guidance on
-    # top with weight scale (not tuned here: a starting point).
-    c.guidance.methods = "none,erg"
-    c.guidance.scale = 2.0
-    c.guidance.erg.tau = 0.5
-    c.guidance.erg.tau_c = 0.5
-    c.guidance.erg.kappa = 0.1
-    # No published layers for FLUX.1: ours are 8 middle single-stream blocks for I-ERG
-    # (the 34 layers before them run once for both branches) and the middle single block
-    # for PAG, SEG and SAG (their papers perturb the middle block); SLG skips blocks 7-9
-    # over the first steps, SD3.5's recipe carried over untested.
-    c.guidance.erg.layers = "34,35,36,37,38,39,40,41"
-    c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.sag.layer = "38"
-    c.guidance.slg.layers, c.guidance.slg.interval = "7,8,9", (0.92, 0.99)
-    if arg == "dev":
-        c.sampler.steps = 28  # FluxPipeline's default
-        c.guidance.distilled = 3.5  # FluxPipeline's default guidance_scale
-        c.text.max_sequence_length = 512
-    elif arg == "schnell":
-        c.sampler.steps = 4  # timestep-distilled for 1-4 steps
-        c.guidance.distilled = 0.0  # no guidance embedding
-        c.text.max_sequence_length = 256  # schnell's T5 length
-    else:
-        c.model.random_init = True
-        c.model.scan_blocks = False
-        c.model.overrides = (
-            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
-        )
-        c.model.dtype = c.model.param_dtype = ""
-        c.mesh.fsdp, c.mesh.data = 1, -1
-        c.text.dtype = ""
-        c.vae.random_init = True
-        c.vae.preset = "tiny16"
-        c.text.layout = "single"
-        c.text.encoders = "minilm"
-        c.text.hidden_layers = "-1"
-        c.text.max_length = 16
-        c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
-        c.guidance.distilled = 3.5
-        c.guidance.erg.layers = "2,3"  # the two single blocks (layers 0, 1 are double)
-        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "2"
-        c.guidance.sag.layer = "2"
-        c.sampler.steps = 4
-        c.sampler.batch_size = 8
+    c = base_config("flux", arg)
+    if arg == "tiny":  # a test's job: one batch
         c.output.num_samples = 8
     return c

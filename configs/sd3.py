@@ -40,62 +40,18 @@ try:  # erg-jax's own name: the installed wheel, or this folder under pip instal
 except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on sys.path
     from configs.common import base_config
 
-VARIANTS = ("medium", "large", "tiny")
+from erg_jax.models import registry
+
+# one variant per recipe of the model kind (erg_jax/models/mmdit_config.py's RECIPES: the
+# grid, text layout, dtypes, mesh and each method's layers of a published size)
+VARIANTS = registry.get("mmdit").recipe_names()
 
 
 def get_config(arg=None):
-    arg = arg or "medium"
+    arg = arg or VARIANTS[0]
     if arg not in VARIANTS:
         raise ValueError(f"configs/sd3.py variant must be one of {VARIANTS}, got {arg!r}")
-    c = base_config()
-    c.model.kind = "mmdit"
-    c.model.scan_blocks = True  # 28-38 blocks: one scanned body compiles far faster
-    c.vae.preset = "sd3"
-    c.text.layout = "sd3"
-    c.text.hidden_layers = "-2,-2,-1"  # penultimate CLIP states, last T5 state (as SD3)
-    c.sampler.solver, c.sampler.steps, c.sampler.shift = "euler", 28, 3.0
-    c.guidance.methods = "cfg,erg"
-    c.guidance.scale = 4.5
-    c.guidance.erg.tau = 0.5
-    c.guidance.erg.tau_c = 0.5
-    c.guidance.erg.kappa = 0.1
-    c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.text.dtype = "bfloat16"
-    # The baselines' published layers: PAG in block 1 (diffusers' SD3 PAG pipeline), SLG
-    # skipping 7-9 over 1-20% of the steps (Stability's SD3.5 recipe, added to CFG as
-    # "cfg+slg": at 28 steps and shift 3 those are steps 1-5, noise levels 0.93-0.99),
-    # SEG in the middle block (its paper blurs SD's mid-block attention).
-    c.guidance.pag.layers, c.guidance.slg.layers = "1", "7,8,9"
-    c.guidance.slg.interval = (0.92, 0.99)
-    if arg == "medium":
-        c.model.preset = "sd3.5-medium"
-        c.guidance.erg.layers = "8,9,10,11,12"
-        c.guidance.seg.layers = "12"
-    elif arg == "large":
-        c.model.preset = "sd3.5-large"
-        c.guidance.erg.layers = "16,17,18,19,20,21,22,23"
-        c.guidance.seg.layers = "19"
-        c.mesh.fsdp = -1
-        c.mesh.data = 1
-    else:
-        c.model.preset = "tiny"
-        c.model.random_init = True
-        c.model.scan_blocks = False
-        c.model.overrides = (
-            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
-        )
-        c.model.dtype = c.model.param_dtype = ""
-        c.text.dtype = ""
-        c.vae.random_init = True
-        c.vae.preset = "tiny16"
-        c.text.layout = "single"
-        c.text.encoders = "minilm"
-        c.text.hidden_layers = "-1"
-        c.text.max_length = 16
-        c.text.prompts = "a red square|a blue circle|a green cross|a yellow bar"
-        c.guidance.erg.layers = ""
-        c.guidance.pag.layers = c.guidance.seg.layers = c.guidance.slg.layers = "1"
-        c.sampler.steps = 4
-        c.sampler.batch_size = 8
+    c = base_config("mmdit", arg)
+    if arg == "tiny":  # a test's job: one batch
         c.output.num_samples = 8
     return c

@@ -16,11 +16,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Model loaders import their model code only when first used; Pipeline, the one public
-    # name from the jobs, is the facade over the sampling job (erg_jax.jobs.pipeline): the
-    # library never imports the jobs, only this lookup does, on first use.
+    # Model loaders and the Pipeline (erg_jax.pipeline) import their model code only when
+    # first used: importing erg_jax loads the energy and attention control alone.
     if name == "Pipeline":
-        from erg_jax.jobs.pipeline import Pipeline
+        from erg_jax.pipeline import Pipeline
 
         return Pipeline
     if name == "load_denoiser":

@@ -154,21 +154,21 @@ def test_the_batch_fits_just_above_its_need_and_not_just_below(tmp_path):
 
 
 def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tmp_path):
-    from erg_jax.jobs import job
     from erg_jax.jobs.job_setup import build_plan
 
     config = _config("dit:tiny", mesh__data=2, mesh__fsdp=4, guidance__methods="erg")
     report = D.dry_run(config, checks=0)
     plan = build_plan(config, str(tmp_path))
-    assert report["params_bytes_per_device"] == _placed_bytes(plan.params)
-    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.vae_params)
+    assert report["params_bytes_per_device"] == _placed_bytes(plan.pipeline.params)
+    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.pipeline.vae_params)
     assert report["params_bytes_per_device"] < report["params_bytes_total"]
     # the job's own program on real arrays: the same working memory and outputs
-    bspec = lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
-    inputs = job._batch_inputs(plan, np.arange(plan.batch_size), bspec, plan.methods["erg"])
-    with jax.set_mesh(plan.mesh), sharding.use_rules(plan.rules):
-        lowered = jax.jit(job.generate_fn(plan)).lower(
-            plan.params, plan.vae_params, *inputs, plan.methods["erg"]
+    pipe = plan.pipeline
+    idx = np.arange(plan.batch_size)
+    inputs = pipe.batch_inputs(plan.seed, plan.conditions, idx, plan.methods["erg"])
+    with jax.set_mesh(pipe.mesh), sharding.use_rules(pipe.rules):
+        lowered = pipe.program()[1].lower(
+            plan.pipeline.params, plan.pipeline.vae_params, *inputs, plan.methods["erg"]
         )
     m = lowered.compile().memory_analysis()
     ours = report["compiled"][0]
@@ -281,8 +281,8 @@ def test_a_pipeline_folder_gives_the_bytes_and_inputs_the_job_loads(tmp_path):
     report = D.dry_run(config, str(tmp_path / "dry"), compile=False)
     assert os.listdir(tmp_path / "dry") == ["dry_run.json"]  # nothing converted
     plan = build_plan(config, str(tmp_path / "work"))
-    assert report["params_bytes_per_device"] == _placed_bytes(plan.params)
-    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.vae_params)
+    assert report["params_bytes_per_device"] == _placed_bytes(plan.pipeline.params)
+    assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.pipeline.vae_params)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
     for encoder in report["text_encoders"]:
         loaded = load_text_encoder(encoder["folder"], mesh=mesh, tokenizer=False)

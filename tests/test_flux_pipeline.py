@@ -111,7 +111,7 @@ def test_dev_folder_gives_diffusers_images_and_erg_changes_them(dev, tmp_path):
     # The distilled guidance value matters, so the parity above checks it is 3.5.
     assert rel_err(dev["ref_g1"], dev["ref"]) > 1e-2
     # FluxPipeline's own sigmas linspace(1, 1/3, 3), dynamically shifted for 16 tokens.
-    np.testing.assert_array_equal(np.asarray(plan.sampler.grid), dev["sigmas"])
+    np.testing.assert_array_equal(np.asarray(plan.pipeline.sampler.grid), dev["sigmas"])
     assert plan.conversions == {"transformer": "converted", "vae": "converted"}
     assert np.mean(np.abs(erg - none)) > 1e-3  # I-ERG in blocks 2, 3 and C-ERG at 0.5
 
@@ -119,7 +119,7 @@ def test_dev_folder_gives_diffusers_images_and_erg_changes_them(dev, tmp_path):
 def test_schnell_folder_gives_diffusers_images(schnell, tmp_path):
     plan, (ours,) = _ours(_flux(schnell["folder"], "schnell"), tmp_path)
     assert rel_err(ours, schnell["ref"]) < 1e-3
-    np.testing.assert_array_equal(np.asarray(plan.sampler.grid), schnell["sigmas"])
+    np.testing.assert_array_equal(np.asarray(plan.pipeline.sampler.grid), schnell["sigmas"])
     np.testing.assert_allclose(schnell["sigmas"], [1, 2 / 3, 1 / 3, 0], rtol=1e-6)
 
 

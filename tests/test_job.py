@@ -367,12 +367,12 @@ def test_more_samples_extend_and_a_changed_config_is_refused(tmp_path):
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, changes, field, monkeypatch):
-    from erg_jax.jobs import job
+    from erg_jax import pipeline
 
     def compiling(*a, **k):
         raise AssertionError("the job reached compilation")
 
-    monkeypatch.setattr(job, "generate_fn", compiling)
+    monkeypatch.setattr(pipeline, "generate_fn", compiling)
     with pytest.raises(ValueError, match=field):
         _sample(tmp_path, **changes)
     assert not output.done_indices(str(tmp_path), "cfg")

@@ -10,6 +10,9 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = {"energy", "fused", "splash", "control", "guidance", "rules", "schedules",
         "samplers", "predictions", "sag", "grids", "branches"}  # fmt: skip
+# The Pipeline's room: settings, loaders and the Pipeline, above models and convert,
+# below the jobs (the job is the Pipeline plus files, resume, hosts and reports).
+PIPELINE = {"settings", "loading", "pipeline"}
 
 
 def _modules() -> dict[str, str]:
@@ -40,6 +43,8 @@ def _layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in ("models", "convert", "jobs"):
         return parts[1]
+    if len(parts) > 1 and parts[1] in PIPELINE:
+        return "pipeline"
     return "core" if len(parts) > 1 and parts[1] in CORE else "library"
 
 
@@ -50,7 +55,8 @@ def test_imports_only_run_downward():
         "library": {"core", "library"},
         "models": {"core", "library", "models"},
         "convert": {"core", "library", "models", "convert"},
-        "jobs": {"core", "library", "models", "convert", "jobs"},
+        "pipeline": {"core", "library", "models", "convert", "pipeline"},
+        "jobs": {"core", "library", "models", "convert", "pipeline", "jobs"},
     }
     bad = []
     for mod, path in modules.items():
@@ -59,6 +65,26 @@ def test_imports_only_run_downward():
         for dep in _imports(path, modules):
             if dep != "erg_jax" and _layer(dep) not in allowed[_layer(mod)]:
                 bad.append(f"{mod} ({_layer(mod)}) imports {dep} ({_layer(dep)})")
+    assert not bad, bad
+
+
+def test_the_library_imports_no_config_and_no_launcher():
+    """Configs and launchers sit on the library: nothing under erg_jax/ imports them (the
+    Pipeline takes settings, and each model kind's recipes live with its model)."""
+    bad = []
+    for mod, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            top = {n.split(".")[0] for n in names}
+            bad += [f"{mod} imports {t}" for t in top & {"configs", "erg_jax_configs",
+                                                           "launch", "erg_jax_launch"}]  # fmt: skip
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.startswith(("configs.", "erg_jax_configs.")):
+                    bad.append(f"{mod} names the module {node.value!r}")
     assert not bad, bad
 
 

@@ -65,7 +65,7 @@ def _entry_points(methods: str) -> dict:
     """Entry point -> {method name: guider}, each from SETTINGS."""
     from erg_jax.jobs import entropy, quality, quickstart
     from erg_jax.jobs.job_setup import make_methods
-    from erg_jax.jobs.pipeline import Pipeline
+    from erg_jax.pipeline import Pipeline
 
     out = {}
     job = dit_configs.get_config("tiny")
@@ -73,8 +73,8 @@ def _entry_points(methods: str) -> dict:
     _section(job.guidance, SETTINGS)
     out["launch.sample"] = make_methods(job, text=True)
 
-    pipe = Pipeline.__new__(Pipeline)  # the call's settings need only the loaded config
-    pipe.config = dit_configs.get_config("tiny")
+    pipe = Pipeline.__new__(Pipeline)  # the call's settings need only the loaded settings
+    pipe.settings = dit_configs.get_config("tiny")
     settings = pipe.guidance(**SETTINGS)
     out["Pipeline"] = G.make_guiders(methods, **settings)
 

@@ -24,7 +24,7 @@ from erg_jax import guidance as G
 from erg_jax import samplers as S
 from erg_jax.energy import Energy
 from erg_jax.jobs import output
-from erg_jax.jobs.pipeline import Pipeline
+from erg_jax.pipeline import Pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(
@@ -68,7 +68,7 @@ def test_the_package_exports_pipeline_lazily():
     code = (
         "import sys, erg_jax\n"
         "assert not [m for m in sys.modules if m.startswith('erg_jax.jobs')]\n"
-        "from erg_jax.jobs.pipeline import Pipeline\n"
+        "from erg_jax.pipeline import Pipeline\n"
         "assert erg_jax.Pipeline is Pipeline and 'Pipeline' in erg_jax.__all__\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -162,7 +162,7 @@ def test_bad_folders_are_named(tmp_path):
         Pipeline.load(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="neither an erg_jax model folder"):
         Pipeline.load(str(tmp_path))
-    with pytest.raises(ValueError, match="'vae.nope' is not a field of the job config"):
+    with pytest.raises(ValueError, match="'vae.nope' is not a settings field"):
         Pipeline.load("models/demo-dit", fields={"vae.nope": 1})
 
 

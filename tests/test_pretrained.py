@@ -158,8 +158,8 @@ def test_sd3_explicit_convert_equals_pretrained(sd3, tmp_path):
 def test_dit_pipeline_folder_gives_diffusers_images(dit, tmp_path):
     folder, ref, _ = dit
     plan, ours = _ours(_dit(folder), tmp_path)
-    assert plan.sampler.solver == "ddim"  # the folder's DDIMScheduler, "leading" spacing
-    np.testing.assert_array_equal(np.asarray(plan.sampler.grid)[0], [666, 333, 0])
+    assert plan.pipeline.sampler.solver == "ddim"  # the folder's DDIMScheduler, "leading" spacing
+    np.testing.assert_array_equal(np.asarray(plan.pipeline.sampler.grid)[0], [666, 333, 0])
     assert rel_err(ours, ref) < 1e-3
 
 
@@ -187,7 +187,7 @@ def test_bfloat16_parts_restore_as_bfloat16_and_stay_close(sd3, tmp_path):
     c = _sd3(folder)
     c.model.dtype = c.model.param_dtype = c.text.dtype = c.vae.dtype = "bfloat16"
     plan, ours = _ours(c, tmp_path)
-    for part in (plan.params, plan.vae_params):
+    for part in (plan.pipeline.params, plan.pipeline.vae_params):
         assert {str(a.dtype) for a in jax.tree_util.tree_leaves(part)} == {"bfloat16"}
     # Stored in bfloat16 by the conversion: nothing in float32 on the way in.
     (entry,) = [e for e in os.listdir(tmp_path / "converted") if e.startswith("diffusers-sd3")]
@@ -267,6 +267,6 @@ def test_scheduler_overrides_reach_the_grid(sd3, tmp_path):
     plan = build_plan(c, str(tmp_path))
     ref = FlowMatchEulerDiscreteScheduler(shift=5.0)
     ref.set_timesteps(3)
-    np.testing.assert_array_equal(np.asarray(plan.sampler.grid), ref.sigmas.numpy())
+    np.testing.assert_array_equal(np.asarray(plan.pipeline.sampler.grid), ref.sigmas.numpy())
     even = build_plan(_sd3(folder, sampler__scheduler="even", sampler__shift=3.0), str(tmp_path))
     assert even.sampler.grid is None  # our evenly spaced grid, shifted by sampler.shift

@@ -42,9 +42,13 @@ from erg_jax.guidance.factory import (
     BUILDERS,
     COMMON,
     MODIFIERS,
+    SECTION_FIELDS,
+    check_text_guiders,
     defaults,
+    guiders_from_section,
     make_guider,
     make_guiders,
+    section_settings,
     tempered_tau_c,
 )
 from erg_jax.guidance.guider import CADS, SLOTS, Cache, Guider, Term
@@ -68,9 +72,10 @@ from erg_jax.rules import APG
 from erg_jax.schedules import schedule
 
 __all__ = [
-    "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "MODIFIERS", "SLOTS",
-    "Term", "apg", "apg_mix", "autoguidance", "cache", "cfg", "cfg_zero_star", "compose",
-    "defaults", "erg", "fdg", "layer_ids", "make_guider", "make_guiders", "mambo", "none",
-    "pag", "sag", "schedule", "seg", "slg", "tcfg", "tempered_tau_c", "with_apg", "with_apg_mix",
-    "with_cads", "with_fdg", "with_mambo", "with_tcfg", "with_zero_star",
+    "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "MODIFIERS",
+    "SECTION_FIELDS", "SLOTS", "Term", "apg", "apg_mix", "autoguidance", "cache", "cfg",
+    "cfg_zero_star", "check_text_guiders", "compose", "defaults", "erg", "fdg",
+    "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "none", "pag",
+    "sag", "schedule", "section_settings", "seg", "slg", "tcfg", "tempered_tau_c", "with_apg",
+    "with_apg_mix", "with_cads", "with_fdg", "with_mambo", "with_tcfg", "with_zero_star",
 ]  # fmt: skip

@@ -285,3 +285,39 @@ def make_guiders(methods, *, sweep: str = "", **settings) -> dict[str, Guider]:
         for m in names:
             out[f"{m}_{leaf}{text}"] = make_guider(m, **swept)
     return out
+
+
+# Fields of a settings guidance section (erg_jax.settings) that are not a guider's own:
+# the methods' names, the sweep over them, and FLUX.1 [dev]'s distilled embedding scale
+# (a model input, fixed in the compiled program).
+SECTION_FIELDS = ("methods", "sweep", "distilled")
+
+
+def section_settings(section) -> dict:
+    """``make_guider``'s settings of a guidance settings section (a dict or ConfigDict)."""
+    d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return {k: v for k, v in d.items() if k not in SECTION_FIELDS}
+
+
+def guiders_from_section(section) -> dict[str, Guider]:
+    """Method name -> guider of a guidance settings section: its methods, at every value
+    of its sweep, each built by ``make_guider`` from the section's settings."""
+    field = str(section["sweep"]).partition("=")[0].strip()
+    if field in SECTION_FIELDS:
+        raise ValueError(
+            f"guidance.sweep cannot vary guidance.{field} (a constant of the compiled "
+            "program): run one job per value"
+        )
+    return make_guiders(section["methods"], sweep=section["sweep"], **section_settings(section))
+
+
+def check_text_guiders(guiders: Mapping[str, Guider], *, text: bool, kind: str) -> None:
+    """Refuses C-ERG (tau_c != 1) on a model without a text encoder, by name."""
+    if text:
+        return
+    for name, guider in guiders.items():
+        if tempered_tau_c(guider) != 1.0:
+            raise ValueError(
+                f"guidance.erg.tau_c: {name} tempers a text encoder, and {kind} has none "
+                "(class-conditional); leave tau_c at 1"
+            )

@@ -4,7 +4,7 @@ Nothing is read but config files, nothing large is allocated. The denoiser's par
 are built abstractly (``jax.eval_shape`` of its init, in the dtype the job would load
 them in) and given the NamedShardings of their logical axes on the job's mesh; the VAE
 and, where their folders are known, the text encoders likewise. The job's own program
-(``job.generate_fn``: noise -> a scan of guided steps, every branch of the method in
+(``pipeline.generate_fn``: noise -> a scan of guided steps, every branch of the method in
 ``guidance.methods`` with the most branches, the first of a tie -> VAE decode) is then
 lowered with abstract, sharded inputs and compiled for the mesh at the configured batch b
 and at 2b; a scan holds one step's working memory whatever the number of steps. XLA's
@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import types
 from typing import Any
 
 import flax.linen as nn
@@ -37,14 +36,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, sharding
+from erg_jax import loading as L
 from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
 from erg_jax.energy import Energy
-from erg_jax.jobs import job_loading as L
 from erg_jax.jobs import output
-from erg_jax.jobs.job import generate_fn
-from erg_jax.jobs.job_setup import checked_layout, make_methods
+from erg_jax.jobs.job_setup import make_methods
 from erg_jax.models import registry
+from erg_jax.pipeline import generate_fn
+from erg_jax.settings import checked_layout
 
 GIB = 2**30
 CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's
@@ -130,7 +130,7 @@ def param_bytes(tree: Any) -> dict:
 
 def _vae(config, latent_channels: int, pretrained) -> tuple[Any, Any, str]:
     """The VAE's abstract params (in the dtype the job restores them in), its decode as
-    ``job_loading.load_vae`` builds it, and where its config came from; Nones if disabled."""
+    ``loading.load_vae`` builds it, and where its config came from; Nones if disabled."""
     vc = config.vae
     if not vc.enabled:
         return None, None, "disabled"
@@ -232,17 +232,10 @@ def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
 def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
     """The job's program ``(params, vae_params, noise, conds, keys, guider) -> images``;
     config: the job config, for FLUX.1 [dev]'s guidance.distilled."""
-    plan = types.SimpleNamespace(
-        make_denoiser=(
-            L.denoiser_maker(mod, mcfg, config) if config else lambda p: mod.make_denoiser(mcfg, p)
-        ),
-        # CADS anneals class embeddings, as the job's plan does
-        embed_conditions=registry.get(mcfg["kind"]).embed_conditions,
-        sampler=sampler,
-        num_layers=int(mcfg["num_layers"]),
-        decode=decode,
-    )
-    return generate_fn(plan)
+    make = L.denoiser_maker(mod, mcfg, config) if config else lambda p: mod.make_denoiser(mcfg, p)
+    # CADS anneals class embeddings, as the job's Pipeline does
+    embed = registry.get(mcfg["kind"]).embed_conditions
+    return generate_fn(make, sampler, int(mcfg["num_layers"]), decode, embed)
 
 
 def compile_program(program, args: tuple, guider, mesh, rules) -> dict:

@@ -39,7 +39,6 @@ from erg_jax.control import AttentionControl, EntropyProbe
 from erg_jax.energy import Energy
 from erg_jax.guidance.guider import check_layers
 from erg_jax.jobs import entropy_plots, output
-from erg_jax.jobs.job_setup import guidance_settings
 from erg_jax.models import registry
 
 Array = jax.Array
@@ -165,9 +164,9 @@ def load_demo_model(config, tau_c: float = 1.0) -> ProbeModel:
 def load_job_model(config, workdir: str, tau_c: float = 1.0) -> ProbeModel:
     """The DiT or MMDiT of a sampling-job config (``config.job``), with its sampler at
     ``steps`` steps and its conditions; text encoders kept for their own probe."""
+    from erg_jax import loading as L
     from erg_jax import sharding
-    from erg_jax.jobs import job_loading as L
-    from erg_jax.jobs.job_setup import checked_layout
+    from erg_jax.settings import checked_layout
 
     job = config.job
     _module(job.model.kind)
@@ -286,7 +285,7 @@ def _summary(ent: np.ndarray, taus: list[float]) -> list[dict]:
 def probe_guider(config) -> G.Guider:
     """The trajectory's guider: ``config.method`` with the demo's or the job's guidance."""
     section = config.guidance if config.source == "demo" else config.job.guidance
-    return G.make_guider(config.method, **guidance_settings(section))
+    return G.make_guider(config.method, **G.section_settings(section))
 
 
 def run_entropy(config, workdir: str) -> dict:

@@ -23,11 +23,8 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from erg_jax import guidance as G
-from erg_jax import samplers as S
 from erg_jax import sharding
 from erg_jax.jobs import compile_cache, output, report
 from erg_jax.jobs.job_setup import Plan, build_plan
@@ -57,15 +54,6 @@ class _Stop:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def _global_array(host: np.ndarray, spec) -> jax.Array:
-    """A batch-sharded global array from the host copy every process holds."""
-    return jax.make_array_from_callback(host.shape, spec, lambda idx: host[idx])
-
-
-def _put_tree(tree, bspec):
-    return jax.tree_util.tree_map(lambda a: _global_array(np.asarray(a), bspec(np.shape(a))), tree)
 
 
 def _owned_rows(spec, shape) -> list[int]:
@@ -119,20 +107,6 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def generate_fn(plan: Plan):
-    """(params, vae_params, noise, conds, keys, guider) -> images in [-1, 1]."""
-
-    def generate(params, vae_params, noise, conds, keys, guider):
-        den = plan.make_denoiser(params)
-        if guider.cads is not None and plan.embed_conditions is not None:
-            conds = plan.embed_conditions(den, conds)
-        x = S.sample(den, noise, conds, guider, plan.sampler, keys=keys, num_layers=plan.num_layers)
-        images = plan.decode(vae_params, x) if plan.decode is not None else x
-        return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
-
-    return generate
-
-
 def run_sampling(config, workdir: str) -> dict:
     """Runs the sampling job of a config (see configs/dit.py, configs/sd3.py).
 
@@ -164,14 +138,14 @@ def _run(config, workdir: str, t_start: float) -> dict:
     cfg = plan.config_dict
     os.makedirs(workdir, exist_ok=True)
     main = jax.process_index() == 0
+    pipe = plan.pipeline
     n, batch = plan.num_samples, plan.batch_size
-    bspec = _batch_spec(plan)
     summary: dict[str, Any] = {
         "config": cfg,
         "devices": [str(d) for d in jax.devices()],
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
-        "mesh": {k: int(v) for k, v in plan.mesh.shape.items()},
+        "mesh": {k: int(v) for k, v in pipe.mesh.shape.items()},
         "methods": {},
         "compiles": 0,
         "conversions": plan.conversions,
@@ -191,19 +165,22 @@ def _run(config, workdir: str, t_start: float) -> dict:
                 continue
             leaves, treedef = jax.tree_util.tree_flatten(guider)
             structure = (treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
-            example = _example_inputs(plan, guider, bspec)
             if structure not in compiled_cache:
                 t0 = time.perf_counter()
-                fn = jax.jit(generate_fn(plan))
-                with sharding.mesh_context(plan.mesh, plan.rules):
-                    compiled_cache[structure] = fn.lower(*example).compile()
+                _, fn = pipe.program()
+                example = pipe.batch_inputs(plan.seed, plan.conditions, np.arange(batch), guider)
+                with sharding.mesh_context(pipe.mesh, pipe.rules):
+                    compiled_cache[structure] = fn.lower(
+                        pipe.params, pipe.vae_params, *example, guider
+                    ).compile()
                 stats["compile_seconds"] = time.perf_counter() - t0
                 summary["compiles"] += 1
                 logger.info("%s: compiled in %.1fs", method, stats["compile_seconds"])
             compiled = compiled_cache[structure]
             progress = _Progress(method, len(todo), main and plan.progress)
             run_seconds = 0.0
-            owned = _owned_rows(bspec((batch,) + plan.latent_shape), (batch,) + plan.latent_shape)
+            shape = (batch,) + pipe.latent_shape
+            owned = _owned_rows(pipe.batch_spec(shape), shape)
             for start in range(0, n, batch):
                 done = output.done_indices(workdir, method)
                 missing = [start + r for r in owned if start + r < n and start + r not in done]
@@ -211,8 +188,8 @@ def _run(config, workdir: str, t_start: float) -> dict:
                     continue
                 t0 = time.perf_counter()
                 idx = np.arange(start, start + batch)
-                noise, conds, keys = _batch_inputs(plan, idx, bspec, guider)
-                images = compiled(plan.params, plan.vae_params, noise, conds, keys, guider)
+                noise, conds, keys = pipe.batch_inputs(plan.seed, plan.conditions, idx, guider)
+                images = compiled(pipe.params, pipe.vae_params, noise, conds, keys, guider)
                 rows = _local_rows(images, owned)
                 wanted = set(missing)  # finished samples of a partly done batch stay as they are
                 keep = [i for i in sorted(rows) if start + i in wanted]
@@ -276,11 +253,6 @@ def _metadata(workdir: str, method: str, plan: Plan) -> None:
     output.write_metadata(workdir, method, lines)
 
 
-def _batch_spec(plan: Plan):
-    """shape -> the NamedSharding of a batch-leading input on the plan's mesh and rules."""
-    return lambda shape: sharding.batch_sharding(plan.mesh, shape, plan.rules)
-
-
 def _manifest(workdir: str, cfg: dict, plan: Plan) -> None:
     counts = {m: len(output.done_indices(workdir, m)) for m in plan.methods}
     output.write_manifest(workdir, cfg, counts)
@@ -297,52 +269,12 @@ def _grid(workdir: str, method: str, plan: Plan) -> None:
     )
 
 
-def _batch_inputs(plan: Plan, idx: np.ndarray, bspec, guider):
-    keys = S.sample_keys(plan.seed, jnp.asarray(idx))
-    noise = np.asarray(S.initial_noise(keys, plan.latent_shape))
-    key_data = np.asarray(jax.random.key_data(keys))
-    conds = plan.conditions.slots(idx, G.tempered_tau_c(guider))
-    return (
-        _global_array(noise, bspec(noise.shape)),
-        _put_tree(conds, bspec),
-        jax.random.wrap_key_data(_global_array(key_data, bspec(key_data.shape))),
-    )
-
-
-def _example_inputs(plan: Plan, guider, bspec):
-    noise, conds, keys = _batch_inputs(plan, np.arange(plan.batch_size), bspec, guider)
-    return plan.params, plan.vae_params, noise, conds, keys, guider
-
-
-def make_program(plan: Plan):
-    """The job's jitted (params, vae_params, noise, conds, keys, guider) -> images; one
-    program serves every guider of the same structure and any conditions or seed."""
-    return jax.jit(generate_fn(plan))
-
-
-def generate(plan: Plan, method: str, indices, program=None) -> np.ndarray:
+def generate(plan: Plan, method: str, indices) -> np.ndarray:
     """Images of the given global sample indices for one method, as the job draws them,
-    without writing files: (len(indices), H, W, 3) float32 in [-1, 1].
-
-    The indices are padded to whole batches (the padding rows are dropped), so any
-    subset gives the same images as the full job. ``program``: a ``make_program`` of a
-    plan with the same models and sampler, kept to compile once between calls.
-    """
+    without writing files: (len(indices), H, W, 3) float32 in [-1, 1]."""
     if method not in plan.methods:
         raise ValueError(f"method must be one of {sorted(plan.methods)}, got {method!r}")
-    bspec = _batch_spec(plan)
-    fn = program if program is not None else make_program(plan)
-    idx = np.asarray(indices, np.int64)
-    out = []
-    for start in range(0, len(idx), plan.batch_size):
-        chunk = idx[start : start + plan.batch_size]
-        padded = np.concatenate([chunk, np.full(plan.batch_size - len(chunk), chunk[-1])])
-        guider = plan.methods[method]
-        noise, conds, keys = _batch_inputs(plan, padded, bspec, guider)
-        with sharding.mesh_context(plan.mesh, plan.rules):
-            images = fn(plan.params, plan.vae_params, noise, conds, keys, guider)
-        out.append(np.asarray(images)[: len(chunk)])
-    return np.concatenate(out)
+    return plan.pipeline.generate(plan.methods[method], plan.conditions, indices, seed=plan.seed)
 
 
 def load_summary(workdir: str) -> dict:

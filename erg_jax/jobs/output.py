@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from erg_jax.pipeline import to_uint8
+
 # Fields that do not change any image: a run may change them and keep its workdir.
 NEUTRAL_FIELDS = (
     ("output", "num_samples"),
@@ -86,11 +88,6 @@ def remove_partial(folder: str, process_index: int | None = None) -> list[str]:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """NHWC images in [-1, 1] to uint8 (round to nearest)."""
-    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -29,8 +29,7 @@ from erg_jax.models.toy import PatternDenoiser, shape_patterns
 
 def make_guiders(config) -> dict:
     """The quickstart's guiders: ``guidance.make_guiders`` on its config's guidance section."""
-    g = config.guidance.to_dict()
-    return G.make_guiders(g.pop("methods"), **g)
+    return G.make_guiders(config.guidance.methods, **G.section_settings(config.guidance))
 
 
 def toy_metrics(samples, labels, patterns, pattern_labels) -> dict:

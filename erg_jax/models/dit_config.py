@@ -145,3 +145,52 @@ class Spec:
             scan=bool(config.get("scan_blocks", False)),
             remat=bool(config.get("remat", False)),
         )
+
+
+# How the published DiT / SiT models are sampled: settings fields (erg_jax.settings) per
+# recipe, the first the default. The DiT paper samples 250 DDPM steps and reports its FIDs
+# at 256 and 512px with CFG w = 1.5 (its tables 2 and 3), kept as every method's scale;
+# sampler.solver "" takes a pipeline folder's own scheduler (DDIM), else DDPM. SiT samples
+# with Heun's method. ERG's layers are ours; PAG in block 1 (diffusers' default for its
+# transformer pipelines), SEG and SLG in the middle block (the mid-block of the U-Nets
+# their papers perturb). model.sample_size is the latent side the checkpoint must have.
+_DIT = {
+    "model.scan_blocks": True,  # 28 blocks: one scanned body compiles far faster
+    "vae.preset": "sd",
+    "guidance.methods": "cfg,erg",
+    "guidance.scale": 1.5,
+    "guidance.erg.layers": "10,11,12,13,14,15,16,17",
+    "guidance.pag.layers": "1",
+    "guidance.seg.layers": "14",
+    "guidance.slg.layers": "14",
+    "sampler.solver": "",
+    "sampler.steps": 250,
+}
+RECIPES = {
+    "xl2_512": {**_DIT, "model.preset": "XL/2", "model.sample_size": 64},
+    "xl2_256": {**_DIT, "model.preset": "XL/2", "model.sample_size": 32},
+    "sit_xl2_256": {
+        **_DIT,
+        "model.preset": "SiT-XL/2",
+        "model.sample_size": 32,
+        "sampler.solver": "heun",
+        "sampler.steps": 125,
+    },
+    # random weights: runs in seconds on a CPU
+    "tiny": {
+        **_DIT,
+        "model.preset": "tiny/2",
+        "model.random_init": True,
+        "model.scan_blocks": False,
+        "vae.random_init": True,
+        "vae.preset": "tiny",
+        "guidance.erg.layers": "",
+        "guidance.pag.layers": "1",
+        "guidance.seg.layers": "1",
+        "guidance.slg.layers": "1",
+        "guidance.scale": 3.0,
+        "sampler.solver": "ddim",
+        "sampler.steps": 6,
+        "sampler.batch_size": 8,
+    },
+}

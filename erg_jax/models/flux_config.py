@@ -223,3 +223,80 @@ def stack_blocks(params: dict, config: dict) -> dict:
 def unstack_blocks(params: dict, config: dict) -> dict:
     """Scanned params -> per-block ones (inverse of ``stack_blocks``)."""
     return unstack_groups(params, scanned_groups(config))
+
+
+# How the published FLUX.1 models are sampled: settings fields (erg_jax.settings) per
+# recipe, the first the default. The distilled model alone is the baseline ("none"); every
+# other method adds its guidance on top with weight guidance.scale (not tuned here: a
+# starting point). No published layers for FLUX.1: ours are 8 middle single-stream blocks
+# for I-ERG (the 34 layers before them run once for both branches) and the middle single
+# block for PAG, SEG and SAG (their papers perturb the middle block); SLG skips blocks
+# 7-9 over the first steps, SD3.5's recipe carried over untested.
+_FLUX = {
+    "model.scan_blocks": True,  # 57 blocks: one scanned body per kind compiles far faster
+    "model.dtype": "bfloat16",
+    "model.param_dtype": "bfloat16",
+    "mesh.fsdp": -1,  # 12B parameters: sharded over every device
+    "mesh.data": 1,
+    "vae.preset": "sd3",  # FLUX.1's VAE has SD3's architecture (its own scale and shift)
+    "text.layout": "flux",
+    "text.dtype": "bfloat16",
+    "sampler.solver": "euler",
+    "guidance.methods": "none,erg",
+    "guidance.scale": 2.0,
+    "guidance.erg.tau": 0.5,
+    "guidance.erg.tau_c": 0.5,
+    "guidance.erg.kappa": 0.1,
+    "guidance.erg.layers": "34,35,36,37,38,39,40,41",
+    "guidance.pag.layers": "38",
+    "guidance.seg.layers": "38",
+    "guidance.sag.layer": "38",
+    "guidance.slg.layers": "7,8,9",
+    "guidance.slg.interval": (0.92, 0.99),
+}
+RECIPES = {
+    "dev": {
+        **_FLUX,
+        "model.preset": "dev",
+        "sampler.steps": 28,  # FluxPipeline's default
+        "guidance.distilled": 3.5,  # FluxPipeline's default guidance_scale
+        "text.max_sequence_length": 512,
+    },
+    "schnell": {
+        **_FLUX,
+        "model.preset": "schnell",
+        "sampler.steps": 4,  # timestep-distilled for 1-4 steps
+        "guidance.distilled": 0.0,  # no guidance embedding
+        "text.max_sequence_length": 256,  # schnell's T5 length
+    },
+    # a random tiny FLUX.1 with a guidance embedding, conditioned by the PyPI MiniLM-L6
+    "tiny": {
+        **_FLUX,
+        "model.preset": "tiny",
+        "model.random_init": True,
+        "model.scan_blocks": False,
+        "model.overrides": (
+            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
+        ),
+        "model.dtype": "",
+        "model.param_dtype": "",
+        "mesh.fsdp": 1,
+        "mesh.data": -1,
+        "text.dtype": "",
+        "vae.random_init": True,
+        "vae.preset": "tiny16",
+        "text.layout": "single",
+        "text.encoders": "minilm",
+        "text.hidden_layers": "-1",
+        "text.max_length": 16,
+        "text.prompts": "a red square|a blue circle|a green cross|a yellow bar",
+        "guidance.distilled": 3.5,
+        "guidance.erg.layers": "2,3",  # the two single blocks (layers 0, 1 are double)
+        "guidance.pag.layers": "2",
+        "guidance.seg.layers": "2",
+        "guidance.slg.layers": "2",
+        "guidance.sag.layer": "2",
+        "sampler.steps": 4,
+        "sampler.batch_size": 8,
+    },
+}

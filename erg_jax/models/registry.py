@@ -63,7 +63,9 @@ class ModelKind:
         init_params, abstract_params, param_axes and its preset function.
       preset: the preset function's name in that module, (name, **overrides) -> config.
       network: the function there building its Flax module from a config (training).
-      config_file: configs/<config_file>.py samples it.
+      config_file: configs/<config_file>.py samples it (one variant per recipe).
+      recipes: "module:name" of its recipes, recipe name -> settings fields
+        (``erg_jax.settings``) of how a published size is sampled, the first the default.
       text: conditioned on prompts (text encoders); otherwise on class ids.
       converters: the published checkpoints that convert into it.
       pipeline_layout: the ``text.layout`` its published pipeline folders need (None: no
@@ -83,6 +85,7 @@ class ModelKind:
     preset: str
     network: str
     config_file: str
+    recipes: str
     text: bool
     converters: tuple[Converter, ...] = ()
     pipeline_layout: str | None = None
@@ -105,6 +108,20 @@ class ModelKind:
         """Its Flax module of a config dict."""
         return getattr(self.module(), self.network)(config)
 
+    def recipe_names(self) -> tuple[str, ...]:
+        """Its recipes' names, the default first."""
+        return tuple(resolve(self.recipes))
+
+    def recipe(self, name: str = "") -> dict:
+        """The settings fields of a recipe ("" = the default); another name is a ValueError
+        naming them."""
+        recipes = resolve(self.recipes)
+        if not name:
+            name = next(iter(recipes))
+        if name not in recipes:
+            raise ValueError(f"{self.name} recipe must be one of {tuple(recipes)}, got {name!r}")
+        return dict(recipes[name])
+
     @property
     def embed_conditions(self) -> Callable | None:
         """(denoiser, condition slots) -> what CADS anneals: class ids embedded for a class
@@ -122,6 +139,7 @@ KINDS: dict[str, ModelKind] = {
             preset="dit_config",
             network="dit_module",
             config_file="dit",
+            recipes="erg_jax.models.dit_config:RECIPES",
             text=False,
             converters=(
                 Converter(
@@ -143,6 +161,7 @@ KINDS: dict[str, ModelKind] = {
             preset="mmdit_config",
             network="mmdit_module",
             config_file="sd3",
+            recipes="erg_jax.models.mmdit_config:RECIPES",
             text=True,
             converters=(
                 Converter(
@@ -164,6 +183,7 @@ KINDS: dict[str, ModelKind] = {
             preset="flux_config",
             network="flux_module",
             config_file="flux",
+            recipes="erg_jax.models.flux_config:RECIPES",
             text=True,
             converters=(
                 Converter(

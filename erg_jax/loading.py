@@ -1,4 +1,5 @@
-"""What a sampling job loads: the denoiser, the VAE, the text encoders and the time grid.
+"""What a model loads: the denoiser, the VAE, the text encoders and the time grid, from
+the settings sections of ``erg_jax.settings`` (model, vae, text, sampler).
 
 Each comes from one of three places, checked in this order:
 
