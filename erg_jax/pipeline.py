@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import guidance as G
 from erg_jax import loading as L
@@ -123,6 +124,23 @@ class Pipeline:
     sources: L.Sources = dataclasses.field(default_factory=lambda: L.Sources(None, ""))
     recipe: str = ""
     _programs: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        # parts made elsewhere (one device, the host) are replicated over the mesh; what
+        # the loaders placed keeps its sharding
+        devices = set(self.mesh.devices.flat)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(a):
+            held = getattr(a, "sharding", None)
+            return (
+                a
+                if held is not None and held.device_set == devices
+                else jax.device_put(a, replicated)
+            )
+
+        self.params = jax.tree_util.tree_map(place, self.params)
+        self.vae_params = jax.tree_util.tree_map(place, self.vae_params)
 
     @property
     def kind(self) -> str:

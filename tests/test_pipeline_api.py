@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 
 import erg_jax
+import erg_jax.models.dit
+import erg_jax.settings
 from erg_jax import guidance as G
 from erg_jax import samplers as S
+from erg_jax import sharding
 from erg_jax.energy import Energy
 from erg_jax.jobs import output
 from erg_jax.pipeline import Pipeline
@@ -70,6 +73,9 @@ def test_the_package_exports_pipeline_lazily():
         "assert not [m for m in sys.modules if m.startswith('erg_jax.jobs')]\n"
         "from erg_jax.pipeline import Pipeline\n"
         "assert erg_jax.Pipeline is Pipeline and 'Pipeline' in erg_jax.__all__\n"
+        # a library object: neither the jobs nor the configs load with it
+        "bad = [m for m in sys.modules if m.startswith(('erg_jax.jobs', 'configs', 'launch'))]\n"
+        "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -112,6 +118,30 @@ def test_class_model_images_are_the_library_samplers(dit):
         ref = output.to_uint8(np.clip(np.asarray(x), -1, 1)).astype(int)
         assert np.max(np.abs(out.images[method].astype(int) - ref)) <= 1, method
     assert out.settings["erg"]["conditioning"]["classes"] == "3,17,30"
+
+
+def test_a_pipeline_of_typed_parts_draws_what_the_loaded_one_draws(dit):
+    """Parts made by hand (the library's loader, sampler and mesh; no folder reading, no
+    job config) give the images ``Pipeline.load``'s parts give."""
+    den = erg_jax.load_denoiser("models/demo-dit")
+    settings = erg_jax.settings.sections("dit")
+    settings.sampler.steps = 3
+    pipe = Pipeline(
+        model_config=den.config,
+        params=den.params,
+        make_denoiser=lambda p: erg_jax.models.dit.make_denoiser(den.config, p),
+        sampler=S.make_sampler("euler", 3, time="sd3"),
+        mesh=sharding.mesh_from_config({"data": -1}),
+        settings=settings,
+    )
+    ours = pipe([5, 6, 7], methods=("cfg", "pag"), seed=4, scale=2.5, pag=dict(layers=[2]))
+    loaded = dit(
+        [5, 6, 7], methods=("cfg", "pag"), seed=4, steps=3, scale=2.5, pag=dict(layers=[2])
+    )
+    for method in ("cfg", "pag"):
+        np.testing.assert_array_equal(ours.images[method], loaded.images[method], err_msg=method)
+    with pytest.raises(ValueError, match="not loaded from a recipe"):
+        pipe.job_flags(ours.settings["cfg"])
 
 
 def test_a_second_call_with_other_values_compiles_nothing(mmdit):

@@ -269,4 +269,4 @@ def test_scheduler_overrides_reach_the_grid(sd3, tmp_path):
     ref.set_timesteps(3)
     np.testing.assert_array_equal(np.asarray(plan.pipeline.sampler.grid), ref.sigmas.numpy())
     even = build_plan(_sd3(folder, sampler__scheduler="even", sampler__shift=3.0), str(tmp_path))
-    assert even.sampler.grid is None  # our evenly spaced grid, shifted by sampler.shift
+    assert even.pipeline.sampler.grid is None  # our evenly spaced grid, shifted by sampler.shift

@@ -51,7 +51,7 @@ def make_methods(config, *, text: bool) -> dict:
     return guiders
 
 
-def build_plan(config, workdir: str, *, keep_text_encoders: bool = False) -> Plan:
+def build_plan(config, workdir: str) -> Plan:
     """Checks a job config and builds its Plan (see module docstring)."""
     cfg = config.to_dict()
     if config.output.num_samples < 1:
@@ -67,8 +67,7 @@ def build_plan(config, workdir: str, *, keep_text_encoders: bool = False) -> Pla
     if text:
         # one tempered encoding per C-ERG temperature the methods ask for
         conditions = pipe.encode(tau_cs=sorted({G.tempered_tau_c(g) for g in methods.values()}))
-        if not keep_text_encoders:  # the prompts are encoded: give the device memory back
-            pipe.drop_text_encoders()
+        pipe.drop_text_encoders()  # the prompts are encoded: give the device memory back
     else:
         ncls = pipe.num_classes
         classes = parse_classes(config.conditioning.classes, ncls) if ncls else None
