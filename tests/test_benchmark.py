@@ -51,6 +51,26 @@ def result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def test_only_runs_the_sections_it_names_and_refuses_others(tmp_path):
+    """The README's ``--only=attention,guidance`` path, on the cheapest section."""
+    out = tmp_path / "only.json"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "launch.benchmark", "--small", "--repeats=1", "--lengths=16"]
+    proc = subprocess.run(
+        base + ["--only=attention", f"--out={out}"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert "attention" in got and not {"guidance", "sampler", "peer", "floor", "bf16"} & set(got)
+    assert [row["tokens"] for row in got["attention"]] == [16]
+    bad = subprocess.run(
+        base + ["--only=attention,speed"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--only: unknown benchmarks ['speed']" in bad.stderr
+
+
 @pytest.mark.slow
 def test_every_section_has_every_figure(result):
     for row in result["attention"]:

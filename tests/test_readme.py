@@ -23,7 +23,11 @@ QUICK = ("The two commands", "Using the library", "Sampling jobs", "The built-in
          "Benchmarks")  # fmt: skip
 # The benchmark's six sections take minutes; tests/test_benchmark.py runs this very command
 # with the same small flags, so it runs once in the suite.
-ELSEWHERE = {"--out=out/bench.json": "tests/test_benchmark.py runs it with --small --repeats=1"}
+ELSEWHERE = {
+    "--out=out/bench.json": "tests/test_benchmark.py runs it with --small --repeats=1",
+    "--only=attention,guidance": "tests/test_benchmark.py runs both sections (in the command "
+    "above, --small) and --only through the launcher",
+}
 
 
 def section(title: str) -> str:
