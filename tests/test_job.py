@@ -59,7 +59,8 @@ def test_same_images_on_1_and_8_devices_and_any_batch(config, tmp_path):
     methods = "--config.guidance.methods=cfg,erg"
     a, b, c = (str(tmp_path / x) for x in "abc")
     _run(config, a, methods, "--config.sampler.batch_size=8", devices=1)
-    _run(config, b, methods, "--config.sampler.batch_size=8", devices=8)
+    # this process has 8 devices: the job on all of them, without starting another Python
+    _sample(b, config, **{"guidance.methods": "cfg,erg", "sampler.batch_size": 8})
     _run(config, c, methods, "--config.sampler.batch_size=4", devices=1)
     for method in ("cfg", "erg"):
         ref = _images(a, method).astype(int)
@@ -81,8 +82,8 @@ def test_two_processes_write_their_own_samples_of_the_same_images(tmp_path):
     import socket
 
     cfg, args = "configs/dit.py:tiny", ("--config.guidance.methods=cfg,erg",)
-    one = str(tmp_path / "one")
-    _run(cfg, one, *args, "--config.output.num_samples=16", devices=8)
+    one = str(tmp_path / "one")  # one process of 8 devices: this one
+    _sample(one, cfg, **{"guidance.methods": "cfg,erg", "output.num_samples": 16})
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
@@ -196,10 +197,11 @@ def test_killed_and_restarted_job_equals_an_uninterrupted_one(tmp_path):
 # ---- in-process: config checks, sharding, overrides ---------------------------------
 
 
-def _tiny(**changes):
-    from configs import dit
+def _tiny(spec="configs/dit.py:tiny", **changes):
+    import importlib
 
-    c = dit.get_config("tiny")
+    module, _, variant = spec.partition(":")
+    c = importlib.import_module(module[:-3].replace("/", ".")).get_config(variant)
     c.output.progress = False
     for path, value in changes.items():
         node = c
@@ -210,11 +212,11 @@ def _tiny(**changes):
     return c
 
 
-def _sample(workdir, **changes):
+def _sample(workdir, spec="configs/dit.py:tiny", **changes):
+    """The job of a config file (as launch.sample's --config) in this process."""
     from erg_jax.jobs.job import run_sampling
 
-    summary = run_sampling(_tiny(**changes), str(workdir))
-    return summary
+    return run_sampling(_tiny(spec, **changes), str(workdir))
 
 
 def test_fsdp_sharded_params_give_the_same_images(tmp_path):
