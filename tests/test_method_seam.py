@@ -225,3 +225,36 @@ def test_configs_hold_sections_not_flat_fields():
     section = dit_configs.get_config("tiny").guidance
     assert isinstance(section.erg, ml_collections.ConfigDict)
     assert not {"tau", "layers", "apg_momentum", "cache_every", "pag_layers"} & set(section)
+
+
+def test_names_in_the_wrong_place_are_refused_by_name():
+    for method, bad in (("erg+cads+pag", "'pag'"), ("erg+foo", "'foo'"), ("cads", "'cads'")):
+        with pytest.raises(ValueError, match=f"unknown or misplaced method {bad}"):
+            G.make_guider(method)
+    with pytest.raises(ValueError, match="'none\\+cache': the cache reuses weak branches; none "):
+        G.make_guider("none+cache")
+    assert G.make_guider("cfg+pag").num_branches == 3  # two bases before any modifier
+
+
+def test_the_tempered_condition_is_the_one_term_that_tempers():
+    assert G.tempered_tau_c(G.make_guider("cfg+erg", erg={"tau_c": 0.5})) == 0.5
+    assert G.tempered_tau_c(G.make_guider("cfg+pag")) == 1.0
+    two = G.compose(G.erg(tau_c=0.5), G.erg(tau_c=0.7))
+    with pytest.raises(ValueError, match=r"its terms ask for tau_c \[0.5, 0.7"):
+        G.tempered_tau_c(two)
+
+
+def test_a_sweep_names_what_it_cannot_vary():
+    scales = G.make_guiders("cfg,erg", sweep="scale=2,3")
+    assert sorted(scales) == ["cfg_scale2", "cfg_scale3", "erg_scale2", "erg_scale3"]
+    assert float(scales["erg_scale3"].terms[0].weight.scale) == 3.0
+    for sweep in ("scale=", "erg.tau.x=1,2"):
+        with pytest.raises(ValueError, match="guidance.sweep must be 'FIELD=v1,v2'"):
+            G.make_guiders("erg", sweep=sweep)
+    for sweep in ("foo=1,2", "interval=0,1"):
+        with pytest.raises(ValueError, match="is not a guidance setting .scale, shape, or"):
+            G.make_guiders("erg", sweep=sweep)
+    section = dit_configs.get_config("tiny").guidance
+    section.sweep = "distilled=1,2"
+    with pytest.raises(ValueError, match="cannot vary guidance.distilled"):
+        G.guiders_from_section(section)

@@ -98,3 +98,54 @@ def test_describe_path_reads_a_model_folder(tmp_path):
     (folder / "config.json").write_text('{"kind": "unet", "in_channels": 3}')
     with pytest.raises(ValueError, match="holds a 'unet' model"):
         settings.describe_path(str(folder), "")
+
+
+def test_describe_path_gives_each_source_its_exact_fields(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "params").mkdir(parents=True)
+    (folder / "config.json").write_text('{"kind": "mmdit", "in_channels": 3, "text_encoder": "E"}')
+    kind, recipe, fields = settings.describe_path(str(folder), "")
+    assert (kind, recipe) == ("mmdit", "tiny")
+    assert fields == {
+        "model.checkpoint": str(folder), "model.random_init": False, "model.preset": "",
+        "model.overrides": "", "model.sample_size": 0, "vae.enabled": False,
+        "sampler.solver": "", "sampler.shift": 1.0, "sampler.steps": 20,
+        "text.layout": "single", "text.encoders": "E", "text.max_length": 0,
+        "text.hidden_layers": "-1",
+    }  # fmt: skip
+    # an original .pt file: read when it loads, named the pipeline's way
+    pt = tmp_path / "DiT-XL-2-256x256.pt"
+    pt.write_bytes(b"not read yet")
+    assert settings.describe_path(str(pt), "") == (
+        "dit", "", {"model.pretrained": str(pt), "model.sample_size": 0}
+    )  # fmt: skip
+    # config.json without params/ is not a model folder
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text('{"kind": "dit", "in_channels": 3}')
+    with pytest.raises(ValueError, match="neither an erg_jax model folder"):
+        settings.describe_path(str(tmp_path / "half"), "")
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert settings.default_cache_dir() == str(tmp_path / "erg_jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert settings.default_cache_dir() == str(tmp_path / "home" / ".cache" / "erg_jax")
+
+
+def test_checked_layout_names_the_attention_implementation_and_the_batch():
+    c = settings.sections()
+    c.mesh.data, c.mesh.tensor = 1, -1  # no data parallelism: any batch divides
+    c.sampler.batch_size = 1
+    rules, mesh, data = settings.checked_layout(c)
+    assert data == 1 and mesh.shape["tensor"] == mesh.size
+    c.sampler.batch_size = 0
+    with pytest.raises(ValueError, match="sampler.batch_size must be >= 1, got 0"):
+        settings.checked_layout(c)
+    c.sampler.batch_size = 1
+    c.model.attention_implementation = "flash"
+    with pytest.raises(ValueError, match="model.attention_implementation must be ''"):
+        settings.checked_layout(c)
+    c.model.attention_implementation = "einsum"
+    settings.checked_layout(c)

@@ -106,12 +106,7 @@ def _call(fn, name: str, common: Mapping[str, Any], section: Mapping[str, Any], 
     method "apg" takes apg.interval, the modifier in "erg+apg" does not)."""
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in common.items() if k in params and v is not None}
-    # a config holds every setting of a name; only those it sets apart from the defaults
-    # must apply here
-    known = defaults().get(name, {})
-    ignored = [
-        k for k in section if k not in params and (k not in known or _differs(section[k], known[k]))
-    ]
+    ignored = [k for k in section if k not in params]
     if ignored:
         role = "modifier" if args else "method"
         raise ValueError(
@@ -120,13 +115,6 @@ def _call(fn, name: str, common: Mapping[str, Any], section: Mapping[str, Any], 
         )
     kwargs.update({k: v for k, v in section.items() if k in params})
     return fn(*args, **kwargs)
-
-
-def _differs(value, default) -> bool:
-    try:
-        return bool(np.any(np.asarray(value) != np.asarray(default)))
-    except (TypeError, ValueError):
-        return True
 
 
 def _check_sections(method: str, sections: Mapping[str, Any]) -> None:
