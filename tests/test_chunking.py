@@ -102,3 +102,28 @@ def test_uneven_chunks_equal_the_einsum_path(per_query, monkeypatch):
         out = energy_attention(q, k, v, Energy(tau=tau), bias=bias, mask=mask)
         want = jnp.repeat(v, h // hk, axis=2)[1].mean(0)
         np.testing.assert_allclose(np.asarray(out)[1, 46], np.asarray(want), atol=1e-5)
+
+
+def test_a_budget_under_one_row_gives_one_row_chunks():
+    q = jnp.zeros((2, 7, 4, 8))
+    k = jnp.zeros((2, 1000, 4, 8))
+    assert _chunk_size(q, k, budget=100) == 1  # a row needs 2 * 4 * 1000 * 4 bytes
+    assert _chunk_size(q, k, budget=2 * 4 * 1000 * 4 * 3) == 3  # three rows: 3, 3, 1 -> 3
+
+
+def test_shapes_that_do_not_fit_are_named_and_one_k_head_serves_all():
+    q = jnp.ones((2, 5, 4, 8))
+    with pytest.raises(ValueError, match="batch and head_dim must match"):
+        energy_attention(q, jnp.ones((1, 5, 4, 8)), jnp.ones((1, 5, 4, 8)))
+    with pytest.raises(ValueError, match="batch and head_dim must match"):
+        energy_attention(q, jnp.ones((2, 5, 4, 6)), jnp.ones((2, 5, 4, 6)))
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k heads \(3\)"):
+        energy_attention(q, jnp.ones((2, 5, 3, 8)), jnp.ones((2, 5, 3, 8)))
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k heads \(0\)"):
+        energy_attention(q, jnp.ones((2, 5, 0, 8)), jnp.ones((2, 5, 0, 8)))
+    with pytest.raises(ValueError, match=r"must be \(batch, length, heads, head_dim\)"):
+        energy_attention(q, jnp.ones((2, 5, 32)), jnp.ones((2, 5, 32)))
+    one = jnp.arange(2 * 5 * 8, dtype=jnp.float32).reshape(2, 5, 1, 8) / 80
+    shared = energy_attention(q, one, one)  # multi-query: the one k / v head for every q head
+    every = energy_attention(q, jnp.repeat(one, 4, axis=2), jnp.repeat(one, 4, axis=2))
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(every), rtol=1e-6, atol=1e-6)
