@@ -376,18 +376,6 @@ def encode_prompts(
     )
 
 
-def text_conditions(
-    config, mesh, sources: Sources, context_width: int, tau_cs=(1.0,)
-) -> TextConditions:
-    """Encodes every prompt once (strong and C-ERG tempered), then frees the encoders."""
-    encoders = load_text_encoders(config, mesh, sources)
-    conditions = encode_prompts(config, encoders, context_width, tau_cs=tau_cs)
-    for enc in encoders:  # the prompts are encoded: give the device memory back
-        if enc is not None:
-            jax.tree_util.tree_map(lambda a: a.delete(), enc.params)
-    return conditions
-
-
 def _scheduler_config(smp, sources: Sources) -> dict | None:
     """The reference scheduler's config the job reproduces, or None for our even grid."""
     spec = str(smp.scheduler).strip()

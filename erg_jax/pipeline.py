@@ -32,7 +32,6 @@ kappa, the seed and the prompts are data, so another call reuses the program.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -256,8 +255,7 @@ class Pipeline:
                 "fields={'text.encoders': 'DIR,...', 'text.tokenizers': 'DIR,...'}"
             )
         # one batch per data-parallel group of devices: the batch is a multiple of them
-        mesh = sharding.mesh_from_config(dict(config.mesh))
-        data = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+        data = sharding.data_parallel_size(sharding.mesh_from_config(dict(config.mesh)))
         config.sampler.batch_size = -(-config.sampler.batch_size // data) * data
         return cls.from_settings(config, recipe=recipe)
 

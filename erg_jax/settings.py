@@ -15,7 +15,6 @@ them; the sampling job's configs (configs/*.py) are these sections plus the job'
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -179,7 +178,7 @@ def checked_layout(config):
         )
     rules = sharding.parse_rules(config.logical_axis_rules)
     mesh = sharding.mesh_from_config(dict(config.mesh))
-    data = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    data = sharding.data_parallel_size(mesh)
     batch = config.sampler.batch_size
     if batch < 1:
         raise ValueError(f"sampler.batch_size must be >= 1, got {batch}")

@@ -256,6 +256,11 @@ def param_shardings(abstract: Any, mesh: Mesh, rules: Rules | None = None) -> An
     return jax.tree_util.tree_map(one, abstract, is_leaf=is_box)
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch is split over: the product of the mesh's data and fsdp axes."""
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules | None = None) -> NamedSharding:
     """Sharding of an input whose leading axis is the batch (rest replicated)."""
     names = ("batch",) + (None,) * (len(shape) - 1)

@@ -304,9 +304,7 @@ def _checked_batch(compile_at, report: dict, memory: float, checks: int) -> int:
 def _checked_config(config) -> tuple:
     """(methods, axis rules, mesh, data-parallel size, memory bytes) of a config whose
     every setting the dry run reads is checked, as ``job_setup.build_plan`` checks them."""
-    smp, mc = config.sampler, config.model
-    if smp.batch_size < 1:
-        raise ValueError(f"sampler.batch_size must be >= 1, got {smp.batch_size}")
+    mc = config.model
     memory = float(config.dry_run_memory_gb) * GIB
     if memory <= 0:
         raise ValueError(f"dry_run_memory_gb must be > 0, got {config.dry_run_memory_gb}")

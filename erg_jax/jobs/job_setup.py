@@ -56,8 +56,6 @@ def build_plan(config, workdir: str) -> Plan:
     cfg = config.to_dict()
     if config.output.num_samples < 1:
         raise ValueError(f"output.num_samples must be >= 1, got {config.output.num_samples}")
-    if config.sampler.batch_size < 1:
-        raise ValueError(f"sampler.batch_size must be >= 1, got {config.sampler.batch_size}")
     text = registry.get(config.model.kind).text
     methods = make_methods(config, text=text)
     output.check_workdir(workdir, cfg)

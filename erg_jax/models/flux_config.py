@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from erg_jax.models.mmdit_config import TINY_TEXT_MODEL
 from erg_jax.models.stacking import stack_groups, unstack_groups
 
 _DEV = dict(
@@ -272,31 +273,14 @@ RECIPES = {
     # a random tiny FLUX.1 with a guidance embedding, conditioned by the PyPI MiniLM-L6
     "tiny": {
         **_FLUX,
-        "model.preset": "tiny",
-        "model.random_init": True,
-        "model.scan_blocks": False,
-        "model.overrides": (
-            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
-        ),
-        "model.dtype": "",
-        "model.param_dtype": "",
+        **TINY_TEXT_MODEL,
         "mesh.fsdp": 1,
         "mesh.data": -1,
-        "text.dtype": "",
-        "vae.random_init": True,
-        "vae.preset": "tiny16",
-        "text.layout": "single",
-        "text.encoders": "minilm",
-        "text.hidden_layers": "-1",
-        "text.max_length": 16,
-        "text.prompts": "a red square|a blue circle|a green cross|a yellow bar",
         "guidance.distilled": 3.5,
         "guidance.erg.layers": "2,3",  # the two single blocks (layers 0, 1 are double)
         "guidance.pag.layers": "2",
         "guidance.seg.layers": "2",
         "guidance.slg.layers": "2",
         "guidance.sag.layer": "2",
-        "sampler.steps": 4,
-        "sampler.batch_size": 8,
     },
 }

