@@ -42,7 +42,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff==0.17.6"],
-        "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc", "kornia"],
+        "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc", "kornia", "torchmetrics"],
         "notebook": ["nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )

@@ -26,6 +26,20 @@ if [ ! -f .venv/.erg-ready ] || [ setup.py -nt .venv/.erg-ready ]; then
   .venv/bin/pip install -q -e ".[test,parity,notebook]"
   touch .venv/.erg-ready
 fi
+# Reference code the metric tests compare with, unpacked but not installed: torch-fidelity's
+# and clean-fid's package __init__ import torchvision, whose wheels here are CUDA builds
+# that do not import beside the CPU torch; the tests load single files from these folders
+# (tests/references.py). Installed, torch-fidelity would also break torchmetrics' import.
+for wheel in torch-fidelity==0.4.0 clean-fid==0.1.35; do
+  name=${wheel%%==*}
+  if [ ! -d ".venv/references/$name" ]; then
+    rm -rf ".venv/references/$name.tmp"
+    .venv/bin/pip download -q --no-deps -d ".venv/references/$name.tmp" "$wheel"
+    .venv/bin/python -m zipfile -e .venv/references/"$name".tmp/*.whl ".venv/references/$name.tmp/unpacked"
+    mv ".venv/references/$name.tmp/unpacked" ".venv/references/$name"
+    rm -rf ".venv/references/$name.tmp"
+  fi
+done
 # Headless Chromium reads the HTML reports back in tests/test_report.py.
 if ! command -v chromium > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
