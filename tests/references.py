@@ -20,8 +20,25 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 FOLDERS = {"torch_fidelity": "torch-fidelity", "cleanfid": "clean-fid"}
 
 
-def module(package: str, name: str):
-    """The reference module ``package.name``, or a skip when it is not unpacked."""
+def _unused(package: str, name: str) -> types.ModuleType:
+    """A stand-in for a module the reference imports names from but the test never calls
+    (torch-fidelity's utils imports torchvision): any name it is asked for raises when
+    called."""
+    stub = types.ModuleType(f"{package}.{name}")
+
+    def lookup(attr):
+        def unused(*args, **kwargs):
+            raise AssertionError(f"{package}.{name}.{attr} is stubbed out in the tests")
+
+        return unused
+
+    stub.__getattr__ = lookup
+    return stub
+
+
+def module(package: str, name: str, unused: tuple[str, ...] = ()):
+    """The reference module ``package.name``, or a skip when it is not unpacked; the
+    package's modules named in ``unused`` are replaced by stand-ins that raise if used."""
     pytest.importorskip("torch", reason="the reference implementations are PyTorch")
     folder = os.path.join(ROOT, "references", FOLDERS[package], package)
     if not os.path.isdir(folder):
@@ -33,4 +50,6 @@ def module(package: str, name: str):
         namespace.__spec__ = importlib.machinery.ModuleSpec(package, None, is_package=True)
         namespace.__spec__.submodule_search_locations = [folder]
         sys.modules[package] = namespace
+    for other in unused:
+        sys.modules.setdefault(f"{package}.{other}", _unused(package, other))
     return importlib.import_module(f"{package}.{name}")

@@ -179,3 +179,71 @@ def test_a_non_finite_root_is_taken_again_with_eps_on_both_diagonals(monkeypatch
     got = metrics.frechet_distance(np.array([[0.0], [2e-3]]), np.array([[1.0], [1.0 + 4e-3]]))
     want = 1.001**2 + 2e-6 + 8e-6 - 2 * np.sqrt((2e-6 + 1e-6) * (8e-6 + 1e-6))
     np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("subset_size", [50, 80])
+def test_kernel_distance_matches_torch_fidelity(subset_size):
+    from references import module
+
+    torch = pytest.importorskip("torch")
+    kid = module("torch_fidelity", "metric_kid", unused=("utils",))  # utils imports torchvision
+    rng = np.random.default_rng(subset_size)
+    real = rng.normal(size=(120, 12))
+    fake = rng.normal(0.3, 1.2, size=(90, 12))
+    # float64 tensors, so that torch-fidelity's kernels are summed in float64 as ours are
+    want = kid.kid_features_to_metric(
+        torch.from_numpy(real), torch.from_numpy(fake), kid_subsets=7,
+        kid_subset_size=subset_size, verbose=False, rng_seed=5,
+    )  # fmt: skip
+    got = metrics.kernel_distance(real, fake, subsets=7, subset_size=subset_size, seed=5)
+    np.testing.assert_allclose(got["kid"], want["kernel_inception_distance_mean"], rtol=1e-10)
+    np.testing.assert_allclose(got["kid_std"], want["kernel_inception_distance_std"], rtol=1e-10)
+
+
+def test_kernel_distance_closed_form_and_checks():
+    # one subset holding every row: the unbiased MMD^2 written out term by term
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(5, 3)), rng.normal(1.0, 1.0, size=(5, 3))
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / 20
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(5)) / 25
+    got = metrics.kernel_distance(x, y, subsets=3, subset_size=5)
+    np.testing.assert_allclose(got["kid"], xx + yy - 2 * xy, rtol=1e-12)
+    assert got["kid_std"] < 1e-12  # every subset is the whole set, permuted
+    with pytest.raises(ValueError, match=r"subset_size must be in \[2, 5\]"):
+        metrics.kernel_distance(x, y, subset_size=6)
+    with pytest.raises(ValueError, match="subsets must be >= 1"):
+        metrics.kernel_distance(x, y, subsets=0, subset_size=5)
+
+
+def test_clip_score_is_a_clipped_scaled_cosine():
+    image = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    text = np.array([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.5]])
+    np.testing.assert_allclose(metrics.clip_score(image, text), [100.0, 100 / np.sqrt(2), 0.0])
+    with pytest.raises(ValueError, match="must both be"):
+        metrics.clip_score(image, text[:2])
+
+
+def test_statistics_files_round_trip_and_bad_files_are_named(tmp_path):
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(30, 4)).astype(np.float32)
+    path = str(tmp_path / "ref.npz")
+    metrics.save_statistics(path, feats)
+    got = metrics.load_statistics(path)
+    mu, sigma = metrics.feature_statistics(feats)
+    np.testing.assert_array_equal(got["mu"], mu)
+    np.testing.assert_array_equal(got["sigma"], sigma)
+    np.testing.assert_array_equal(got["features"], feats)
+    # pytorch-fid's layout: mu and sigma only
+    np.savez(tmp_path / "fid.npz", mu=mu, sigma=sigma)
+    assert set(metrics.load_statistics(str(tmp_path / "fid.npz"))) == {"mu", "sigma"}
+    np.savez(tmp_path / "bad.npz", m=mu)
+    with pytest.raises(ValueError, match=r"has no \['mu', 'sigma'\]"):
+        metrics.load_statistics(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="not found"):
+        metrics.load_statistics(str(tmp_path / "absent.npz"))

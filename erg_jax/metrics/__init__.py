@@ -23,12 +23,28 @@ neighbour in its own set (x itself counted as the 0th), real points X and fakes 
 
 Distances are computed in float64 blocks, so 10k x 10k sets need tens of MB.
 
+Kernel Inception distance (Binkowski et al. 2018, as torch-fidelity computes it): the
+unbiased estimate of MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3,
+averaged over ``subsets`` random pairs of subsets of ``subset_size`` rows each (drawn
+without replacement by ``np.random.RandomState(seed).choice``, the real subset first, so
+the same seed draws torch-fidelity's subsets); the mean and standard deviation over them.
+Kernels are summed in float64.
+
+CLIP score (Hessel et al. 2021, as torchmetrics defines it): per sample
+max(100 cos(image embedding, text embedding), 0), reported as the mean over samples.
+
 Consistency: the share of samples whose shape and colour, both read by the attribute
 classifier, match the condition they were drawn for.
+
+The feature networks (Inception-v3, DINOv2, CLIP) load from the user's own weight files:
+``load_inception(path)``, ``load_dinov2(folder)``, ``load_clip(folder)``. Reference
+statistics in pytorch-fid's or clean-fid's .npz layout (``mu``, ``sigma``) load with
+``load_statistics``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -152,6 +168,124 @@ def prdc(
         density=float(inside_count.mean() / nearest_k),
         coverage=float((nearest_fake < real_radii).mean()),
     )
+
+
+def _mmd2_unbiased(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float:
+    """Unbiased MMD^2 from the three kernel matrices of two sets of m rows each."""
+    m = len(k_xx)
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2.0 * k_xy.sum() / (m * m))
+
+
+def kernel_distance(
+    real: np.ndarray,
+    fake: np.ndarray,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 2020,
+) -> dict[str, float]:
+    """Kernel Inception distance of fake features against real ones (module docstring).
+
+    Args:
+      real: (n, d) features of real images.
+      fake: (m, d) features of generated images.
+      subsets: number of subset pairs averaged over.
+      subset_size: rows per subset, at most min(n, m).
+      seed: seed of the subset draws (torch-fidelity's default is 2020).
+
+    Returns:
+      dict with kid (the mean over subsets) and kid_std.
+    """
+    x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"real and fake must be (n, d) and (m, d), got {x.shape}, {y.shape}")
+    if subsets < 1:
+        raise ValueError(f"subsets must be >= 1, got {subsets}")
+    if not 2 <= subset_size <= min(len(x), len(y)):
+        raise ValueError(
+            f"subset_size must be in [2, {min(len(x), len(y))}] (the smaller set's size: "
+            f"{len(x)} real, {len(y)} fake), got {subset_size}"
+        )
+    rng = np.random.RandomState(seed)
+    gamma = 1.0 / x.shape[1]
+
+    def kernel(a, b):
+        return (a @ b.T * gamma + 1.0) ** 3
+
+    values = np.empty(subsets)
+    for i in range(subsets):
+        a = x[rng.choice(len(x), subset_size, replace=False)]
+        b = y[rng.choice(len(y), subset_size, replace=False)]
+        values[i] = _mmd2_unbiased(kernel(a, a), kernel(a, b), kernel(b, b))
+    return dict(kid=float(values.mean()), kid_std=float(values.std()))
+
+
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """(n,) per-sample CLIP score, max(100 cos(image, text), 0), of paired embeddings."""
+    a = np.asarray(image_embeddings, np.float64)
+    b = np.asarray(text_embeddings, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(
+            f"image and text embeddings must both be (n, d), got {a.shape} and {b.shape}"
+        )
+    cos = np.einsum("nd,nd->n", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return np.maximum(100.0 * cos, 0.0)
+
+
+def save_statistics(path: str, features: np.ndarray) -> None:
+    """Writes features' mean ``mu``, covariance ``sigma`` and the ``features`` themselves
+    to an .npz that ``load_statistics`` (and pytorch-fid, clean-fid) read."""
+    mu, sigma = feature_statistics(features)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, features=np.asarray(features, np.float32))
+    os.replace(tmp, path)
+
+
+def load_statistics(path: str) -> dict[str, np.ndarray]:
+    """``mu`` (d,) and ``sigma`` (d, d) of an .npz in pytorch-fid's or clean-fid's layout,
+    and ``features`` (n, d) when the file holds them (KID and precision / recall need
+    them; FID needs only the statistics)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"reference statistics file not found: {path}")
+    try:
+        with np.load(path) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read reference statistics {path}: {e}") from e
+    missing = [k for k in ("mu", "sigma") if k not in data]
+    if missing:
+        raise ValueError(f"{path} has no {missing} (it holds {sorted(data)}); expected mu, sigma")
+    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (d,), (d, d)")
+    out = {"mu": mu, "sigma": sigma}
+    if "features" in data:
+        out["features"] = np.asarray(data["features"])
+    return out
+
+
+def load_inception(path: str, **kwargs):
+    """Inception-v3 of FID from either PyTorch port's weight file (erg_jax/metrics/inception.py):
+    ``f(images uint8 (n, H, W, 3)) -> (n, 2048)`` pool features."""
+    from erg_jax.metrics.inception import load_inception as load
+
+    return load(path, **kwargs)
+
+
+def load_dinov2(folder: str, **kwargs):
+    """DINOv2 ViT from a transformers Dinov2Model folder (erg_jax/metrics/dinov2.py)."""
+    from erg_jax.metrics.dinov2 import load_dinov2 as load
+
+    return load(folder, **kwargs)
+
+
+def load_clip(folder: str, **kwargs):
+    """CLIP image and text towers from a transformers CLIPModel folder (metrics/clip.py)."""
+    from erg_jax.metrics.clip import load_clip as load
+
+    return load(folder, **kwargs)
 
 
 def consistency_scores(
