@@ -12,13 +12,21 @@ their stored dtype, bfloat16 included (as ``ml_dtypes.bfloat16``): nothing is re
 disk until a converter touches a tensor (or, loading onto a mesh, one shard of it), and
 converters cast leaf by leaf, so converting a bf16 checkpoint never holds a float32 copy
 of the whole state dict.
+
+PyTorch files are read with torch.load (weights only) where torch is installed; without
+it, ``read_torch_zip`` reads the zip format (torch >= 1.6) itself, rebuilding the tensors
+of a state dict as numpy arrays and refusing any other object in the pickle.
 """
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
+import pickle
 import struct
+import zipfile
 from collections.abc import Callable, Iterable
 
 import ml_dtypes
@@ -118,22 +126,102 @@ def _torch_to_numpy(v) -> np.ndarray:
     return v.detach().numpy()
 
 
+# The storage classes a torch.save'd zip names, by the numpy dtype of their elements.
+_TORCH_STORAGES = {
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+}
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2 in numpy: a strided view of the storage, copied."""
+    size, stride = tuple(size), tuple(stride)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):
+        raise pickle.UnpicklingError(f"a tensor {size} runs past its storage of {len(storage)}")
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], size, [s * itemsize for s in stride], writeable=False
+    )
+    return view.copy()
+
+
+class _TorchZipUnpickler(pickle.Unpickler):
+    """Rebuilds a state dict's tensors as numpy arrays and refuses every other global."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _TORCH_STORAGES:
+            return np.dtype(_TORCH_STORAGES[name])
+        raise pickle.UnpicklingError(f"refusing the global {module}.{name}")
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, np.dtype):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        if key not in self.storages:
+            data = self.archive.read(f"{self.prefix}data/{key}")
+            self.storages[key] = np.frombuffer(data, dtype, count=numel)
+        return self.storages[key]
+
+
+def read_torch_zip(path: str):
+    """A torch.save'd object (PyTorch >= 1.6 zip format) without torch: tensors as numpy.
+
+    Reads state dicts of float32, float16, bfloat16 and int64 tensors (bfloat16 as
+    ``ml_dtypes.bfloat16``), in dicts and OrderedDicts; any other class in the pickle is
+    refused, so reading a file runs none of its code.
+
+    Raises:
+      ValueError: not a zip checkpoint (the legacy format needs torch), a big-endian one,
+        or a pickle holding anything else.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a zip PyTorch checkpoint; reading it needs torch")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        if prefix + "byteorder" in archive.namelist():
+            if archive.read(prefix + "byteorder").strip() != b"little":
+                raise ValueError(f"{path} holds big-endian tensors; reading it needs torch")
+        try:
+            return _TorchZipUnpickler(archive, prefix).load()
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot read PyTorch checkpoint {path} without torch: {e}") from e
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
-    except ImportError as e:
-        raise ValueError(f"reading the PyTorch checkpoint {path} needs torch installed") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
+    except ImportError:
+        obj = read_torch_zip(path)
+        is_tensor, to_numpy = (lambda v: isinstance(v, np.ndarray)), (lambda v: v)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read PyTorch checkpoint {path}: {e}") from e
+        is_tensor, to_numpy = (lambda v: isinstance(v, torch.Tensor)), _torch_to_numpy
     for key in ("ema", "model", "state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    return {k: _torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: to_numpy(v) for k, v in obj.items() if is_tensor(v)}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

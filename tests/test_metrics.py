@@ -221,11 +221,13 @@ def test_kernel_distance_closed_form_and_checks():
         metrics.kernel_distance(x, y, subsets=0, subset_size=5)
 
 
-def test_clip_score_is_a_clipped_scaled_cosine():
+def test_clip_score_is_the_clipped_mean_of_scaled_cosines():
     image = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
     text = np.array([[2.0, 0.0], [1.0, 0.0], [-1.0, 0.5]])
-    np.testing.assert_allclose(metrics.clip_score(image, text), [100.0, 100 / np.sqrt(2), 0.0])
-    with pytest.raises(ValueError, match="must both be"):
+    cos = np.array([1.0, 1 / np.sqrt(2), -1 / np.sqrt(1.25)])
+    np.testing.assert_allclose(metrics.clip_score(image, text), 100 * cos.mean())
+    assert metrics.clip_score(image[2:], text[2:]) == 0.0  # the mean clipped at 0
+    with pytest.raises(ValueError):
         metrics.clip_score(image, text[:2])
 
 

@@ -30,8 +30,9 @@ without replacement by ``np.random.RandomState(seed).choice``, the real subset f
 the same seed draws torch-fidelity's subsets); the mean and standard deviation over them.
 Kernels are summed in float64.
 
-CLIP score (Hessel et al. 2021, as torchmetrics defines it): per sample
-max(100 cos(image embedding, text embedding), 0), reported as the mean over samples.
+CLIP score (Hessel et al. 2021, as torchmetrics computes it): the mean over samples of
+100 cos(image embedding, text embedding), clipped at 0 (the mean is clipped, not each
+sample's score; ``clip.clip_score_from_embeddings`` gives the per-sample scores).
 
 Consistency: the share of samples whose shape and colour, both read by the attribute
 classifier, match the condition they were drawn for.
@@ -220,16 +221,13 @@ def kernel_distance(
     return dict(kid=float(values.mean()), kid_std=float(values.std()))
 
 
-def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
-    """(n,) per-sample CLIP score, max(100 cos(image, text), 0), of paired embeddings."""
-    a = np.asarray(image_embeddings, np.float64)
-    b = np.asarray(text_embeddings, np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(
-            f"image and text embeddings must both be (n, d), got {a.shape} and {b.shape}"
-        )
-    cos = np.einsum("nd,nd->n", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return np.maximum(100.0 * cos, 0.0)
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+    """CLIP score of paired (n, d) embeddings as torchmetrics reports it: the mean over
+    samples of 100 cos(image, text), clipped at 0."""
+    from erg_jax.metrics.clip import clip_score_from_embeddings
+
+    scores = clip_score_from_embeddings(image_embeddings, text_embeddings, clip_at_zero=False)
+    return float(max(scores.mean(), 0.0))
 
 
 def save_statistics(path: str, features: np.ndarray) -> None:
