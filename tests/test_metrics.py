@@ -123,7 +123,14 @@ def test_balls_are_open_as_in_the_prdc_package():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(30, 3)), rng.normal(size=(20, 3))
     full = metrics.compute_metrics(a, b)
-    assert {key: full[key] for key in want} == metrics.prdc(a, b, 5)
+    five, three = metrics.prdc(a, b, 5), metrics.prdc(a, b, 3)  # precision / recall at k = 3
+    assert {key: full[key] for key in ("density", "coverage")} == {
+        key: five[key] for key in ("density", "coverage")
+    }
+    assert {key: full[key] for key in ("precision", "recall")} == {
+        key: three[key] for key in ("precision", "recall")
+    }
+    assert full["kid"] == metrics.kernel_distance(a, b, 100, 20)["kid"]  # size min(1000, n, m)
 
 
 def test_radii_scale_with_the_points_below_unit_distances():

@@ -3,8 +3,8 @@
 For every guidance method over a sweep of weights, samples held-out conditions (captions
 for the text model, class labels for the class model) from the same noise, reads the
 samples with the attribute classifier, and compares them with held-out real images:
-Frechet distance and density / coverage on the classifier's penultimate features
-(erg_jax.metrics), and consistency (shape and colour read back = the condition).
+Frechet distance, KID, precision / recall (k = 3) and density / coverage (k = 5) on the
+classifier's penultimate features (erg_jax.metrics), and consistency (shape and colour read back = the condition).
 Unconditional rows sample with the null condition, where CFG cannot work.
 """
 
@@ -119,7 +119,8 @@ class _Scorer:
         return self.model.conditions(self.cond_set, unconditional=unconditional, tau_c=tau_c)
 
     def score(self, guider: G.Guider, conds: dict) -> dict:
-        """fd, density, coverage, consistency (and shape / colour accuracy), nfe, seconds."""
+        """fd, kid, precision, recall, density, coverage, consistency (and shape / colour
+        accuracy), nfe, seconds."""
         model = self.model
         if guider.cads is not None and model.embed_conditions:  # CADS anneals embeddings
             conds = model.embed_conditions(model.denoiser, conds)
@@ -317,7 +318,8 @@ def _rank(row: dict) -> tuple:
     return (-row["worst_ratio"], row["fd"])  # ties: the lower FD first
 
 
-COLUMNS = ("method", "weight", "fd", "density", "coverage", "consistency", "nfe", "seconds")
+COLUMNS = ("method", "weight", "fd", "kid", "precision", "recall", "density", "coverage")
+COLUMNS += ("consistency", "nfe", "seconds")
 
 
 def write_results(rows: list[dict], workdir: str) -> None:

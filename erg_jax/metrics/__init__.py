@@ -320,22 +320,32 @@ def compute_metrics(
     nearest_k: int = 5,
     predictions: tuple[np.ndarray, np.ndarray] | None = None,
     conditions: tuple[np.ndarray, np.ndarray] | None = None,
+    precision_recall_k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
 ) -> dict[str, float]:
     """Every metric of the quality bench from features and, optionally, classifier predictions.
 
     Args:
       real_features: (n, d) classifier features of held-out real images.
       fake_features: (m, d) classifier features of generated images.
-      nearest_k: k for precision, recall, density and coverage.
+      nearest_k: k for density and coverage (Naeem et al.'s 5).
       predictions: (pred_shape, pred_colour) of the generated images, each (m,).
       conditions: (shape, colour) each generated image was conditioned on, each (m,).
+      precision_recall_k: k for precision and recall (Kynkaanniemi et al.'s 3).
+      kid_subsets, kid_subset_size: KID's subsets; the size is at most min(n, m).
 
     Returns:
-      dict with fd, precision, recall, density, coverage and, given predictions and
-      conditions, consistency, shape_accuracy and colour_accuracy.
+      dict with fd, kid, kid_std, precision, recall, density, coverage and, given
+      predictions and conditions, consistency, shape_accuracy and colour_accuracy.
     """
     out = {"fd": frechet_distance(real_features, fake_features)}
-    out.update(prdc(real_features, fake_features, nearest_k))
+    size = min(kid_subset_size, len(real_features), len(fake_features))
+    out.update(kernel_distance(real_features, fake_features, kid_subsets, size))
+    pr = prdc(real_features, fake_features, precision_recall_k)
+    out.update(precision=pr["precision"], recall=pr["recall"])
+    dc = prdc(real_features, fake_features, nearest_k)
+    out.update(density=dc["density"], coverage=dc["coverage"])
     if (predictions is None) != (conditions is None):
         raise ValueError("give both predictions and conditions, or neither")
     if predictions is not None:
