@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 LAUNCHERS = ("sample", "quickstart", "train", "convert", "quality", "entropy", "report",
-             "benchmark")  # fmt: skip
+             "benchmark", "evaluate")  # fmt: skip
 
 setup(
     name="erg-jax",

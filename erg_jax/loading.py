@@ -296,12 +296,41 @@ def _split(spec: str) -> list[str]:
     return [p.strip() for p in str(spec).split(",") if p.strip()]
 
 
+def coco_captions(path: str) -> list[str]:
+    """The prompts of a COCO captions json (captions_val2014.json, ...): one caption per
+    image, its first by annotation id, the images in a fixed random order (the permutation
+    ``np.random.default_rng(0)`` draws of the image ids sorted), so that the first N
+    samples of a job are N distinct images' captions, the same on every run."""
+    import json
+
+    try:
+        with open(path) as f:
+            annotations = json.load(f)["annotations"]
+        first: dict[int, tuple[int, str]] = {}
+        for a in annotations:
+            key = (int(a["id"]), " ".join(str(a["caption"]).split()))
+            first[int(a["image_id"])] = min(first.get(int(a["image_id"]), key), key)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"text.prompts_file: {path} is not a COCO captions json (annotations with "
+            f"image_id, id and caption): {e!r}"
+        ) from e
+    if not first:
+        raise ValueError(f"text.prompts_file: {path} holds no captions")
+    images = sorted(first)
+    order = np.random.default_rng(0).permutation(len(images))
+    return [first[images[i]][1] for i in order]
+
+
 def _prompts(t) -> tuple[list[str], list[str]]:
     prompts = [p.strip() for p in str(t.prompts).split("|") if p.strip()]
     if t.prompts_file:
         check_path(t.prompts_file, "text.prompts_file")
-        with open(t.prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        if t.prompts_file.endswith(".json"):
+            prompts += coco_captions(t.prompts_file)
+        else:
+            with open(t.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
     negatives = str(t.negative_prompts).split("|") if t.negative_prompts else []
     return prompts, [p.strip() for p in negatives]
 

@@ -70,7 +70,7 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
             tokenizers="",  # comma-separated tokenizer folders; "" = each encoder's own
             hidden_layers="",  # per encoder, transformers' hidden_states index
             prompts="",  # "|"-separated prompts; empty and no file = unconditional
-            prompts_file="",  # one prompt a line
+            prompts_file="",  # one prompt a line, or a COCO captions .json (one per image)
             # "|"-separated, cycled over sample indices like the prompts; "" = the empty prompt
             negative_prompts="",
             max_length=0,  # tokens per prompt; 0 = each encoder's own (CLIP: 77)

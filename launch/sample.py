@@ -22,32 +22,12 @@ from ml_collections import config_flags
 
 from erg_jax.jobs.job import run_sampling
 
-from . import logs
+from . import hosts, logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "job config file[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "output folder (created; a rerun continues it)")
-flags.DEFINE_bool(
-    "distributed",
-    None,
-    "call jax.distributed.initialize() (default: when the environment names several processes)",
-)
-flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for a job started by hand"
-)
-flags.DEFINE_integer("num_processes", None, "processes in the job, for a job started by hand")
-flags.DEFINE_integer("process_id", None, "this process's index, for a job started by hand")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _several_processes() -> bool:
-    """True when the environment describes a multi-process job (TPU pod, SLURM, manual)."""
-    env = os.environ
-    return (
-        "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-    )
 
 
 def _dry_run(config, workdir: str) -> None:
@@ -67,22 +47,7 @@ def main(argv):
     if FLAGS.config.dry_run:
         _dry_run(FLAGS.config, FLAGS.workdir)
         return
-    by_hand = dict(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-    )
-    if any(v is not None for v in by_hand.values()):
-        missing = [k for k, v in by_hand.items() if v is None]
-        if missing:
-            raise app.UsageError(f"a job started by hand needs all three flags; missing {missing}")
-        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-            raise app.UsageError(
-                f"--process_id must be in [0, {FLAGS.num_processes}), got {FLAGS.process_id}"
-            )
-        jax.distributed.initialize(**by_hand)
-    elif _several_processes() if FLAGS.distributed is None else FLAGS.distributed:
-        jax.distributed.initialize()  # the cluster (TPU pod, SLURM, ...) is detected
+    hosts.start()
     summary = run_sampling(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         brief = {

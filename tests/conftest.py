@@ -19,7 +19,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # scripts/test.sh gives two workers whole files in collection order: the longest files
 # go first, so that no worker is left running a long one after the other has finished.
 LONGEST_FIRST = ("test_job.py", "test_readme.py", "test_shared_prefix.py", "test_benchmark.py")
-LONGEST_FIRST += ("test_notebook.py", "test_mmdit.py", "test_models_e2e.py")
+LONGEST_FIRST += ("test_notebook.py", "test_evaluate.py", "test_mmdit.py", "test_models_e2e.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,11 +1,15 @@
 """Feature networks with random weights, written as their published files are: an
-Inception-v3 weight file as torch-fidelity writes it, a CLIPModel folder (tests that use
-them need torch and transformers, the writers of the real files)."""
+Inception-v3 weight file as torch-fidelity writes it and a CLIPModel folder (with torch
+and transformers, the writers of the real files), a Dinov2Model folder (safetensors
+written directly, in the names transformers writes)."""
 
 import collections
+import json
 import os
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 
 def random_state_dict(net, seed=0):
@@ -108,3 +112,77 @@ def clip_folder(folder) -> str:
     """A tiny random CLIPModel folder under folder/clip."""
     os.makedirs(os.path.join(os.fspath(folder), "clip"), exist_ok=True)
     return make_clip_folder(os.path.join(os.fspath(folder), "clip"))
+
+
+# Position embeddings for a 4 x 4 grid, resampled to the 16 x 16 grid of a 224 input; an
+# epsilon far from the default, so that a LayerNorm ignoring the config's shows.
+TINY_DINOV2 = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=56,
+    patch_size=14,
+    layer_norm_eps=0.05,
+)
+# FeatureExtractorDinoV2's normalisation, written out here rather than taken from the module
+
+
+def tiny_dinov2_config(**overrides) -> dict:
+    return dict(model_type="dinov2", mlp_ratio=4, **TINY_DINOV2) | overrides
+
+
+def dinov2_state_dict(config: dict, seed: int = 0) -> dict:
+    """A Dinov2Model state dict in the names transformers writes, random everywhere."""
+    rng = np.random.default_rng(seed)
+    d, p = config["hidden_size"], config["patch_size"]
+    m = config["image_size"] // p
+    f = int(d * config["mlp_ratio"])
+    f2 = (int(f * 2 / 3) + 7) // 8 * 8
+
+    def w(*shape):  # fan-in scaled, so that every layer moves the output
+        return (rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    def v(*shape, mean=0.0, std=0.2):
+        return (mean + std * rng.normal(size=shape)).astype(np.float32)
+
+    t = {
+        "embeddings.cls_token": v(1, 1, d, std=0.5),
+        "embeddings.mask_token": v(1, d),
+        "embeddings.position_embeddings": v(1, 1 + m * m, d, std=0.5),
+        "embeddings.patch_embeddings.projection.weight": w(d, 3, p, p),
+        "embeddings.patch_embeddings.projection.bias": v(d),
+        "layernorm.weight": v(d, mean=1.0),
+        "layernorm.bias": v(d),
+    }
+    ffn = (
+        {"weights_in": (2 * f2, d), "weights_out": (d, f2)}
+        if config.get("use_swiglu_ffn")
+        else {"fc1": (f, d), "fc2": (d, f)}
+    )
+    for i in range(config["num_hidden_layers"]):
+        pre = f"encoder.layer.{i}."
+        shapes = {f"attention.attention.{n}": (d, d) for n in ("query", "key", "value")}
+        shapes |= {"attention.output.dense": (d, d)} | {f"mlp.{n}": s for n, s in ffn.items()}
+        for name, shape in shapes.items():
+            t[f"{pre}{name}.weight"], t[f"{pre}{name}.bias"] = w(*shape), v(shape[0])
+        for name in ("norm1", "norm2"):
+            t[f"{pre}{name}.weight"], t[f"{pre}{name}.bias"] = v(d, mean=1.0), v(d)
+        for name in ("layer_scale1", "layer_scale2"):
+            t[f"{pre}{name}.lambda1"] = rng.uniform(0.3, 1.5, d).astype(np.float32)
+    return t
+
+
+def write_dinov2_folder(path, config: dict, tensors: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+def dinov2_folder(folder) -> str:
+    """A tiny random Dinov2Model folder under folder/dinov2 (no torch needed)."""
+    import pathlib
+
+    config = tiny_dinov2_config()
+    path = pathlib.Path(os.fspath(folder)) / "dinov2"
+    return str(write_dinov2_folder(path, config, dinov2_state_dict(config)))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -118,7 +119,7 @@ def _line_batch(report, memory) -> int:
 
 def test_the_batch_fits_just_above_its_need_and_not_just_below(tmp_path):
     fields = dict(mesh__fsdp=2, guidance__methods="cfg,erg")  # data 4 x fsdp 2, batch 8
-    first = D.dry_run(_config("dit:tiny", **fields), checks=1)
+    first = D.dry_run(_config("dit:tiny", **fields), checks=1, flops=False)
     at_8 = first["compiled"][0]
     assert [c["batch"] for c in first["compiled"][:2]] == [8, 16] and first["branches"] == 2
     # XLA's account is per device: this device's share of the denoiser, the whole VAE,
@@ -137,7 +138,8 @@ def test_the_batch_fits_just_above_its_need_and_not_just_below(tmp_path):
     fitting = [c["batch"] for c in first["compiled"] if c["need"] <= first["memory_bytes"]]
     assert first["largest_batch"] == max(fitting) >= 16
     memory = (at_8["need"] - 512) / D.GIB
-    below = D.dry_run(_config("dit:tiny", **fields, dry_run_memory_gb=memory), str(tmp_path))
+    config = _config("dit:tiny", **fields, dry_run_memory_gb=memory)
+    below = D.dry_run(config, str(tmp_path), flops=False)
     assert first["fits"] is True and below["fits"] is False
     assert below["largest_batch"] == below["largest_batch_line"] == 0
     assert _line_batch(below, below["memory_bytes"]) == 0
@@ -157,7 +159,7 @@ def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tm
     from erg_jax.jobs.job_setup import build_plan
 
     config = _config("dit:tiny", mesh__data=2, mesh__fsdp=4, guidance__methods="erg")
-    report = D.dry_run(config, checks=0)
+    report = D.dry_run(config, checks=0, flops=False)
     plan = build_plan(config, str(tmp_path))
     assert report["params_bytes_per_device"] == _placed_bytes(plan.pipeline.params)
     assert report["vae"]["bytes_per_device"] == _placed_bytes(plan.pipeline.vae_params)
@@ -173,6 +175,116 @@ def test_the_job_places_the_bytes_the_dry_run_counts_and_compiles_its_program(tm
     m = lowered.compile().memory_analysis()
     ours = report["compiled"][0]
     assert (ours["temp"], ours["outputs"]) == (m.temp_size_in_bytes, m.output_size_in_bytes)
+
+
+def test_loop_flops_count_every_trip_of_scans_maps_conds_and_nested_jits():
+    """XLA counts a loop's body once: 5 unrolled-by-2 steps of (a cond whose dearer
+    branch is dear only through its scan of 3, a lax.map of 2 half-matmuls, a matmul),
+    then a nested jit's scan of 4 and a remat's scan of 2, against the matmuls counted."""
+    w = jnp.ones((64, 64))
+    matmul = 2 * 16 * 64 * 64
+    scan = lambda c, n: jax.lax.scan(lambda h, _: (h @ w, None), c, None, length=n)[0]
+
+    def step(c, i):  # XLA's cond takes the 2 matmuls once over the scan's 1
+        c = jax.lax.cond(i > 100, lambda h: h @ w @ w, lambda h: scan(h, 3), c)
+        c = jax.lax.map(lambda h: h @ w, c.reshape(2, 8, 64)).reshape(16, 64)
+        return c @ w, None
+
+    def program(x, guider):
+        x = jax.lax.scan(step, x, jnp.arange(5), unroll=2)[0]
+        x = jax.jit(lambda h: scan(h, 4))(x)
+        return jax.checkpoint(lambda h: scan(h, 2))(x)
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    x = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+    got = D.program_flops(program, (x,), None, mesh, sharding.DEFAULT_RULES)
+    want = (5 * (3 + 1 + 1) + 4 + 2) * matmul
+    assert want <= got < want * (1 + 1e-4)  # and the loop counters' adds and compares
+    once = jax.jit(program).lower(x, None).cost_analysis()["flops"]
+    assert once == pytest.approx((3 * 3.5 + 1 + 1) * matmul, rel=1e-4)  # 3 copies of a step
+
+
+def _compiled_per_sample(fn, params, *args) -> float:
+    """XLA's count of a plain jitted fn(params, *args) compiled on one device: batch 2
+    minus batch 1 of args."""
+    count = []
+    for b in (1, 2):
+        shaped = [jax.ShapeDtypeStruct((b, *a.shape), a.dtype) for a in args]
+        lowered = jax.jit(fn).lower(params, *shaped)
+        count.append(lowered.compile().cost_analysis()["flops"])
+    return count[1] - count[0]
+
+
+def test_the_job_flops_are_steps_times_branches_times_a_forward_plus_the_decode():
+    from erg_jax.models import vae
+
+    fields = dict(model__scan_blocks=True, mesh__fsdp=2, guidance__methods="none,cfg,cfg+erg")
+    config = _config("dit:tiny", **fields)
+    report = D.dry_run(config, checks=0)
+    flops, steps = report["flops_per_sample"], config.sampler.steps
+    # the reference: the same denoiser with its blocks unrolled, one plain forward of
+    # one sample, and the tiny VAE's decode, compiled: no loop left to count
+    _, mcfg, _ = D.model_config(config)
+    cfg = dict(mcfg, scan_blocks=False)
+    S = jax.ShapeDtypeStruct
+    forward = _compiled_per_sample(
+        lambda p, x, t, y: dit.make_denoiser(cfg, p)(x, t, y),
+        dit.abstract_params(cfg),
+        S((8, 8, 4), jnp.float32),
+        S((), jnp.float32),
+        S((), jnp.int32),
+    )
+    vcfg = vae.vae_config("tiny", latent_channels=4)
+    module = vae.vae_module(vcfg)
+    vae_params = jax.eval_shape(lambda: vae.init_params(vcfg, jax.random.key(0)))
+    decode = _compiled_per_sample(
+        lambda p, z: module.apply({"params": p}, z, method=vae.AutoencoderKL.decode),
+        vae_params,
+        S((8, 8, 4), jnp.float32),
+    )
+    # each branch is one more forward per step (the compiled forward counts 1.7% more
+    # than the same forward lowered, which the job's count reads)
+    assert flops["cfg"] - flops["none"] == pytest.approx(steps * forward, rel=0.03)
+    assert flops["cfg+erg"] - flops["cfg"] == pytest.approx(steps * forward, rel=0.03)
+    assert flops["none"] == pytest.approx(steps * forward + decode, rel=0.01)
+    # the estimate: those FLOPs at the assumed MFU of each chip's peak, on 8 chips
+    est = report["estimate"]
+    assert est["devices"] == 8 and est["num_samples"] == config.output.num_samples == 8
+    v5e = est["chips"]["TPU v5e"]
+    for m, f in flops.items():
+        assert v5e["seconds_per_sample"][m] == pytest.approx(f / (0.4 * 197e12))
+    assert "at 40% MFU" in D.format_table(report)
+
+
+def test_the_estimate_is_the_flops_at_the_rate_and_the_need_line_at_the_memory():
+    from erg_jax.jobs import dry_run_table as T
+
+    gib, rate = D.GIB, 0.4 * 197e12  # TPU v5e at the assumed 40% MFU
+    report = {
+        "mesh": {"data": 4, "fsdp": 2, "tensor": 1},  # 8 devices, 4 data-parallel
+        "flops_per_sample": {"cfg": rate, "erg": 2 * rate},  # 1 s and 2 s on a v5e
+        "compiled": [{"batch": 8, "need": 14 * gib}, {"batch": 16, "need": 18 * gib}],
+        "fit": {"need": {"fixed": 10 * gib, "per_sample": 0.5 * gib}},
+        "data_parallel": 4,
+    }
+    assert T.MFU == 0.4
+    est = T.estimate(report, 4800)
+    v5e, v5p, h100 = (est["chips"][k] for k in ("TPU v5e", "TPU v5p", "H100 SXM"))
+    assert v5e["seconds_per_sample"] == pytest.approx({"cfg": 1.0, "erg": 2.0})
+    assert v5e["hours"] == pytest.approx(4800 * 3 / 8 / 3600)  # half an hour on 8 chips
+    assert h100["hours"] == pytest.approx(0.5 * 197 / 989)
+    # (16 - 10) / 0.5 = 12 samples, (95 - 10) / 0.5 = 170: multiples of 4 below
+    assert (v5e["fits"], v5e["largest_batch_line"]) == (True, 12)
+    assert (v5p["fits"], v5p["largest_batch_line"]) == (True, 168)
+    assert (h100["memory_gb"], h100["largest_batch_line"]) == (80, 140)
+    report["compiled"][0]["need"], report["fit"]["need"]["fixed"] = 19 * gib, 15 * gib
+    tight = T.estimate(report, 4800)["chips"]
+    assert (tight["TPU v5e"]["fits"], tight["TPU v5e"]["largest_batch_line"]) == (False, 0)
+    assert (tight["TPU v6e"]["fits"], tight["TPU v6e"]["largest_batch_line"]) == (True, 32)
+    # not counted: no time, the memory verdict alone
+    del report["flops_per_sample"]
+    chips = T.estimate(report, 4800)["chips"]
+    assert chips["TPU v5e"]["hours"] is None and chips["TPU v6e"]["fits"] is True
 
 
 def test_text_encoder_bytes_are_those_of_the_loaded_encoder():
@@ -252,6 +364,9 @@ def test_the_launcher_makes_the_mesh_devices_and_prints_the_report(tmp_path):
     assert report["devices"] == "4 cpu" and report["mesh"]["fsdp"] == 2
     assert report["method"] == "erg" and report["fits"] is True
     assert "batch 8" in res.stdout and "fits" in res.stdout
+    # the time estimate: every chip kind, its rate and memory, at the assumed MFU
+    assert report["flops_per_sample"]["erg"] > 0 and "at 40% MFU" in res.stdout
+    assert "TPU v5e (197 TFLOP/s, 16 GB)" in res.stdout
     assert not os.path.exists(tmp_path / "manifest.json")  # no job ran
 
 
@@ -297,7 +412,7 @@ def test_a_job_with_splash_attention_in_scanned_blocks_compiles_twice():
     # the kernel's block tables once leaked a tracer of the first trace into the second
     fields = dict(model__attention_implementation="splash", model__scan_blocks=True)
     for _ in range(2):
-        report = D.dry_run(_config("dit:tiny", **fields), checks=0)
+        report = D.dry_run(_config("dit:tiny", **fields), checks=0, flops=False)
         assert report["compiled"][0]["arguments"] > 0
 
 
@@ -315,7 +430,7 @@ def test_the_method_with_the_most_branches_is_sized(monkeypatch):
 
     monkeypatch.setattr(D, "compile_program", compiling)
     config = _config("dit:tiny", guidance__methods="none,cfg,cfg+erg")
-    report = D.dry_run(config, checks=0)
+    report = D.dry_run(config, checks=0, flops=False)
     assert (report["method"], report["branches"]) == ("cfg+erg", 3)
     want = make_methods(config, text=False)["cfg+erg"]
     leaves = jax.tree_util.tree_leaves

@@ -18,6 +18,17 @@ largest batch (a multiple of the data-parallel size) is compiled to check it, an
 bisected down while it does not fit: XLA's need is not linear in b. The text encoders
 run, and are freed, before sampling: their parameters make a separate, earlier peak.
 
+Time: FLOPs per sample of each method's program, from XLA's cost analysis ("flops") of
+the lowered, unpartitioned program (all devices' FLOPs; a compiled SPMD program counts
+one device's), its attention on the einsum path. XLA counts a while loop's body once,
+whatever its trip count (a scan of 28 steps counts as one step), so ``loop_correction``
+walks the jaxpr and adds, for each scan, (n - 1) times its body lowered alone,
+recursively for the scans inside (branches under ``lax.map`` on CPU, scanned blocks); a
+cond counts as its costliest branch, as XLA counts it (an upper bound where a method
+skips work at run time). Per sample is (F(2b) - F(b)) / b; the text encoders, run once
+per prompt, are not counted. ``dry_run_table.estimate`` turns it into seconds and hours
+per chip kind at an assumed MFU: an estimate, not a measurement.
+
 The compiler is the one of the machine the dry run runs on: on a CPU host its layouts,
 fusions and attention paths differ from a TPU's (docs/BENCHMARKS.md, "Dry run").
 """
@@ -33,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, sharding
@@ -41,12 +53,13 @@ from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
 from erg_jax.energy import Energy
 from erg_jax.jobs import output
+from erg_jax.jobs.dry_run_table import GIB, estimate, verdict
+from erg_jax.jobs.dry_run_table import format_table as format_table  # launch.sample's name
 from erg_jax.jobs.job_setup import make_methods
 from erg_jax.models import registry
 from erg_jax.pipeline import generate_fn
 from erg_jax.settings import checked_layout
 
-GIB = 2**30
 CLIP_TOKENS = 77  # CLIP's learned positions: the sd3 layout's tokens before T5's
 
 
@@ -128,9 +141,10 @@ def param_bytes(tree: Any) -> dict:
     return {"per_device": per_device, "replicated": replicated, "total": total}
 
 
-def _vae(config, latent_channels: int, pretrained) -> tuple[Any, Any, str]:
+def _vae(config, latent_channels: int, pretrained, attention=None) -> tuple[Any, Any, str]:
     """The VAE's abstract params (in the dtype the job restores them in), its decode as
-    ``loading.load_vae`` builds it, and where its config came from; Nones if disabled."""
+    ``loading.load_vae`` builds it (with ``attention`` its attention implementation), and
+    where its config came from; Nones if disabled."""
     vc = config.vae
     if not vc.enabled:
         return None, None, "disabled"
@@ -149,6 +163,8 @@ def _vae(config, latent_channels: int, pretrained) -> tuple[Any, Any, str]:
         source = f"preset {vc.preset!r}"
     if vc.dtype:
         vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
+    if attention:
+        vcfg = dict(vcfg, attention_implementation=attention)
     dtype = jnp.dtype(vcfg.get("param_dtype", "float32"))
     shapes = jax.eval_shape(lambda k: vae.init_params(vcfg, k), jax.random.key(0))
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)
@@ -238,15 +254,21 @@ def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
     return generate_fn(make, sampler, int(mcfg["num_layers"]), decode, embed)
 
 
-def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
-    """Lowers and compiles ``program(*args, guider)`` for the mesh, every argument kept
-    (the job holds them all on the devices); XLA's per-device bytes and the seconds."""
+def _abstract_guider(guider, mesh):
+    """The guider's leaves as replicated ShapeDtypeStructs: data of the program, as the
+    job's guider is (its scalars vary between calls without a recompile)."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def abstract(v):
         return jax.ShapeDtypeStruct(np.shape(v), np.result_type(v), sharding=replicated)
 
-    guider = jax.tree_util.tree_map(abstract, guider)
+    return jax.tree_util.tree_map(abstract, guider)
+
+
+def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
+    """Lowers and compiles ``program(*args, guider)`` for the mesh, every argument kept
+    (the job holds them all on the devices); XLA's per-device bytes and the seconds."""
+    guider = _abstract_guider(guider, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         compiled = jax.jit(program, keep_unused=True).lower(*args, guider).compile()
@@ -264,19 +286,68 @@ def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
     return dict(out, compile_seconds=seconds)
 
 
-def verdict(report: dict, memory: float) -> dict:
-    """Whether the configured batch fits ``memory`` bytes per device, and the largest batch
-    (a multiple of the data axes) the line need(b) = fixed + per_sample * b says fits
-    (None where it does not grow with b). Not compiled: (False, 0) where the denoiser's and
-    the VAE's parameters alone exceed the memory, else (None, None)."""
-    if not report["compiled"]:
-        over = report["params_bytes_per_device"] + report["vae"]["bytes_per_device"] > memory
-        return {"fits": False if over else None, "largest_batch_line": 0 if over else None}
-    line, unit = report["fit"]["need"], report["data_parallel"]
-    largest = None
-    if line["per_sample"] > 0:
-        largest = max(int((memory - line["fixed"]) // line["per_sample"]) // unit, 0) * unit
-    return {"fits": report["compiled"][0]["need"] <= memory, "largest_batch_line": largest}
+def _xla_flops(lowered) -> float:
+    """XLA's cost analysis of a lowered, not yet partitioned program: global FLOPs, each
+    loop body counted once."""
+    return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+
+def _once(closed, cache: dict) -> float:
+    """XLA's count of a loop body or cond branch lowered alone (its own loops once)."""
+    if id(closed) not in cache:  # the jaxpr is kept: its id stays its own
+        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.in_avals]
+        cache[id(closed)] = closed, _xla_flops(jax.jit(jcore.jaxpr_as_fun(closed)).lower(*avals))
+    return cache[id(closed)][1]
+
+
+def loop_correction(jaxpr, cache: dict) -> float:
+    """FLOPs XLA's count of ``jaxpr`` leaves out: a scan of length n whose lowering holds
+    c copies of its body (c = 1, its unroll, or n) runs it n times; a cond counts as its
+    costliest branch, as XLA counts it, loops inside included. A while loop of unknown
+    trip count stays counted once."""
+    extra = 0.0
+    for eqn in jaxpr.eqns:
+        p = eqn.params
+        if eqn.primitive.name == "scan":
+            n, unroll, body = int(p["length"]), int(p["unroll"]), p["jaxpr"]
+            copies = n if unroll >= n else unroll + n % unroll  # lax.scan's remainder
+            inner = loop_correction(body.jaxpr, cache)
+            if inner or copies != n:
+                extra += (n - copies) * _once(body, cache) + n * inner
+        elif eqn.primitive.name == "cond":
+            inner = [loop_correction(b.jaxpr, cache) for b in p["branches"]]
+            if any(inner):
+                once = [_once(b, cache) for b in p["branches"]]
+                extra += max(o + i for o, i in zip(once, inner, strict=True)) - max(once)
+        else:  # pjit, remat, custom_jvp/vjp: their loops
+            extra += sum(loop_correction(j, cache) for j in jcore.jaxprs_in_params(p))
+    return extra
+
+
+def program_flops(program, args: tuple, guider, mesh, rules) -> float:
+    """FLOPs of ``program(*args, guider)``, all devices together: XLA's count of the
+    lowered program plus ``loop_correction``. Lowered, not compiled: seconds, not minutes."""
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        traced = jax.jit(program, keep_unused=True).trace(*args, _abstract_guider(guider, mesh))
+        return _xla_flops(traced.lower()) + loop_correction(traced.jaxpr.jaxpr, {})
+
+
+def flops_per_sample(config, parts: tuple, methods: dict, mesh, rules, pretrained) -> dict:
+    """{method: FLOPs per sample}: (F(2b) - F(b)) / b of ``program_flops`` at the configured
+    batch b, every method's own program, its attention (denoiser's and VAE's) on the einsum
+    path: a kernel's custom call (splash, cuDNN) hides its FLOPs from XLA, CPU query chunks
+    add padding rows. parts: (module, model config, sampler, params, VAE params)."""
+    mod, mcfg, sampler, params, vae_params = parts
+    mcfg = dict(mcfg, attention_implementation="einsum")
+    decode = _vae(config, int(mcfg["in_channels"]), pretrained, attention="einsum")[1]
+    program = job_program(mod, mcfg, sampler, decode, config)
+    b = int(config.sampler.batch_size)
+    args = [(params, vae_params, *batch_inputs(config, mcfg, n, mesh, rules)) for n in (b, 2 * b)]
+    out = {}
+    for name, guider in methods.items():
+        one, two = (program_flops(program, a, guider, mesh, rules) for a in args)
+        out[name] = (two - one) / b
+    return out
 
 
 def _checked_batch(compile_at, report: dict, memory: float, checks: int) -> int:
@@ -313,7 +384,9 @@ def _checked_config(config) -> tuple:
     return methods, rules, mesh, unit, memory
 
 
-def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks: int = 3) -> dict:
+def dry_run(
+    config, workdir: str | None = None, *, compile: bool = True, checks: int = 3, flops: bool = True
+) -> dict:
     """Per-device memory of a sampling-job config and the batch that fits (module
     docstring); also written to WORKDIR/dry_run.json and printable by ``format_table``.
 
@@ -322,6 +395,8 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
       workdir: where dry_run.json goes (None: nowhere).
       compile: False reports the parameters only, compiling nothing.
       checks: compiles at most spent checking the line's largest batch.
+      flops: count each method's FLOPs per sample (two traces and lowerings per method,
+        no compile) for the time estimate; with compile only.
 
     Raises:
       ValueError: a config error (unknown method, mesh the devices do not form, batch
@@ -396,75 +471,13 @@ def dry_run(config, workdir: str | None = None, *, compile: bool = True, checks:
             report["fit"][key] = {"fixed": c1[key] - per_sample * b1, "per_sample": per_sample}
         report.update(verdict(report, memory))
         report["largest_batch"] = _checked_batch(compile_at, report, memory, checks)
+    if compile and flops:
+        parts = (mod, mcfg, sampler, params, vae_params)
+        report["flops_per_sample"] = flops_per_sample(
+            config, parts, methods, mesh, rules, pretrained
+        )
+    report["estimate"] = estimate(report, int(config.output.num_samples))
     if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         output.atomic_write_json(os.path.join(workdir, "dry_run.json"), report)
     return report
-
-
-def _size(n: float | None) -> str:
-    """Bytes in GiB, MiB or KiB, whichever shows them as at least 1."""
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n / 2**10:.1f} KiB"
-
-
-def format_table(report: dict) -> str:
-    """The report as an aligned table of per-device figures."""
-    m = report["model"]
-    rows = [
-        ("model", f"{m['kind']} from {m['source']}, {m['num_params'] / 1e6:,.1f}M params"),
-        ("param dtype", f"{m['param_dtype']}" + (", scanned blocks" if m["scan_blocks"] else "")),
-        (
-            "mesh",
-            " ".join(f"{k}={v}" for k, v in report["mesh"].items())
-            + f" ({report['devices']} devices)",
-        ),
-        (
-            "program",
-            f"{report['method']}, the method with the most branches ({report['branches']}), "
-            f"{report['sampler']}",
-        ),
-        ("methods (branches)", ", ".join(f"{m} ({n})" for m, n in report["methods"].items())),
-        (
-            "denoiser params / device",
-            _size(report["params_bytes_per_device"])
-            + f" (replicated {_size(report['params_replicated_bytes_per_device'])}, "
-            f"all devices' worth {_size(report['params_bytes_total'])})",
-        ),
-        (
-            "VAE params / device",
-            _size(report["vae"]["bytes_per_device"]) + f" ({report['vae']['source']})",
-        ),
-    ]
-    for enc in report["text_encoders"] or []:
-        rows.append(("text encoder / device", f"{_size(enc['per_device'])} ({enc['folder']})"))
-    if "encoding_peak_bytes_per_device" in report:
-        rows.append(("peak while encoding", _size(report["encoding_peak_bytes_per_device"])))
-    for s in report["compiled"]:
-        rows.append(
-            (
-                f"compiled at batch {s['batch']}",
-                f"temp {_size(s['temp'])}, args {_size(s['arguments'])}, out {_size(s['outputs'])};"
-                f" need {_size(s['need'])}; compiled in {s['compile_seconds']:.1f} s",
-            )
-        )
-    if "fit" in report:
-        t, n = report["fit"]["temp"], report["fit"]["need"]
-        rows.append(("temp(b)", f"{_size(t['fixed'])} + {_size(t['per_sample'])} per sample"))
-        rows.append(("need(b)", f"{_size(n['fixed'])} + {_size(n['per_sample'])} per sample"))
-    said = {True: "fits", False: "does not fit", None: "not compiled"}[report["fits"]]
-    unit, line = report["data_parallel"], report["largest_batch_line"]
-    largest = "-" if report["largest_batch"] is None else str(report["largest_batch"])
-    if report["compiled"]:
-        largest += f" (largest compiled that fits; the line said {line})"
-    rows += [
-        ("memory / device", _size(report["memory_bytes"])),
-        (f"batch {report['batch_size']} in that", said),
-        (f"largest batch, x{unit}", largest),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -35,6 +35,7 @@ NEUTRAL_FIELDS = (
     ("compile_cache_dir",),
     ("dry_run",),
     ("dry_run_memory_gb",),
+    ("evaluation",),  # the evaluation job's section (configs/coco.py): no image changes
     ("model", "scan_blocks"),
     ("model", "attention_implementation"),
 )

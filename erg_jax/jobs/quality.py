@@ -4,7 +4,8 @@ For every guidance method over a sweep of weights, samples held-out conditions (
 for the text model, class labels for the class model) from the same noise, reads the
 samples with the attribute classifier, and compares them with held-out real images:
 Frechet distance, KID, precision / recall (k = 3) and density / coverage (k = 5) on the
-classifier's penultimate features (erg_jax.metrics), and consistency (shape and colour read back = the condition).
+classifier's penultimate features (erg_jax.metrics), and consistency (shape and colour
+read back = the condition).
 Unconditional rows sample with the null condition, where CFG cannot work.
 """
 

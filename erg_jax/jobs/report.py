@@ -129,11 +129,13 @@ def write_html(
     settings: dict,
     notes: Sequence[str] = (),
     column_labels: Sequence[str] = (),
+    extra: str = "",
 ) -> None:
     """A self-contained report page: title, grid image (a path relative to the page),
     the grid's column labels as text, a table with a row per method (``rows``: dicts
     keyed by ``columns``), the settings. The grid's pixel width is written to its
-    ``data-width`` once it loads (a check that the page found it)."""
+    ``data-width`` once it loads (a check that the page found it). ``extra`` is HTML
+    placed after the table (the evaluation's table)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{_cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows
@@ -159,6 +161,7 @@ pre{{background:#f4f4f4;padding:1em}}</style></head>
 <h2>Per method</h2>
 <table id="methods"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {"".join(f"<p>{html.escape(n)}</p>" for n in notes)}
+{extra}
 <h2>Settings</h2>
 <pre id="settings">{html.escape(json.dumps(settings, indent=2, default=str))}</pre>
 </body></html>
@@ -169,6 +172,37 @@ pre{{background:#f4f4f4;padding:1em}}</style></head>
 def _scale(width: int) -> int:
     """Upscaling that gives columns at least 96 px (room for a prompt), at most 8x."""
     return max(1, min(8, -(-96 // width)))
+
+
+def evaluation_html(workdir: str) -> str:
+    """The evaluation job's table (OUT/evaluation/metrics.json), or "" when there is none."""
+    path = os.path.join(workdir, "evaluation", "metrics.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        result = json.load(f)
+    labels = result["columns"]
+    keys = [k for k in labels if any(k in row for row in result["methods"].values())]
+    head = "".join(
+        f"<th>{html.escape(c)}</th>" for c in ["method", "samples"] + [labels[k] for k in keys]
+    )
+    body = ""
+    for method, row in result["methods"].items():
+        cells = [method, row["samples"]]
+        for k in keys:
+            value = row.get(k, "")
+            if k == "kid" and "kid_std" in row:
+                value = f"{row['kid']:.5f} ± {row['kid_std']:.5f}"
+            cells.append(value)
+        body += "<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>"
+    reference = result.get("reference", {}).get("source", "")
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in result.get("notes", []))
+    return (
+        f"<h2>Evaluation</h2><p>Against {html.escape(str(reference))} "
+        "(python -m launch.evaluate; evaluation/metrics.json).</p>"
+        f'<table id="evaluation"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        + notes
+    )
 
 
 def job_report(workdir: str, *, columns: int = 8) -> str:
@@ -229,5 +263,6 @@ def job_report(workdir: str, *, columns: int = 8) -> str:
             k: config.get(k) for k in ("model", "sampler", "guidance", "seed") if k in config
         },
         column_labels=labels,
+        extra=evaluation_html(workdir),
     )
     return path

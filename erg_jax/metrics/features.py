@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
@@ -67,3 +68,33 @@ class FeatureExtractor:
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out).astype(np.float32)
+
+
+class Sharded:
+    """A feature network jitted over this process's devices: the batch split along them."""
+
+    def __init__(self, net: FeatureExtractor, batch_size: int, devices=None):
+        devices = list(devices if devices is not None else jax.local_devices())
+        if batch_size < 1 or batch_size % len(devices):
+            raise ValueError(
+                f"batch_size must be a positive multiple of the {len(devices)} devices, "
+                f"got {batch_size}"
+            )
+        mesh = Mesh(np.array(devices), ("data",))
+        self.net, self.batch_size = net, batch_size
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.split = NamedSharding(mesh, PartitionSpec("data"))
+        self.params = jax.device_put(net.params, self.replicated)
+        self.fn = jax.jit(net.apply, in_shardings=(self.replicated, self.split))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(n, dim) float32 features of uint8 (n, H, W, 3) images, in padded batches."""
+        out = []
+        for lo in range(0, len(images), self.batch_size):
+            batch = images[lo : lo + self.batch_size]
+            n = len(batch)
+            if n < self.batch_size:  # one program for every batch: pad with the last image
+                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - n, 0)])
+            x = jax.device_put(np.asarray(self.net.prepare(batch)), self.split)
+            out.append(np.asarray(self.fn(self.params, x), np.float32)[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.net.dim), np.float32)
