@@ -244,3 +244,40 @@ def test_coco_captions_one_per_image_in_a_fixed_order(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="not a COCO captions json"):
         coco_captions(str(tmp_path / "bad.json"))
+
+
+def test_hosts_divide_the_shards_and_together_write_each_once(tmp_path):
+    """Process p of P extracts shards j = p mod P; two processes' files are one's."""
+    import jax.numpy as jnp
+
+    from erg_jax.metrics.features import FeatureExtractor, Sharded
+
+    def apply(params, x):  # a per-image feature: the mean colour, scaled
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2)) * params["w"]
+
+    net = FeatureExtractor("toy", 3, {"w": jnp.float32(2.0)}, apply)
+    rng = np.random.default_rng(3)
+    images = {i: rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(11)}
+    source = E.Source("m", list(images), images.__getitem__)
+    extractor = Sharded(net, 8)
+    written = [E.extract_source(str(tmp_path), "toy", extractor, source, 3, process=(p, 2))
+               for p in (0, 1)]  # fmt: skip
+    assert written == [2, 2]  # shards 0, 2 and 1, 3 of [0-2] [3-5] [6-8] [9-10]
+    got = E.read_features(str(tmp_path), "toy", source, 3)
+    want = np.stack([images[i].mean(axis=(0, 1)) * 2 for i in range(11)])
+    np.testing.assert_allclose(got["features"], want, rtol=1e-6)
+    assert list(got["indices"]) == list(range(11))
+    # a second pass finds every shard done; a shard whose samples changed is redone
+    assert E.extract_source(str(tmp_path), "toy", extractor, source, 3) == 0
+    source = E.Source("m", [i for i in images if i != 4], images.__getitem__)
+    assert E.extract_source(str(tmp_path), "toy", extractor, source, 3) == 1
+
+
+def test_clip_score_needs_a_text_model(job, tmp_path):
+    work = _copy(job, "as_dit")
+    path = os.path.join(work, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["config"]["model"]["kind"] = "dit"
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ValueError, match=r"evaluation.clip: .* class-conditional \(dit\)"):
+        E.evaluate(work, job["settings"])
