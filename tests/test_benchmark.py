@@ -12,10 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
+from metric_models import dinov2_state_dict, tiny_dinov2_config, write_dinov2_folder
+from safetensors.numpy import save_file
 
 from erg_jax import Energy, energy_attention
 from erg_jax import energy as energy_module
-from erg_jax.jobs.speed import setups
+from erg_jax.jobs.speed import features, setups
+from erg_jax.metrics import dinov2, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDERS = ("none", "cfg", "erg", "erg_k3", "erg_all_layers", "erg+apg", "pag", "seg")
@@ -33,6 +37,9 @@ TARGETS = (
     "ours_erg_over_diffusers_cfg",
     "share_of_matmul_rate",
 )
+
+
+FEATURE_NETWORKS = ("Inception-v3", "DINOv2 ViT-S/14", "DINOv2 ViT-L/14")
 
 
 def _number(x):
@@ -62,7 +69,8 @@ def test_only_runs_the_sections_it_names_and_refuses_others(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
-    assert "attention" in got and not {"guidance", "sampler", "peer", "floor", "bf16"} & set(got)
+    others = {"guidance", "sampler", "peer", "floor", "bf16", "features"}
+    assert "attention" in got and not others & set(got)
     assert [row["tokens"] for row in got["attention"]] == [16]
     bad = subprocess.run(
         base + ["--only=attention,speed"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -93,6 +101,13 @@ def test_every_section_has_every_figure(result):
         f = result["floor"][k]
         assert f["gflop"] > 0 and _number(f["floor_ms"]) and _number(f["share_of_matmul_rate"])
     assert _number(result["bf16"]["bf16_over_f32_time"])
+    f = result["features"]
+    assert (f["batch_per_device"], f["devices"]) == (2, 1)
+    assert [row["network"] for row in f["networks"]] == list(FEATURE_NETWORKS)
+    for row in f["networks"]:
+        assert all(_number(v) and v > 0 for k, v in row.items() if k != "network")
+        rate = row["bf16_images_per_s"] / row["f32_images_per_s"]
+        assert row["bf16_over_f32"] == pytest.approx(rate)
     assert set(result["targets"]) == set(TARGETS)
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
 
@@ -180,3 +195,52 @@ def test_chunked_attention_over_several_chunks_equals_numpy(steps, monkeypatch):
     for impl in ("chunked", None):  # None: the CPU default picks the chunks here
         out = energy_attention(q, k, v, e, bias=bias, mask=mask, steps=steps, implementation=impl)
         np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-4)
+
+
+def _jaxpr(fn, *args) -> str:
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_benchmarked_feature_networks_are_the_loaders(tmp_path):
+    """The features section times the evaluation's networks: on the same weights,
+    ``inception.from_variables`` and ``dinov2.from_params`` trace the very program that
+    ``load_inception`` and ``load_dinov2`` build (resize, dtype, precision, image size),
+    in float32 and bfloat16, and the random weights come in the loaders' layout and shapes
+    (DINOv2's position embeddings resampled from the training grid to the input's)."""
+    images = jax.ShapeDtypeStruct((2, 20, 20, 3), jnp.uint8)
+    variables = features.inception_variables()
+    tensors = {}
+    for c, leaves in variables.items():
+        for path, x in traverse_util.flatten_dict(leaves).items():
+            x = x.transpose(3, 2, 0, 1) if path[-1] == "kernel" else x  # torch's OIHW
+            tensors[inception.torch_name("Inception3", c, path)] = np.ascontiguousarray(x)
+    save_file(tensors, str(tmp_path / "inception.safetensors"))
+    hf = tiny_dinov2_config()  # a 56 px training grid (4 x 4 patches)
+    folder = write_dinov2_folder(tmp_path / "dinov2", hf, dinov2_state_dict(hf))
+    config = dinov2.make_config(hf, "tiny")
+    params = features.dinov2_params(config, image_size=28, train_size=56)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        loaded = inception.load_inception(str(tmp_path / "inception.safetensors"), dtype=dtype)
+        ours = inception.from_variables(variables, dtype=dtype)
+        jax.tree.map(np.testing.assert_array_equal, loaded.params, variables)
+        assert _jaxpr(ours.apply, variables, images) == _jaxpr(loaded.apply, variables, images)
+        assert ours.settings.items() <= loaded.settings.items()
+
+        loaded = dinov2.load_dinov2(folder, dtype=dtype, image_size=28)
+        ours = dinov2.from_params(config, params, dtype=dtype, image_size=28)
+        assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, loaded.params)
+        assert _jaxpr(ours.apply, params, images) == _jaxpr(loaded.apply, params, images)
+        assert ours.settings.items() <= loaded.settings.items()
+
+
+def test_benchmarked_dinov2_have_the_published_shapes():
+    """At their 518 px training grid the benchmark's ViT-S/14 and ViT-L/14 hold the
+    parameters of the published facebook/dinov2-small and -large (22,056,576 and
+    304,368,640 as transformers and torch hub count them) less the mask token (one
+    hidden-size vector, used only in pre-training), in heads of 64 channels as theirs."""
+    published = {"DINOv2 ViT-S/14": 22_056_576, "DINOv2 ViT-L/14": 304_368_640}
+    pixels = jax.ShapeDtypeStruct((1, 518, 518, 3), jnp.float32)
+    for name, c in features.DINOV2.items():
+        abstract = jax.eval_shape(dinov2.Dinov2(c).init, jax.random.key(0), pixels)
+        assert sum(x.size for x in jax.tree.leaves(abstract)) == published[name] - c.hidden_size
+        assert (c.hidden_size // c.num_heads, c.patch_size) == (64, 14)

@@ -116,6 +116,18 @@ def _pytorch_fid(a, b):
     return diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
 
 
+def _low_rank_frechet(a, b):
+    """The Frechet distance of few samples in many dimensions, without a d x d root: with
+    centred rows A, B, the nonzero eigenvalues of S_a S_b are those of the small
+    (A B^T)(B A^T) / ((n - 1)(m - 1)), so tr sqrtm(S_a S_b) is the sum of their roots."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    x, y = a - a.mean(0), b - b.mean(0)
+    small = (x @ y.T) @ (y @ x.T) / ((len(a) - 1) * (len(b) - 1))
+    roots = np.sqrt(np.clip(np.linalg.eigvals(small).real, 0, None)).sum()
+    diff = a.mean(0) - b.mean(0)
+    return diff @ diff + (x**2).sum() / (len(a) - 1) + (y**2).sum() / (len(b) - 1) - 2 * roots
+
+
 def test_the_table_is_every_metric_of_the_saved_features(job):
     import prdc
     import torch
@@ -134,7 +146,7 @@ def test_the_table_is_every_metric_of_the_saved_features(job):
         inc = _features(work, "inception", method)
         assert list(inc["indices"]) == list(range(6)) and row["samples"] == 6
         real, fake = ref["inception"]["features"], inc["features"]
-        np.testing.assert_allclose(row["fid"], _pytorch_fid(fake, real), rtol=1e-6)
+        np.testing.assert_allclose(row["fid"], _low_rank_frechet(fake, real), rtol=1e-6)
         want = kid.kid_features_to_metric(
             torch.from_numpy(real.astype(np.float64)), torch.from_numpy(fake.astype(np.float64)),
             kid_subsets=5, kid_subset_size=6, verbose=False, rng_seed=2020,
@@ -193,8 +205,6 @@ def test_features_on_one_device_equal_eight_and_a_killed_run_resumes(job):
 
 
 def test_statistics_only_reference_gives_fid_and_says_what_is_missing(job, tmp_path):
-    from erg_jax import metrics
-
     work = _copy(job, "stats")
     rng = np.random.default_rng(1)
     stats = str(tmp_path / "stats.npz")
@@ -204,12 +214,26 @@ def test_statistics_only_reference_gives_fid_and_says_what_is_missing(job, tmp_p
     result = E.evaluate(work, settings)
     assert list(result["methods"]) == ["cfg"]
     fake = _features(work, "inception", "cfg")["features"]
-    want = metrics.frechet_distance_from_statistics(*metrics.feature_statistics(fake), mu, sigma)
-    np.testing.assert_allclose(result["methods"]["cfg"]["fid"], want, rtol=1e-9)
+    # sigma = c I: tr sqrtm(S c) = sqrt(c) tr sqrtm(S), the roots of S's nonzero
+    # eigenvalues, those of the small X X^T / (n - 1) of the centred rows X
+    x = fake.astype(np.float64) - fake.mean(0)
+    small = np.clip(np.linalg.eigvalsh(x @ x.T / (len(x) - 1)), 0, None)
+    diff = fake.astype(np.float64).mean(0) - mu
+    trace = (x**2).sum() / (len(x) - 1)
+    want = diff @ diff + trace + 0.5 * 2048 - 2 * np.sqrt(0.5) * np.sqrt(small).sum()
+    np.testing.assert_allclose(result["methods"]["cfg"]["fid"], want, rtol=1e-6)
     assert "kid" not in result["methods"]["cfg"] and "precision" not in result["methods"]["cfg"]
     assert any("Inception statistics only" in n for n in result["notes"])
     with pytest.raises(ValueError, match="evaluation.dinov2: FD-DINOv2 needs real images"):
         E.evaluate(work, dict(settings, dinov2=job["settings"]["dinov2"]))
+    # ADM's layout: the images as arr_0 beside their published statistics; FID from the
+    # statistics, KID and precision / recall from the images' features
+    real = rng.integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
+    np.savez(stats, mu=mu, sigma=sigma, arr_0=real)
+    result = E.evaluate(work, settings)
+    np.testing.assert_allclose(result["methods"]["cfg"]["fid"], want, rtol=1e-9)
+    assert {"kid", "precision", "coverage"} <= set(result["methods"]["cfg"])
+    assert result["reference"]["images"] == 8 and not result["notes"]
 
 
 def test_bad_settings_are_named_before_any_work(job, tmp_path):
@@ -218,7 +242,8 @@ def test_bad_settings_are_named_before_any_work(job, tmp_path):
         (dict(s, inception="", dinov2="", clip=""), "name at least one feature network"),
         (dict(s, inception=str(tmp_path / "none.pth")), "evaluation.inception: .* does not exist"),
         (dict(s, reference=""), "evaluation.reference: FID"),
-        (dict(s, inception_resize="area"), "evaluation.inception_resize must be 'tf1' or 'clean'"),
+        (dict(s, inception_resize="area"), "evaluation.inception_resize must be one of"),
+        (dict(s, reference=job["settings"]["inception"]), "a folder of images or an .npz"),
         (dict(s, batch_size=0), "evaluation.batch_size must be >= 1"),
         (dict(s, batch_size=6), "multiple of the 8 devices"),
         (dict(s, methods="cfg,pag"), r"evaluation.methods: \['pag'\] not in the workdir"),

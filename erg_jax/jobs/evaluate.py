@@ -38,6 +38,7 @@ import numpy as np
 from erg_jax import metrics
 from erg_jax.jobs import output
 from erg_jax.metrics.features import Sharded
+from erg_jax.metrics.inception import RESIZE_MODES
 from erg_jax.models import registry
 
 NETWORKS = ("inception", "dinov2", "clip")
@@ -83,14 +84,19 @@ def check(ev) -> dict:
             raise ValueError(f"evaluation.{name}: {ev[name]!r} does not exist")
     if ev["reference"] and not os.path.exists(ev["reference"]):
         raise ValueError(f"evaluation.reference: {ev['reference']!r} does not exist")
+    if ev["reference"] and not (os.path.isdir(ev["reference"]) or ev["reference"].endswith(".npz")):
+        raise ValueError(
+            f"evaluation.reference must be a folder of images or an .npz, got {ev['reference']!r}"
+        )
     if (ev["inception"] or ev["dinov2"]) and not ev["reference"]:
         raise ValueError(
             "evaluation.reference: FID, KID, FD-DINOv2 and precision / recall need real "
             "images: a folder of them, or an .npz of Inception statistics"
         )
-    if ev["inception_resize"] not in ("tf1", "clean"):
+    if ev["inception_resize"] not in RESIZE_MODES:
         raise ValueError(
-            f"evaluation.inception_resize must be 'tf1' or 'clean', got {ev['inception_resize']!r}"
+            f"evaluation.inception_resize must be one of {RESIZE_MODES}, "
+            f"got {ev['inception_resize']!r}"
         )
     if ev["dtype"] not in ("float32", "bfloat16"):
         raise ValueError(f"evaluation.dtype must be float32 or bfloat16, got {ev['dtype']!r}")
@@ -334,9 +340,13 @@ def evaluate(workdir: str, settings, *, devices=None, stop_after: int | None = N
         raise ValueError(f"evaluation.methods: {empty} have no samples in {workdir}")
     size = int(ev["reference_size"]) or sources[0].load(sources[0].indices[0]).shape[0]
     reference = reference_source(ev["reference"], size) if ev["reference"] else None
-    ref_stats = None
-    if ev["reference"] and reference is None:  # an .npz of Inception statistics
-        ref_stats = metrics.load_statistics(ev["reference"])
+    ref_stats = None  # Inception statistics of an .npz reference (FID from its mu, sigma)
+    if ev["reference"] and not os.path.isdir(ev["reference"]):
+        with np.load(ev["reference"]) as f:
+            has_statistics = "mu" in f.files and "sigma" in f.files
+        if reference is None or has_statistics:
+            ref_stats = metrics.load_statistics(ev["reference"])
+    if ev["reference"] and reference is None:
         if ev["dinov2"]:
             raise ValueError(
                 "evaluation.dinov2: FD-DINOv2 needs real images, and evaluation.reference "
@@ -384,7 +394,8 @@ def _reference_features(workdir, ev, network, folder, reference, ref_stats) -> d
     feats = read_features(workdir, folder, reference, int(ev["shard_size"]))["features"]
     metrics.save_statistics(os.path.join(workdir, "evaluation", f"reference_{network}.npz"), feats)
     out = dict(zip(("mu", "sigma"), metrics.feature_statistics(feats), strict=True))
-    if ref_stats is not None:  # an .npz with arr_0 images: its own mu and sigma for FID
+    if network == "inception" and ref_stats is not None:
+        # an .npz of images (arr_0) and their published statistics: FID from the latter
         out.update(mu=ref_stats["mu"], sigma=ref_stats["sigma"])
     return dict(out, features=feats)
 

@@ -437,6 +437,29 @@ def load_dinov2(
     tensors, source = read_folder(folder)
     grid = (image_size // c.patch_size,) * 2
     params = jax.tree.map(jnp.asarray, convert(tensors, c, grid, interpolate_offset, source))
+    return from_params(
+        c,
+        params,
+        dtype=dtype,
+        image_size=image_size,
+        folder=folder,
+        weights=source,
+        resize="bilinear, TensorFlow 1 (torch-fidelity)",
+        normalise="ImageNet mean and std",
+        interpolate_offset=interpolate_offset,
+    )
+
+
+def from_params(
+    c: Dinov2Config, params: Any, *, dtype: Any = jnp.float32, image_size: int = 224, **settings
+) -> FeatureExtractor:
+    """The network ``load_dinov2`` builds, on params already in ``Dinov2``'s layout.
+
+    For weights that come from no folder, e.g. random ones for a speed measurement. The
+    position embeddings must already be resampled to image_size's grid (as ``convert``
+    does); ``dtype`` and ``image_size`` as in ``load_dinov2``; ``settings`` go into the
+    extractor's settings beside them.
+    """
     dtype = jnp.dtype(dtype)
     precision = "highest" if dtype == jnp.float32 else None
     model = Dinov2(c, dtype, precision)
@@ -444,16 +467,13 @@ def load_dinov2(
     def apply(params: Any, images: Array) -> Array:
         return model.apply({"params": params}, preprocess(images, image_size))
 
+    model_name = SIZES.get(c.hidden_size, f"ViT/{c.patch_size} (hidden {c.hidden_size})")
     settings = dict(
-        folder=folder,
-        weights=source,
-        model=SIZES.get(c.hidden_size, f"ViT/{c.patch_size} (hidden {c.hidden_size})"),
+        settings,
+        model=model_name,
         layers=c.num_layers,
         image_size=image_size,
-        resize="bilinear, TensorFlow 1 (torch-fidelity)",
-        normalise="ImageNet mean and std",
         dtype=dtype.name,
         precision=precision,
-        interpolate_offset=interpolate_offset,
     )
     return FeatureExtractor("dinov2", c.hidden_size, params, apply, settings=settings)

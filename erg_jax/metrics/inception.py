@@ -338,18 +338,23 @@ def load_inception(path: str, *, resize: str = "tf1", dtype: Any = jnp.float32) 
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     variables, layout = variables_from_state_dict(weights.read_state_dict(path), path)
+    return from_variables(variables, resize=resize, dtype=dtype, weights=path, layout=layout)
+
+
+def from_variables(
+    variables: dict, *, resize: str = "tf1", dtype: Any = jnp.float32, **settings
+) -> FeatureExtractor:
+    """The network ``load_inception`` builds, on variables already in Flax's layout.
+
+    For weights that come from no file, e.g. random ones drawn in the shapes of
+    ``InceptionV3().init`` for a speed measurement. ``resize`` and ``dtype`` as in
+    ``load_inception``; ``settings`` go into the extractor's settings beside them.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     dtype = jnp.dtype(dtype)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     model = InceptionV3(resize_input=resize == "tf1", dtype=dtype, precision=precision)
-    if resize == "clean":
-        prepare = lambda images: clean_resize(images, (SIZE, SIZE))
-    else:
-        prepare = lambda images: images
-    return FeatureExtractor(
-        name="inception",
-        dim=DIM,
-        params=variables,
-        apply=model.apply,
-        prepare=prepare,
-        settings=dict(weights=path, layout=layout, resize=resize, dtype=dtype.name),
-    )
+    prepare = (lambda x: clean_resize(x, (SIZE, SIZE))) if resize == "clean" else (lambda x: x)
+    settings = dict(settings, resize=resize, dtype=dtype.name)
+    return FeatureExtractor("inception", DIM, variables, model.apply, prepare, settings)
