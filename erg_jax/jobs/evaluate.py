@@ -117,21 +117,9 @@ def check(ev) -> dict:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _manifest(workdir: str) -> dict:
-    path = os.path.join(workdir, "manifest.json")
-    if not os.path.exists(path):
-        raise ValueError(f"--workdir: {workdir!r} has no manifest.json (not a sampling job's)")
-    with open(path) as f:
-        return json.load(f)
-
-
-def job_methods(workdir: str, chosen: str = "") -> list[str]:
-    """The workdir's methods in the job's order, or the chosen ones (each checked)."""
-    manifest = _manifest(workdir)
-    on_disk = manifest.get("samples", {})
-    named = str(manifest.get("config", {}).get("guidance", {}).get("methods", "")).split(",")
-    named = [m.strip() for m in named]
-    methods = [m for m in named if m in on_disk] + sorted(m for m in on_disk if m not in named)
+def job_methods(manifest: dict, chosen: str = "") -> list[str]:
+    """A job's methods in its order (its manifest's), or the chosen ones (each checked)."""
+    methods = output.manifest_methods(manifest)
     if chosen:
         picked = [m.strip() for m in chosen.split(",") if m.strip()]
         bad = [m for m in picked if m not in methods]
@@ -329,8 +317,9 @@ def evaluate(workdir: str, settings, *, devices=None, stop_after: int | None = N
             f"evaluation.batch_size must be a multiple of the {count} devices, "
             f"got {ev['batch_size']}"
         )
-    methods = job_methods(workdir, ev["methods"])
-    kind = _manifest(workdir).get("config", {}).get("model", {}).get("kind")
+    manifest = output.read_manifest(workdir)
+    methods = job_methods(manifest, ev["methods"])
+    kind = manifest.get("config", {}).get("model", {}).get("kind")
     if ev["clip"] and kind and not registry.get(kind).text:
         raise ValueError(f"evaluation.clip: the workdir's model is class-conditional ({kind}); "
                          "CLIP score needs each sample's prompt")  # fmt: skip

@@ -225,3 +225,21 @@ def write_manifest(workdir: str, config: dict, methods: dict[str, int]) -> None:
         os.path.join(workdir, "manifest.json"),
         {"fingerprint": fingerprint(config), "config": config, "samples": methods},
     )
+
+
+def read_manifest(workdir: str) -> dict:
+    """A sampling job's manifest.json, or a clear error when the folder holds none."""
+    path = os.path.join(workdir, "manifest.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--workdir: {workdir!r} has no manifest.json (not a sampling job's)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def manifest_methods(manifest: dict) -> list[str]:
+    """The methods with samples on disk, in the config's order (the manifest's JSON sorts
+    its keys); names the config does not list (a sweep's suffixed ones) after, sorted."""
+    on_disk = manifest.get("samples", {})
+    config = manifest.get("config", {})
+    named = [m.strip() for m in str(config.get("guidance", {}).get("methods", "")).split(",")]
+    return [m for m in named if m in on_disk] + sorted(m for m in on_disk if m not in named)

@@ -211,20 +211,13 @@ def job_report(workdir: str, *, columns: int = 8) -> str:
     Rows of the grid are the methods in the manifest, columns the first ``columns``
     indices every method has written, labelled from each sample's metadata line.
     """
-    manifest_path = os.path.join(workdir, "manifest.json")
-    if not os.path.exists(manifest_path):
-        raise ValueError(f"--workdir: {workdir!r} has no manifest.json (not a sampling job's)")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    manifest = output.read_manifest(workdir)
     summary = {}
     if os.path.exists(os.path.join(workdir, "summary.json")):
         with open(os.path.join(workdir, "summary.json")) as f:
             summary = json.load(f)
     config = manifest.get("config", {})
-    on_disk = manifest.get("samples", {})
-    named = [m.strip() for m in str(config.get("guidance", {}).get("methods", "")).split(",")]
-    # the config's order (the manifest's JSON sorts its keys); sweeps add suffixed names
-    methods = [m for m in named if m in on_disk] + sorted(m for m in on_disk if m not in named)
+    methods = output.manifest_methods(manifest)
     meta = {m: {r["index"]: r for r in output.read_metadata(workdir, m)} for m in methods}
     done = [output.done_indices(workdir, m) for m in methods]
     shared = sorted(set.intersection(*done)) if done else []

@@ -247,9 +247,9 @@ def load_statistics(path: str) -> dict[str, np.ndarray]:
     them; FID needs only the statistics)."""
     if not os.path.isfile(path):
         raise ValueError(f"reference statistics file not found: {path}")
-    try:
+    try:  # only the arrays returned: ADM's reference batches also hold 10k images (arr_0)
         with np.load(path) as f:
-            data = {k: f[k] for k in f.files}
+            data = {k: f[k] if k in ("mu", "sigma", "features") else None for k in f.files}
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read reference statistics {path}: {e}") from e
     missing = [k for k in ("mu", "sigma") if k not in data]
