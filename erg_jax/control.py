@@ -13,6 +13,10 @@ perturbations the guiders of docs/METHOD.md need, all as traced data:
   and sown into the module's "intermediates"; 0 skips the work (``lax.cond``).
 - ``probe``: a diagnostic either: the layer also reports the entropy of its attention at
   chosen temperatures (``sow_entropy``, ``EntropyProbe``), for choosing tau and layers.
+- ``nag``: NAG (Chen et al. 2025, ``NAGControl``): the image rows of the layer's attention
+  output are extrapolated away from those of a negative text and normalised
+  (``nag_blend``). Not a weak branch: the negative text stream runs inside the same
+  forward (the model doubles its text stream; cond["negative"] holds that text).
 
 A field set to None is compiled out, so a guider pays only for what it uses (CFG's
 controls are all None: plain attention). Layers that a guider leaves alone hold the
@@ -61,6 +65,55 @@ class EntropyProbe:
 
 
 @struct.dataclass
+class NAGControl:
+    """Normalized Attention Guidance in every layer (one row per layer after indexing).
+
+    Attributes ((layers,) for a whole model, scalars after indexing):
+      scale: s, the extrapolation Z~ = s Z+ - (s - 1) Z-; 1 leaves the layer alone, exactly.
+        (layers, heads) guides a subset of heads (the others hold 1).
+      tau: the cap on ||Z~|| / ||Z+|| per sample and image token, over all channels.
+      alpha: the blend alpha Z^ + (1 - alpha) Z+.
+      norm: static, "l1" (the paper's Algorithm 1) or "l2" (the authors' FLUX processor).
+    """
+
+    scale: Any
+    tau: Any
+    alpha: Any
+    norm: str = struct.field(pytree_node=False, default="l1")
+
+
+NAG_NORMS = ("l1", "l2")
+
+
+def nag_blend(pos: Array, neg: Array, control: NAGControl, heads: int) -> Array:
+    """NAG's guided image rows from the positive and negative attention outputs.
+
+    Args:
+      pos, neg: (b, n, heads * head_dim) image rows of the attention output against the
+        positive and the negative text (heads merged, before the output projection).
+      control: this layer's NAGControl (scalars; ``scale`` (heads,) for a head subset).
+      heads: the layer's number of heads.
+
+    Returns:
+      (b, n, D) alpha Z^ + (1 - alpha) Z+, Z^ = Z~ min(r, tau) / r, r = |Z~| / |Z+|,
+      the norm over each token's channels; exactly pos where every scale is 1.
+    """
+    dtype = pos.dtype
+    zp, zn = pos.astype(jnp.float32), neg.astype(jnp.float32)
+    scale = jnp.asarray(control.scale, jnp.float32)
+    if scale.ndim:  # per head: each head's channels
+        scale = jnp.repeat(scale, zp.shape[-1] // heads)
+    guided = zp * scale - zn * (scale - 1.0)
+    order = 1 if control.norm == "l1" else 2
+    ratio = jnp.linalg.norm(guided, ord=order, axis=-1, keepdims=True) / jnp.linalg.norm(
+        zp, ord=order, axis=-1, keepdims=True
+    )
+    guided = guided * jnp.minimum(ratio, control.tau) / ratio
+    out = guided * control.alpha + zp * (1.0 - control.alpha)
+    return jnp.where(jnp.any(scale != 1.0), out, zp).astype(dtype)
+
+
+@struct.dataclass
 class AttentionControl:
     """Attention perturbations for every layer of a model (or, indexed, for one layer).
 
@@ -73,6 +126,7 @@ class AttentionControl:
       skip: 1.0 where the block is skipped (SLG).
       capture: weight of the layer's received-attention map (SAG; one-hot over layers).
       probe: an EntropyProbe (the layer reports its attention entropy), or None.
+      nag: a NAGControl (NAG against cond["negative"]), or None.
       max_steps: static bound of ``steps``; the energy loop runs this many times.
       energy_update: static; False when every alpha and gamma is known to be 1 before
         tracing (the paper's I-ERG: a temperature alone), so the layer skips the
@@ -87,6 +141,7 @@ class AttentionControl:
     skip: Any = None
     capture: Any = None
     probe: EntropyProbe | None = None
+    nag: NAGControl | None = None
     max_steps: int = struct.field(pytree_node=False, default=1)
     energy_update: bool = struct.field(pytree_node=False, default=True)
 
@@ -101,8 +156,10 @@ class AttentionControl:
         skip: bool = False,
         max_steps: int = 1,
         energy_update: bool = True,
+        nag: str | None = None,
     ) -> AttentionControl:
-        """A control with the chosen perturbations compiled in and switched off."""
+        """A control with the chosen perturbations compiled in and switched off (nag:
+        None, or NAG's norm, "l1" or "l2")."""
         ones = jnp.ones((num_layers,), jnp.float32)
         zeros = jnp.zeros((num_layers,), jnp.float32)
         return cls(
@@ -111,6 +168,7 @@ class AttentionControl:
             identity=zeros if identity else None,
             blur=zeros if blur else None,
             skip=zeros if skip else None,
+            nag=NAGControl(ones, ones, zeros, nag) if nag else None,
             max_steps=max_steps,
             energy_update=energy_update,
         )
@@ -195,8 +253,15 @@ def attend(
             raise ValueError(
                 "identity attention (PAG) needs self-attention: kv length must equal q length"
             )
-        out = jnp.where(control.identity > 0, ident.astype(out.dtype), out)
+        on = _per_head(control.identity)
+        out = jnp.where(on > 0, ident.astype(out.dtype), out)
     return out
+
+
+def _per_head(value: Array) -> Array:
+    """A layer's control value, scalar or per head (heads,), shaped to (b, n, h, d) arrays."""
+    value = jnp.asarray(value)
+    return value.reshape(1, 1, -1, 1) if value.ndim else value
 
 
 def skip_block(x_in: Array, x_out: Array, control: AttentionControl | None) -> Array:
@@ -210,7 +275,11 @@ def maybe_blur(q: Array, grid: tuple[int, int], control: AttentionControl | None
     """Applies SEG's query blur where the control asks for one."""
     if control is None or control.blur is None:
         return q
-    return blur_queries(q, grid, control.blur)
+    sigma = jnp.asarray(control.blur)
+    if not sigma.ndim:
+        return blur_queries(q, grid, sigma)
+    # per head: one term's sigma on its heads (the largest), the others left alone
+    return jnp.where(_per_head(sigma) > 0, blur_queries(q, grid, jnp.max(sigma)), q)
 
 
 def received_attention(q: Array, k: Array, image: slice | None = None, *, scale=None) -> Array:

@@ -155,6 +155,11 @@ class Pipeline:
         return int(self.model_config["num_layers"])
 
     @property
+    def layout(self):
+        """The model's blocks as layer targets name them (``guidance.Layout``)."""
+        return registry.get(self.kind).make_layout(self.model_config)
+
+    @property
     def num_classes(self) -> int:
         return int(self.model_config.get("num_classes", 0))
 
@@ -387,6 +392,7 @@ class Pipeline:
         settings = self.guidance(scale, **guidance)
         guiders = G.make_guiders(methods, **settings)
         G.check_text_guiders(guiders, text=self.text, kind=self.kind)
+        guiders = {m: G.resolve_targets(g, self.layout) for m, g in guiders.items()}
         for guider in guiders.values():
             check_layers(guider, self.num_layers)
         self.program(steps)  # a bad number of steps is named before the prompts are encoded

@@ -26,6 +26,7 @@ from flax import struct
 from erg_jax import predictions as P
 from erg_jax.branches import map_branches
 from erg_jax.guidance.guider import Guider, check_denoisers, check_layers
+from erg_jax.guidance.targets import resolve_targets
 
 Array = jax.Array
 Denoiser = Callable[..., Array]
@@ -241,7 +242,8 @@ def evaluate(
         ctl = controls[idx[0]]
         if ctl is not None:
             ctl = jax.tree_util.tree_map(stack, *[controls[i] for i in idx])
-        if hasattr(den, "branched") and len({slots[i] for i in idx}) == 1:
+        nag = ctl is not None and ctl.nag is not None  # NAG doubles the text: no shared prefix
+        if hasattr(den, "branched") and len({slots[i] for i in idx}) == 1 and not nag:
             # One condition for all: the model runs its shared prefix once.
             out = den.branched(x, native, branch_conds[idx[0]], ctl)
             out = jnp.broadcast_to(out, (len(idx),) + out.shape[1:])
@@ -337,6 +339,9 @@ def make_step(
     """The solver step ``(carry, i) -> (carry, None)``; carry = (x, (guider state,
     weak-branch cache)), from ``initial_carry``."""
     dens = _denoisers(denoiser)
+    layout = getattr(dens[0], "layout", None)  # a denoiser that names its blocks
+    if layout is not None:
+        guider = resolve_targets(guider, layout)
     check_layers(guider, num_layers)
     check_denoisers(guider, dens)
     if max(guider.models) >= len(dens):

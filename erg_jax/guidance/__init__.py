@@ -12,6 +12,8 @@ a model (0, or 1 for AutoGuidance's weaker parameters) and attention perturbatio
 - CFG: the null condition.        - ERG: the tempered condition and/or I-ERG energy
 - PAG: identity attention.           in chosen layers after the kickoff kappa.
 - SEG: query blur (sigma).        - SLG: skipped layers.   - AutoGuidance: model 1.
+- NAG: not a weak branch: the strong branch's attention pushed away from the negative
+  prompt inside its own forward (Chen et al. 2025), alone or beside any terms.
 - SAG: the strong branch's x0 blurred where one layer's attention is high, noised back
   (a degraded input, built from the strong output: two forwards one after the other).
 
@@ -51,7 +53,7 @@ from erg_jax.guidance.factory import (
     section_settings,
     tempered_tau_c,
 )
-from erg_jax.guidance.guider import CADS, SLOTS, Cache, Guider, Term
+from erg_jax.guidance.guider import CADS, NAG, SLOTS, Cache, Guider, Term
 from erg_jax.guidance.methods import (
     apg,
     autoguidance,
@@ -60,6 +62,7 @@ from erg_jax.guidance.methods import (
     compose,
     erg,
     layer_ids,
+    nag,
     none,
     pag,
     sag,
@@ -68,14 +71,16 @@ from erg_jax.guidance.methods import (
     with_apg,
     with_cads,
 )
+from erg_jax.guidance.targets import Layout, Target, resolve, resolve_targets
 from erg_jax.rules import APG
 from erg_jax.schedules import schedule
 
 __all__ = [
-    "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "MODIFIERS",
-    "SECTION_FIELDS", "SLOTS", "Term", "apg", "apg_mix", "autoguidance", "cache", "cfg",
-    "cfg_zero_star", "check_text_guiders", "compose", "defaults", "erg", "fdg",
-    "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "none", "pag",
-    "sag", "schedule", "section_settings", "seg", "slg", "tcfg", "tempered_tau_c", "with_apg",
-    "with_apg_mix", "with_cads", "with_fdg", "with_mambo", "with_tcfg", "with_zero_star",
+    "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "Layout", "MODIFIERS",
+    "NAG", "SECTION_FIELDS", "SLOTS", "Target", "Term", "apg", "apg_mix", "autoguidance", "cache",
+    "cfg", "cfg_zero_star", "check_text_guiders", "compose", "defaults", "erg", "fdg",
+    "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "nag", "none",
+    "pag", "resolve", "resolve_targets", "sag", "schedule", "section_settings", "seg", "slg",
+    "tcfg", "tempered_tau_c", "with_apg", "with_apg_mix", "with_cads", "with_fdg", "with_mambo",
+    "with_tcfg", "with_zero_star",
 ]  # fmt: skip

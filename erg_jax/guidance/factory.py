@@ -27,6 +27,7 @@ from erg_jax.guidance.methods import (
     cfg,
     compose,
     erg,
+    nag,
     none,
     pag,
     sag,
@@ -35,6 +36,7 @@ from erg_jax.guidance.methods import (
     with_apg,
     with_cads,
 )
+from erg_jax.schedules import check_range
 
 BUILDERS = {
     "none": none,
@@ -46,6 +48,7 @@ BUILDERS = {
     "slg": slg,
     "sag": sag,
     "autoguidance": autoguidance,
+    "nag": nag,
 }
 MODIFIERS = {
     "apg": with_apg,
@@ -67,14 +70,21 @@ ALIASES = {
 }
 # Settings every base term takes, given once for all of them (a section may override).
 COMMON = ("scale", "shape", "interval")
+# Methods whose scale and interval are their own, never the common weight's: NAG's scale
+# extrapolates attention, not the x0 sum.
+OWN_SCALE = ("nag",)
+# A labelled term (``terms=``): a method, its settings, and this term's own CFG rescale.
+TERM_FIELDS = ("method", "rescale")
 LIBRARY_ONLY = ("energy",)  # typed values with no config form (an Energy of arrays)
 
 
-def _keywords(fn) -> dict[str, Any]:
-    """A factory's keyword settings and their defaults (the guider argument left out)."""
+def _keywords(fn, own: bool = False) -> dict[str, Any]:
+    """A factory's keyword settings and their defaults (the guider argument left out;
+    the common ones too, unless the method's scale is its own)."""
     out = {}
+    skip = ("guider", *LIBRARY_ONLY) if own else ("guider", *COMMON, *LIBRARY_ONLY)
     for p in inspect.signature(fn).parameters.values():
-        if p.kind is p.VAR_KEYWORD or p.name in ("guider", *COMMON, *LIBRARY_ONLY):
+        if p.kind is p.VAR_KEYWORD or p.name in skip:
             continue
         if p.default is not p.empty:
             out[p.name] = p.default
@@ -91,7 +101,7 @@ def defaults() -> dict[str, dict[str, Any]]:
     """
     sections: dict[str, dict[str, Any]] = {}
     for name, fn in [*BUILDERS.items(), *MODIFIERS.items()]:
-        for key, value in _keywords(fn).items():
+        for key, value in _keywords(fn, own=name in OWN_SCALE and fn is BUILDERS[name]).items():
             value = "" if value is None else value
             section = sections.setdefault(name, {})
             if key in section and section[key] != value:
@@ -106,6 +116,8 @@ def _call(fn, name: str, common: Mapping[str, Any], section: Mapping[str, Any], 
     method "apg" takes apg.interval, the modifier in "erg+apg" does not)."""
     params = inspect.signature(fn).parameters
     kwargs = {k: v for k, v in common.items() if k in params and v is not None}
+    if name in OWN_SCALE:
+        kwargs = {}
     ignored = [k for k in section if k not in params]
     if ignored:
         role = "modifier" if args else "method"
@@ -134,22 +146,48 @@ def _check_sections(method: str, sections: Mapping[str, Any]) -> None:
             )
 
 
+def _labelled(label: str, entry: Mapping[str, Any], common: Mapping[str, Any]) -> Guider:
+    """A labelled term of ``terms=``: its method built from its own settings, renamed."""
+    if label in BUILDERS or label in MODIFIERS or label in ALIASES:
+        raise ValueError(f"guidance.terms: {label!r} is a method's name; label the term otherwise")
+    if not isinstance(entry, Mapping) or entry.get("method") not in BUILDERS:
+        got = entry.get("method") if isinstance(entry, Mapping) else entry
+        raise ValueError(
+            f"guidance.terms.{label}.method must name a method of {sorted(BUILDERS)}, got {got!r}"
+        )
+    settings = {k: v for k, v in entry.items() if k not in TERM_FIELDS}
+    guider = _call(BUILDERS[entry["method"]], label, common, settings)
+    rescale = entry.get("rescale", None)
+    if rescale not in (None, ""):
+        check_range(rescale, f"guidance.terms.{label}.rescale", 0.0, 1.0)
+        guider = guider.replace(terms=tuple(t.replace(rescale=rescale) for t in guider.terms))
+    return guider.replace(name=label)
+
+
 def make_guider(
     method: str,
     *,
     scale=None,
     shape=None,
     interval=None,
+    terms: Mapping[str, Mapping[str, Any]] | None = None,
     **sections: Mapping[str, Any],
 ) -> Guider:
     """The one factory from a method name and its settings to a Guider.
 
     Args:
-      method: base names joined by "+" ("cfg", "erg", "cfg+pag"), then modifiers
-        ("erg+apg", "erg+cads", "erg+tcfg", "cfg+pag+zero_star", "erg+cache"). The
-        combination rules are also base methods: "tcfg" is "cfg+tcfg".
+      method: base names joined by "+" ("cfg", "erg", "cfg+pag", "cfg+nag"), then
+        modifiers ("erg+apg", "erg+cads", "erg+tcfg", "cfg+pag+zero_star", "erg+cache").
+        The combination rules are also base methods: "tcfg" is "cfg+tcfg". A base may be
+        the label of one of ``terms``.
       scale, shape, interval: the weight w, its schedule and its noise-level window for
-        every base term (None: each factory's own default).
+        every base term (None: each factory's own default). NAG's scale and window are
+        its own (its section's).
+      terms: labelled terms, each a method of its own with its own settings, weight,
+        schedule, window, layers and CFG ``rescale``, e.g. ``terms={"late_slg":
+        {"method": "slg", "layers": "joint_blocks.7-9", "scale": 2.8, "interval":
+        (0.01, 0.2)}}`` and ``method="cfg+late_slg"``: one entry per term, the same
+        method as often as wanted.
       sections: per method or modifier name, its keyword settings (``defaults()`` lists
         them), e.g. ``erg={"tau": 0.3, "layers": "3,4"}``, ``apg={"momentum": -0.5}``,
         ``cache={"every": 2}``. A section may also hold scale, shape or interval: that
@@ -158,6 +196,7 @@ def make_guider(
     Every number becomes float32 data, so guiders that differ only in numbers share one
     compiled program.
     """
+    terms = dict(terms or {})
     parts = [p.strip() for p in str(method).split("+") if p.strip()]
     if parts and parts[0] in ALIASES:
         parts = ALIASES[parts[0]].split("+") + parts[1:]
@@ -167,12 +206,15 @@ def make_guider(
     for i, p in enumerate(parts):
         if i > 0 and p in MODIFIERS:
             mods.append(p)
+        elif p in terms and not mods:
+            bases.append(_labelled(p, terms[p], common))
         elif p in BUILDERS and not mods:
             bases.append(_call(BUILDERS[p], p, common, sections.get(p, {})))
         else:
             raise ValueError(
                 f"guidance.methods: unknown or misplaced method {p!r} in {method!r}; methods: "
-                f"{sorted([*BUILDERS, *ALIASES])}, then modifiers: {sorted(MODIFIERS)}"
+                f"{sorted([*BUILDERS, *ALIASES])}, terms: {sorted(terms)}, then modifiers: "
+                f"{sorted(MODIFIERS)}"
             )
     if not bases:
         raise ValueError(

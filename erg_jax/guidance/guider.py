@@ -25,8 +25,9 @@ import numpy as np
 from flax import struct
 
 from erg_jax import sag as SAG
-from erg_jax.control import AttentionControl
+from erg_jax.control import AttentionControl, NAGControl
 from erg_jax.energy import Energy, known_one
+from erg_jax.guidance.targets import LAYER_FIELDS, Target, unresolved
 from erg_jax.rules import APG, ZeroStar, apg_project, per_sample, rule_delta
 from erg_jax.schedules import WeightSchedule
 
@@ -57,6 +58,23 @@ class Cache:
     every: Any = 1
     t_min: Any = 0.0
     t_max: Any = 1.0
+
+
+@struct.dataclass
+class NAG:
+    """Normalized Attention Guidance (Chen et al. 2025) on the strong branch: in the
+    chosen layers the image rows of the attention are pushed away from a negative text
+    (the "null" condition: the negative prompts), normalised and blended
+    (``control.nag_blend``), inside the strong branch's one forward, while the noise level
+    is in [t_min, t_max]. alpha None: the model kind's default (``targets.Layout``)."""
+
+    scale: Any = 5.0
+    tau: Any = 2.5
+    alpha: Any = None
+    layers: Any = None
+    t_min: Any = 0.0
+    t_max: Any = 1.0
+    norm: str = struct.field(pytree_node=False, default="l1")
 
 
 @struct.dataclass
@@ -91,16 +109,18 @@ class Term:
     sag_layer: Any = None
     sag_sigma: Any = 1.0
     uses_sag: bool = struct.field(pytree_node=False, default=False)
+    rescale: Any = None  # this term's own CFG rescale phi (None: the guider's alone)
 
 
 @struct.dataclass
 class Guider:
-    """A guidance method: terms sharing one strong branch, CFG rescale phi, CADS."""
+    """A guidance method: terms sharing one strong branch, CFG rescale phi, CADS, NAG."""
 
     terms: tuple = ()
     rescale: Any = 0.0
     cads: CADS | None = None
     cache: Cache | None = None
+    nag: NAG | None = None
     name: str = struct.field(pytree_node=False, default="none")
 
     @property
@@ -154,6 +174,13 @@ class Guider:
                 _cads(c, self.cads, t, keys, step) if s in ("cond", "tempered") else c
                 for s, c in zip(slots, out, strict=True)
             ]
+        if self.nag is not None:  # every branch alike, so that branches stack
+            if "null" not in conds or not isinstance(conds["null"], Mapping):
+                raise ValueError(
+                    f"{self.name}: nag needs the negative prompts' text (the 'null' "
+                    f"condition of a text model); got {sorted(conds)}"
+                )
+            out = [dict(c, negative=conds["null"]) for c in out]
         return out
 
     def controls(self, t, num_layers: int, progress=None) -> list:
@@ -170,7 +197,7 @@ class Guider:
             blur=any(term.uses_blur for term in feats),
             skip=any(term.uses_skip for term in feats),
         )
-        if not any(use.values()):
+        if not any(use.values()) and self.nag is None:
             return [None] * self.num_branches
         # alpha = gamma = 1 known now (not traced): the layers skip the update's passes.
         update = not all(
@@ -178,12 +205,16 @@ class Guider:
             for term in feats
             if term.energy is not None
         )
+        nag = None if self.nag is None else self.nag.norm
         neutral = AttentionControl.neutral(
-            num_layers, max_steps=max_steps, energy_update=update, **use
+            num_layers, max_steps=max_steps, energy_update=update, nag=nag, **use
         )
+        heads = _head_counts(self, feats)
         shapes = {
             energy_shape(term.energy, num_layers) for term in feats if term.energy is not None
         }
+        if heads["energy"]:
+            shapes = {(num_layers, heads["energy"])} | {s_ for s_ in shapes if len(s_) == 2}
         if len(shapes) > 1:
             raise ValueError(
                 f"the terms' energies need one per-layer/per-head layout, got {shapes}"
@@ -193,7 +224,17 @@ class Guider:
             e = neutral.energy
             grow = lambda f: jnp.broadcast_to(f.reshape(f.shape + (1,) * (len(shape) - 1)), shape)  # noqa: E731
             neutral = neutral.replace(energy=Energy(grow(e.tau), grow(e.alpha), grow(e.gamma)))
-        out = [neutral]
+        wide = lambda f, h: f if not h else jnp.broadcast_to(f[:, None], (num_layers, h))  # noqa: E731
+        if heads["identity"]:
+            neutral = neutral.replace(identity=wide(neutral.identity, heads["identity"]))
+        if heads["blur"]:
+            neutral = neutral.replace(blur=wide(neutral.blur, heads["blur"]))
+        if neutral.nag is not None and heads["nag"]:
+            neutral = neutral.replace(
+                nag=neutral.nag.replace(scale=wide(neutral.nag.scale, heads["nag"]))
+            )
+        strong = neutral if self.nag is None else _nag_control(self.nag, neutral, t, num_layers)
+        out = [strong]
         for term in self.terms:
             ctl = _term_control(term, neutral, t, num_layers, progress) if term.model == 0 else None
             out.append(ctl)
@@ -214,14 +255,16 @@ class Guider:
             if term.rule is not None:
                 args = (strong, weak, term.weight(t), buf, index, x, a, s)
                 delta, buf = rule_delta(term.rule, *args)
-                out = out + delta
-                if isinstance(term.rule, ZeroStar):
-                    zeroed = (term.rule.zeroes(index), strong + delta)
             else:
                 diff = strong - weak
                 if term.apg is not None:
                     diff, buf = apg_project(diff, strong, buf, term.apg)
-                out = out + (term.weight(t) - 1.0) * diff
+                delta = (term.weight(t) - 1.0) * diff
+            if term.rescale is not None:  # this term's own rescale, on its own sum
+                delta = _rescale(strong + delta, strong, term.rescale) - strong
+            out = out + delta
+            if isinstance(term.rule, ZeroStar):
+                zeroed = (term.rule.zeroes(index), strong + delta)
             new_state.append(buf)
         out = _rescale(out, strong, self.rescale)
         if zeroed is not None:  # CFG-Zero*'s zero step: its zero prediction once, not per term
@@ -236,14 +279,64 @@ def _slot(condition: str, conds: Mapping[str, Any]) -> str:
 
 
 def _mask(layers, num_layers: int) -> Array:
+    """(layers,) or, for a head target, (layers, heads) booleans."""
+    if isinstance(layers, Target):
+        raise ValueError(unresolved(layers))
     if layers is None:
         return jnp.ones((num_layers,), bool)
     layers = jnp.asarray(layers)
     if layers.dtype == jnp.bool_:
-        if layers.shape != (num_layers,):
-            raise ValueError(f"layer mask must have shape ({num_layers},), got {layers.shape}")
+        if layers.shape[:1] != (num_layers,) or layers.ndim > 2:
+            raise ValueError(
+                f"layer mask must have shape ({num_layers},) or ({num_layers}, heads), got "
+                f"{layers.shape}"
+            )
         return layers
     return jnp.any(jnp.arange(num_layers)[:, None] == layers.reshape(-1)[None, :], axis=1)
+
+
+def _heads(layers) -> int:
+    """The heads of a (layers, heads) target mask; 0 for a per-layer one."""
+    if layers is None or isinstance(layers, Target):
+        return 0
+    shape = jnp.shape(layers)
+    return int(shape[1]) if len(shape) == 2 else 0
+
+
+def _head_counts(guider: Guider, feats) -> dict[str, int]:
+    """Per control field, the heads its per-head targets need (0: per layer only)."""
+    found: dict[str, set] = {k: set() for k in ("energy", "identity", "blur", "nag")}
+    for term in feats:
+        if term.energy is not None:
+            found["energy"].add(_heads(term.energy_layers))
+        if term.uses_identity:
+            found["identity"].add(_heads(term.identity_layers))
+        if term.uses_blur:
+            found["blur"].add(_heads(term.blur_layers))
+    if guider.nag is not None:
+        found["nag"].add(_heads(guider.nag.layers))
+    out = {}
+    for key, values in found.items():
+        values.discard(0)
+        if len(values) > 1:
+            raise ValueError(f"{guider.name}: {key} targets disagree on the heads: {values}")
+        out[key] = values.pop() if values else 0
+    return out
+
+
+def _nag_control(nag: NAG, neutral: AttentionControl, t, num_layers: int) -> AttentionControl:
+    """The strong branch's control with NAG on in its layers, inside its noise window."""
+    if nag.alpha is None:
+        raise ValueError(
+            "nag alpha is left to the model kind: resolve the guider on the model's layout "
+            "(guidance.resolve_targets) or give nag alpha"
+        )
+    one = neutral.nag.scale
+    on = _mask(nag.layers, num_layers) & (t >= nag.t_min) & (t <= nag.t_max)
+    on = on if on.ndim == one.ndim else on[:, None]
+    scale = jnp.where(on, jnp.asarray(nag.scale, jnp.float32), one)
+    full = lambda v: jnp.full((num_layers,), v, jnp.float32)  # noqa: E731
+    return neutral.replace(nag=NAGControl(scale, full(nag.tau), full(nag.alpha), nag.norm))
 
 
 def energy_shape(energy: Energy, num_layers: int) -> tuple[int, ...]:
@@ -272,17 +365,28 @@ def energy_shape(energy: Energy, num_layers: int) -> tuple[int, ...]:
 def check_layers(guider: Guider, num_layers: int) -> None:
     """Refuses layer indices at or past the model's depth (concrete values only: a
     guider traced inside a jit is checked where it was built)."""
+    targets = [(term, name, getattr(term, name)) for term in guider.terms for name in LAYER_FIELDS]
+    if guider.nag is not None:
+        targets.append((None, "nag layers", guider.nag.layers))
+    for term, name, layers in targets:
+        if isinstance(layers, Target):
+            raise ValueError(unresolved(layers))
+        if layers is None or isinstance(layers, jax.core.Tracer):
+            continue
+        layers = np.asarray(layers)
+        if layers.dtype != np.bool_ and layers.size and int(layers.max()) >= num_layers:
+            raise ValueError(
+                f"{guider.name}: layer {int(layers.max())} in {name} is past the model's "
+                f"depth; it has {num_layers} attention layers (0..{num_layers - 1})"
+            )
+        if layers.ndim == 2 and name == "skip_layers":
+            raise ValueError(f"{guider.name}: slg skips whole blocks; it takes no heads")
+        if layers.ndim == 2 and name == "energy_layers" and term.energy_steps > 1:
+            raise ValueError(
+                f"{guider.name}: erg steps > 1 re-attend a whole layer; give heads only with "
+                "steps 1"
+            )
     for term in guider.terms:
-        for name in ("energy_layers", "identity_layers", "blur_layers", "skip_layers"):
-            layers = getattr(term, name)
-            if layers is None or isinstance(layers, jax.core.Tracer):
-                continue
-            layers = np.asarray(layers)
-            if layers.dtype != np.bool_ and layers.size and int(layers.max()) >= num_layers:
-                raise ValueError(
-                    f"{guider.name}: layer {int(layers.max())} in {name} is past the model's "
-                    f"depth; it has {num_layers} attention layers (0..{num_layers - 1})"
-                )
         layer = term.sag_layer
         if term.uses_sag and layer is not None and not isinstance(layer, jax.core.Tracer):
             layer = np.asarray(layer)
@@ -315,7 +419,7 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int, pro
     ctl = neutral
     if term.energy is not None:
         on = _mask(term.energy_layers, num_layers) & _kicked_off(term, t, progress)
-        on = on.reshape(on.shape + (1,) * (neutral.energy.tau.ndim - 1))
+        on = on.reshape(on.shape + (1,) * (neutral.energy.tau.ndim - on.ndim))
 
         def pick(value, one):
             value = jnp.asarray(value, jnp.float32)
@@ -329,16 +433,22 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int, pro
             pick(term.energy.alpha, e.alpha),
             pick(term.energy.gamma, e.gamma),
         )
-        on_layer = on.reshape(num_layers, -1)[:, 0]
+        on_layer = jnp.any(on.reshape(num_layers, -1), axis=1)
         steps = None if ctl.steps is None else jnp.where(on_layer, term.energy_steps, 1)
         ctl = ctl.replace(
             energy=energy, steps=steps.astype(jnp.int32) if steps is not None else None
         )
+
+    def like(mask, field):  # a per-layer mask on a per-head field: every head
+        return jnp.broadcast_to(mask[:, None], field.shape) if field.ndim > mask.ndim else mask
+
     if term.uses_identity:
-        ctl = ctl.replace(identity=_mask(term.identity_layers, num_layers).astype(jnp.float32))
+        on = like(_mask(term.identity_layers, num_layers), neutral.identity)
+        ctl = ctl.replace(identity=on.astype(jnp.float32))
     if term.uses_blur:
         sigma = jnp.asarray(term.blur_sigma, jnp.float32)
-        ctl = ctl.replace(blur=jnp.where(_mask(term.blur_layers, num_layers), sigma, 0.0))
+        on = like(_mask(term.blur_layers, num_layers), neutral.blur)
+        ctl = ctl.replace(blur=jnp.where(on, sigma, 0.0))
     if term.uses_skip:
         ctl = ctl.replace(skip=_mask(term.skip_layers, num_layers).astype(jnp.float32))
     return ctl

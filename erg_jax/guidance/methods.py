@@ -13,21 +13,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from erg_jax import rules as R
+from erg_jax.control import NAG_NORMS
 from erg_jax.energy import Energy, check_energy, check_positive
-from erg_jax.guidance.guider import CADS, SLOTS, Cache, Guider, Term
+from erg_jax.guidance.guider import CADS, NAG, SLOTS, Cache, Guider, Term
+from erg_jax.guidance.targets import Target, is_named
 from erg_jax.schedules import check_range, schedule
 
 
 def layer_ids(layers, name):
     """Layer ids or a boolean mask, as the guider takes them: None, "" or "all" (every
     layer), "3,4" (a config string), a sequence or array of ints, or of booleans (a mask
-    over the model's layers; a Python list of booleans is a mask, never ids 0 and 1)."""
-    if layers is None or isinstance(layers, jax.core.Tracer):
+    over the model's layers, or (layers, heads); a Python list of booleans is a mask,
+    never ids 0 and 1). Block names and heads ("joint_blocks.0-5", "blocks.12@0-3")
+    stay a ``targets.Target`` until the model is known (``guidance.targets``)."""
+    if layers is None or isinstance(layers, jax.core.Tracer | Target):
         return layers
     if isinstance(layers, str):
         spec = layers.strip()
         if spec in ("", "all"):
             return None
+        if is_named(spec):
+            return Target(spec, name)
         try:
             layers = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError as e:
@@ -36,8 +42,10 @@ def layer_ids(layers, name):
             ) from e
     value = np.asarray(layers)
     if value.dtype == np.bool_:
-        if value.ndim != 1 or not value.size:
-            raise ValueError(f"{name}: a layer mask must be 1-D and non-empty, got {value.shape}")
+        if value.ndim not in (1, 2) or not value.size:
+            raise ValueError(
+                f"{name}: a layer mask must be (layers,) or (layers, heads), got {value.shape}"
+            )
         return jnp.asarray(value)
     if value.size == 0:
         raise ValueError(f"{name} must name at least one layer, got an empty list")
@@ -222,6 +230,37 @@ def sag(scale=1.75, *, layer=None, sigma=1.0, shape="constant", interval=(0.0, 1
     return Guider((term,), name="sag")
 
 
+def nag(scale=5.0, *, tau=2.5, alpha=None, norm="l1", layers=None, interval=(0.0, 1.0)) -> Guider:
+    """Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179) on the strong
+    branch: negative prompts without a second forward, usable on distilled models.
+
+    In the chosen layers the image rows Z+ of the attention against the prompt and Z-
+    against the negative prompt (the "null" condition) become
+    Z~ = s Z+ - (s - 1) Z-,  Z^ = Z~ min(r, tau) / r (r = |Z~| / |Z+| per sample and image
+    token, over all channels),  alpha Z^ + (1 - alpha) Z+. Text rows are never changed.
+
+    Args:
+      scale: s (the authors' examples: 5); 1 is the model exactly.
+      tau: the cap on the norm ratio (2.5).
+      alpha: the blend (None: the model kind's, 0.25 FLUX.1, 0.125 SD3).
+      norm: "l1" (the paper's Algorithm 1) or "l2" (the authors' FLUX processor).
+      layers: the guided layers (None = all), ids, block names, "@" heads.
+      interval: the noise levels where NAG is on; the authors' nag_end is 1 - interval[0].
+    """
+    check_range(scale, "nag scale", 1.0, math.inf)
+    check_positive(tau, "nag tau")
+    alpha = None if isinstance(alpha, str) and not alpha.strip() else alpha  # config ""
+    if alpha is not None:
+        check_range(alpha, "nag alpha", 0.0, 1.0)
+    if norm not in NAG_NORMS:
+        raise ValueError(f"nag norm must be one of {NAG_NORMS}, got {norm!r}")
+    lo, hi = interval
+    check_range(lo, "nag interval[0]", 0.0, 1.0)
+    check_range(hi, "nag interval[1]", 0.0, 1.0)
+    layers = layer_ids(layers, "nag layers")
+    return Guider(name="nag", nag=NAG(scale, tau, alpha, layers, lo, hi, norm))
+
+
 def autoguidance(scale=2.0, *, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """AutoGuidance (Karras et al. 2024): the weak branch is model 1, a weaker network."""
     return Guider((Term(schedule(scale, shape, interval), "cond", model=1),), name="autoguidance")
@@ -274,5 +313,11 @@ def compose(*guiders: Guider, rescale=0.0) -> Guider:
     """One strong branch, every guider's terms added (for example CFG + PAG)."""
     if any(g.cads is not None or g.cache is not None for g in guiders):
         raise ValueError("compose guiders first, then add CADS (with_cads) or a cache")
+    nags = [g.nag for g in guiders if g.nag is not None]
+    if len(nags) > 1:
+        raise ValueError("compose takes one nag: NAG guides the strong branch once")
     terms = tuple(t for g in guiders for t in g.terms)
-    return Guider(terms, rescale, name="+".join(g.name for g in guiders))
+    if nags and any(t.uses_sag for t in terms):
+        raise ValueError("nag and sag: SAG's attention map is taken without NAG's text")
+    nag = nags[0] if nags else None
+    return Guider(terms, rescale, name="+".join(g.name for g in guiders), nag=nag)

@@ -304,6 +304,7 @@ def run_entropy(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     model = load_demo_model(config, tau_c) if demo else load_job_model(config, workdir, tau_c)
     check_layer_ids(settings["layers"], model.num_layers)
+    guider = G.resolve_targets(guider, entry.make_layout(model.config))
     check_layers(guider, model.num_layers)
     n = config.num_samples
     keys = S.sample_keys(config.seed, jnp.arange(n))

@@ -60,7 +60,9 @@ def build_plan(config, workdir: str) -> Plan:
     methods = make_methods(config, text=text)
     output.check_workdir(workdir, cfg)
     pipe = Pipeline.from_settings(config, workdir=workdir)  # checks its settings first
-    for guider in methods.values():  # layer ids past the depth, named before compiling
+    # block names resolved on the model's layout, ids past its depth named, before compiling
+    methods = {m: G.resolve_targets(g, pipe.layout) for m, g in methods.items()}
+    for guider in methods.values():
         check_layers(guider, pipe.num_layers)
     if text:
         # one tempered encoding per C-ERG temperature the methods ask for

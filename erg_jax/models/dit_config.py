@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from erg_jax.guidance.targets import Layout
+
 _BASE = dict(
     kind="dit",
     prediction="eps",
@@ -194,3 +196,12 @@ RECIPES = {
         "sampler.batch_size": 8,
     },
 }
+
+
+def layout(config: dict) -> Layout:
+    """The blocks as guidance targets name them: "blocks.12" (diffusers' "transformer_blocks")."""
+    return Layout(
+        (("blocks", int(config["num_layers"])),),
+        int(config["num_heads"]),
+        aliases=(("transformer_blocks", "blocks"),),
+    )

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from erg_jax.guidance.targets import Layout
 from erg_jax.models.mmdit_config import TINY_TEXT_MODEL
 from erg_jax.models.stacking import stack_groups, unstack_groups
 
@@ -284,3 +285,24 @@ RECIPES = {
         "guidance.sag.layer": "2",
     },
 }
+
+
+# NAG's blend on FLUX.1, the authors' default.
+NAG_ALPHA = 0.25
+
+
+def layout(config: dict) -> Layout:
+    """The blocks as guidance targets name them: "double_blocks.3", "single_blocks.10-18"
+    (BFL's names; diffusers' "transformer_blocks" and "single_transformer_blocks")."""
+    return Layout(
+        (
+            ("double_blocks", int(config["num_double_layers"])),
+            ("single_blocks", int(config["num_single_layers"])),
+        ),
+        int(config["num_attention_heads"]),
+        aliases=(
+            ("transformer_blocks", "double_blocks"),
+            ("single_transformer_blocks", "single_blocks"),
+        ),
+        nag_alpha=NAG_ALPHA,
+    )

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from erg_jax.guidance.targets import Layout
 from erg_jax.models.stacking import stack_groups, unstack_groups
 
 _SD3 = dict(
@@ -275,3 +276,18 @@ RECIPES = {
         "guidance.slg.layers": "1",
     },
 }
+
+
+# NAG's blend on SD3 / SD3.5, the authors' default for this family.
+NAG_ALPHA = 0.125
+
+
+def layout(config: dict) -> Layout:
+    """The blocks as guidance targets name them: "joint_blocks.0-5" (SD3's own name;
+    diffusers' "transformer_blocks"), every layout (with or without dual attention)."""
+    return Layout(
+        (("joint_blocks", int(config["num_layers"])),),
+        int(config["num_attention_heads"]),
+        aliases=(("transformer_blocks", "joint_blocks"),),
+        nag_alpha=NAG_ALPHA,
+    )

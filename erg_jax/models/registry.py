@@ -78,6 +78,8 @@ class ModelKind:
       entropy_probe: its denoiser has ``with_entropy`` (launch.entropy).
       demo: a shipped demo model, models/demo-<name>, exists (quality bench, probe, quickstart).
       trainable: ``launch.train``'s flow-matching trainer builds and trains it.
+      layout: "module:function", config -> ``guidance.Layout``: its blocks as layer
+        targets name them ("joint_blocks.3"), its heads, NAG's default blend.
     """
 
     name: str
@@ -95,6 +97,7 @@ class ModelKind:
     entropy_probe: bool = False
     demo: bool = False
     trainable: bool = False
+    layout: str = ""
 
     def module(self) -> Any:
         """Its model module, imported now."""
@@ -107,6 +110,10 @@ class ModelKind:
     def make_network(self, config: dict) -> Any:
         """Its Flax module of a config dict."""
         return getattr(self.module(), self.network)(config)
+
+    def make_layout(self, config: dict) -> Any:
+        """Its ``guidance.Layout`` of a config dict (None where the kind has none)."""
+        return resolve(self.layout)(config) if self.layout else None
 
     def recipe_names(self) -> tuple[str, ...]:
         """Its recipes' names, the default first."""
@@ -136,6 +143,7 @@ KINDS: dict[str, ModelKind] = {
         ModelKind(
             name="dit",
             module_path="erg_jax.models.dit",
+            layout="erg_jax.models.dit_config:layout",
             preset="dit_config",
             network="dit_module",
             config_file="dit",
@@ -158,6 +166,7 @@ KINDS: dict[str, ModelKind] = {
         ModelKind(
             name="mmdit",
             module_path="erg_jax.models.mmdit",
+            layout="erg_jax.models.mmdit_config:layout",
             preset="mmdit_config",
             network="mmdit_module",
             config_file="sd3",
@@ -180,6 +189,7 @@ KINDS: dict[str, ModelKind] = {
         ModelKind(
             name="flux",
             module_path="erg_jax.models.flux",
+            layout="erg_jax.models.flux_config:layout",
             preset="flux_config",
             network="flux_module",
             config_file="flux",
