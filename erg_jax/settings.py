@@ -106,6 +106,10 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
             # every branch; 0 for models without one (schnell, SD3, DiT)
             distilled=0.0,
             sweep="",  # "scale=2,3,4" or "erg.tau=0.3,0.5": every method at each value
+            # labelled terms, each a method with its own settings, weight, window, layers
+            # and rescale: terms.late_slg = dict(method="slg", layers="joint_blocks.7-9",
+            # scale=2.8, interval=(0.01, 0.2)) and methods="cfg+late_slg"
+            terms=ml_collections.ConfigDict(),
             **guidance.defaults(),
         )
     )
@@ -135,6 +139,9 @@ def apply(config, fields: Mapping[str, Any], origin: str) -> None:
             if p not in node or not hasattr(node[p], "keys"):
                 raise ValueError(f"{origin}: {dotted!r} is not a settings field")
             node = node[p]
+        if parents == ["guidance"] and leaf == "terms" and isinstance(value, Mapping):
+            node[leaf] = ml_collections.ConfigDict({**node[leaf].to_dict(), **value})
+            continue
         if leaf not in node and _per_term(parents, leaf):
             node[leaf] = value  # a method's own weight, schedule or window
             continue
