@@ -342,10 +342,15 @@ def guiders_from_section(section) -> dict[str, Guider]:
 
 
 def check_text_guiders(guiders: Mapping[str, Guider], *, text: bool, kind: str) -> None:
-    """Refuses C-ERG (tau_c != 1) on a model without a text encoder, by name."""
+    """Refuses C-ERG (tau_c != 1) and NAG on a model without a text encoder, by name."""
     if text:
         return
     for name, guider in guiders.items():
+        if guider.nag is not None:
+            raise ValueError(
+                f"guidance.methods: {name} uses nag, which guides a text stream, and {kind} "
+                "has none (class-conditional)"
+            )
         if tempered_tau_c(guider) != 1.0:
             raise ValueError(
                 f"guidance.erg.tau_c: {name} tempers a text encoder, and {kind} has none "
