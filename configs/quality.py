@@ -42,6 +42,9 @@ def get_config(arg=None):
     c.guidance = ml_collections.ConfigDict(guidance.defaults())
     c.guidance.erg.update(tau=0.8, tau_c=0.5)
     c.guidance.apg.momentum = -0.5
+    # an entropy.json of launch.entropy on the same model: its proposed ERG target (I-ERG
+    # layers / heads and tau, by the stated rule) is benched as "erg@probe" at every weight
+    c.proposal = ""
     c.mode = "bench"  # or "search": ERG's settings against CFG on tuning conditions
     c.search = ml_collections.ConfigDict(
         dict(

@@ -8,6 +8,9 @@ perturbations the guiders of docs/METHOD.md need, all as traced data:
 - ``blur``: SEG (Hong 2024), queries blurred by a Gaussian of this sigma over the token
   grid (0 = off, inf = the mean of all queries);
 - ``skip``: SLG, the whole block skipped (its output is its input);
+- ``shuffle``: TPG (Rajabi et al. 2025), the block's update to the image tokens moved to
+  other tokens by a random permutation (``image_block_output``; the seed per layer is
+  data, 0 = off);
 - ``capture``: SAG (``erg_jax.sag``), not a perturbation: the layer also reports the
   attention each image token receives (``capture_received``), weighted by this value
   and sown into the module's "intermediates"; 0 skips the work (``lax.cond``).
@@ -124,6 +127,8 @@ class AttentionControl:
       identity: 1.0 where the attention is replaced by identity attention (PAG).
       blur: Gaussian sigma (in tokens) of the query blur (SEG); 0 off, inf the mean.
       skip: 1.0 where the block is skipped (SLG).
+      shuffle: int32 seed of the permutation of the block's image-token update (TPG);
+        0 leaves the block alone.
       capture: weight of the layer's received-attention map (SAG; one-hot over layers).
       probe: an EntropyProbe (the layer reports its attention entropy), or None.
       nag: a NAGControl (NAG against cond["negative"]), or None.
@@ -139,6 +144,7 @@ class AttentionControl:
     identity: Any = None
     blur: Any = None
     skip: Any = None
+    shuffle: Any = None
     capture: Any = None
     probe: EntropyProbe | None = None
     nag: NAGControl | None = None
@@ -154,6 +160,7 @@ class AttentionControl:
         identity: bool = False,
         blur: bool = False,
         skip: bool = False,
+        shuffle: bool = False,
         max_steps: int = 1,
         energy_update: bool = True,
         nag: str | None = None,
@@ -168,6 +175,7 @@ class AttentionControl:
             identity=zeros if identity else None,
             blur=zeros if blur else None,
             skip=zeros if skip else None,
+            shuffle=jnp.zeros((num_layers,), jnp.int32) if shuffle else None,
             nag=NAGControl(ones, ones, zeros, nag) if nag else None,
             max_steps=max_steps,
             energy_update=energy_update,
@@ -269,6 +277,31 @@ def skip_block(x_in: Array, x_out: Array, control: AttentionControl | None) -> A
     if control is None or control.skip is None:
         return x_out
     return jnp.where(control.skip > 0, x_in, x_out)
+
+
+def shuffle_update(x_in: Array, x_out: Array, control: AttentionControl | None) -> Array:
+    """TPG's token perturbation of a block: x_in + P (x_out - x_in), P a permutation of the
+    tokens (b, n, D) drawn from the layer's seed, the same for every sample; the block's
+    output where the seed is 0.
+
+    Models whose positions enter only at the input are equivariant to a token
+    permutation, so shuffling a block's input and un-shuffling its output changes
+    nothing, and shuffling without un-shuffling scrambles the whole prediction; moving
+    the block's update to other tokens against the residual stream is the perturbation
+    TPG's U-Net code amounts to (its shuffled transformer stream is added back to the
+    unshuffled convolutional residual).
+    """
+    if control is None or control.shuffle is None:
+        return x_out
+    seed = jnp.asarray(control.shuffle, jnp.int32)
+    perm = jax.random.permutation(jax.random.key(seed), x_in.shape[1])
+    moved = x_in + jnp.take(x_out - x_in, perm, axis=1)
+    return jnp.where(seed != 0, moved, x_out)
+
+
+def image_block_output(x_in: Array, x_out: Array, control: AttentionControl | None) -> Array:
+    """A block's image-token output under its control: TPG's shuffle, then SLG's skip."""
+    return skip_block(x_in, shuffle_update(x_in, x_out, control), control)
 
 
 def maybe_blur(q: Array, grid: tuple[int, int], control: AttentionControl | None) -> Array:

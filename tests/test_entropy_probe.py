@@ -204,6 +204,11 @@ def test_the_job_writes_json_of_the_right_shape_and_pngs(variant, tmp_path):
         with Image.open(tmp_path / name) as img:
             assert min(img.size) > 150 and np.asarray(img.convert("RGB")).std() > 10
     assert result["model"] == m
+    # the proposed ERG target, in the model's own block names, resolves on its layout
+    prop = saved["proposal"]
+    group = "blocks" if m["kind"] == "dit" else "joint_blocks"
+    layout = G.Layout(((group, m["num_layers"]),), m["heads"])
+    assert prop["rule"] and prop["tau"] == 0.05 and G.resolve(prop["layers"], layout).size
 
 
 @pytest.mark.parametrize(

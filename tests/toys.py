@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from erg_jax.control import attend, maybe_blur, received_attention, skip_block
+from erg_jax.control import attend, image_block_output, maybe_blur, received_attention
 
 
 def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, seed=0):
@@ -14,7 +14,7 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
     gives every layer's input, to check what a perturbation reaches. The denoiser's
     ``with_attention_map`` also returns the received-attention map (SAG) of the layers
     the control's ``capture`` weights, on the (size, size) token grid (one pixel a token);
-    ``denoiser.layers`` holds every layer's (wq, wk, wv, wo).
+    ``denoiser.layers`` holds every layer's (wq, wk, wv, wo), ``denoiser.io`` (w_in, w_out).
     """
     ks = iter(jax.random.split(jax.random.key(seed), 4 + 4 * num_layers))
     w_in = jax.random.normal(next(ks), (channels, width)) / channels**0.5
@@ -40,7 +40,7 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
             if c is not None and c.capture is not None:
                 received = received + c.capture * received_attention(q, k)
             a = attend(q, k, v, c).reshape(b, -1, width)
-            h = skip_block(h, h + jnp.tanh(a @ wo), c)
+            h = image_block_output(h, h + jnp.tanh(a @ wo), c)
         return (h @ w_out).reshape(x.shape), inputs, received.reshape(b, size, size)
 
     def denoiser(x, t, cond, attention=None):
@@ -52,5 +52,6 @@ def make_toy_transformer(num_layers=3, size=4, channels=2, width=16, heads=2, se
 
     denoiser.num_layers = num_layers
     denoiser.layers = layers
+    denoiser.io, denoiser.heads = (w_in, w_out), heads
     denoiser.with_attention_map = with_attention_map
     return denoiser, lambda *a: run(*a)[1]

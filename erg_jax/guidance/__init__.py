@@ -12,6 +12,7 @@ a model (0, or 1 for AutoGuidance's weaker parameters) and attention perturbatio
 - CFG: the null condition.        - ERG: the tempered condition and/or I-ERG energy
 - PAG: identity attention.           in chosen layers after the kickoff kappa.
 - SEG: query blur (sigma).        - SLG: skipped layers.   - AutoGuidance: model 1.
+- TPG: each chosen block's update moved to other tokens by a random permutation.
 - NAG: not a weak branch: the strong branch's attention pushed away from the negative
   prompt inside its own forward (Chen et al. 2025), alone or beside any terms.
 - SAG: the strong branch's x0 blurred where one layer's attention is high, noised back
@@ -68,6 +69,7 @@ from erg_jax.guidance.methods import (
     sag,
     seg,
     slg,
+    tpg,
     with_apg,
     with_cads,
 )
@@ -81,6 +83,6 @@ __all__ = [
     "cfg", "cfg_zero_star", "check_text_guiders", "compose", "defaults", "erg", "fdg",
     "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "nag", "none",
     "pag", "resolve", "resolve_targets", "sag", "schedule", "section_settings", "seg", "slg",
-    "tcfg", "tempered_tau_c", "with_apg", "with_apg_mix", "with_cads", "with_fdg", "with_mambo",
-    "with_tcfg", "with_zero_star",
+    "tcfg", "tempered_tau_c", "tpg", "with_apg", "with_apg_mix", "with_cads", "with_fdg",
+    "with_mambo", "with_tcfg", "with_zero_star",
 ]  # fmt: skip

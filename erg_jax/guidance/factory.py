@@ -33,6 +33,7 @@ from erg_jax.guidance.methods import (
     sag,
     seg,
     slg,
+    tpg,
     with_apg,
     with_cads,
 )
@@ -49,6 +50,7 @@ BUILDERS = {
     "sag": sag,
     "autoguidance": autoguidance,
     "nag": nag,
+    "tpg": tpg,
 }
 MODIFIERS = {
     "apg": with_apg,

@@ -101,11 +101,13 @@ class Term:
     blur_sigma: Any = None
     blur_layers: Any = None
     skip_layers: Any = None
+    shuffle_layers: Any = None
     apg: APG | None = None
     rule: Any = None  # an erg_jax.rules rule (ZeroStar, Tangential, ...) or None
     uses_identity: bool = struct.field(pytree_node=False, default=False)
     uses_blur: bool = struct.field(pytree_node=False, default=False)
     uses_skip: bool = struct.field(pytree_node=False, default=False)
+    uses_shuffle: bool = struct.field(pytree_node=False, default=False)
     sag_layer: Any = None
     sag_sigma: Any = 1.0
     uses_sag: bool = struct.field(pytree_node=False, default=False)
@@ -196,6 +198,7 @@ class Guider:
             identity=any(term.uses_identity for term in feats),
             blur=any(term.uses_blur for term in feats),
             skip=any(term.uses_skip for term in feats),
+            shuffle=any(term.uses_shuffle for term in feats),
         )
         if not any(use.values()) and self.nag is None:
             return [None] * self.num_branches
@@ -451,7 +454,20 @@ def _term_control(term: Term, neutral: AttentionControl, t, num_layers: int, pro
         ctl = ctl.replace(blur=jnp.where(on, sigma, 0.0))
     if term.uses_skip:
         ctl = ctl.replace(skip=_mask(term.skip_layers, num_layers).astype(jnp.float32))
+    if term.uses_shuffle:
+        ctl = ctl.replace(
+            shuffle=jnp.where(_mask(term.shuffle_layers, num_layers), _seeds(t, num_layers), 0)
+        )
     return ctl
+
+
+def _seeds(t, num_layers: int) -> Array:
+    """TPG's permutation seeds, (layers,) int32, never 0: a fresh permutation for every
+    noise level and layer, the same for every sample and every batch."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(t, jnp.float32), jnp.uint32)
+    layer = jnp.arange(1, num_layers + 1, dtype=jnp.uint32)
+    mixed = bits * jnp.uint32(2654435761) ^ layer * jnp.uint32(40503)
+    return ((mixed >> 1) | jnp.uint32(1)).astype(jnp.int32)
 
 
 def _rescale(out, strong, phi):

@@ -195,6 +195,26 @@ def slg(scale=3.0, *, layers="0", shape="constant", interval=(0.0, 1.0)) -> Guid
     return Guider((term,), name="slg")
 
 
+def tpg(scale=4.0, *, layers=None, shape="constant", interval=(0.0, 1.0)) -> Guider:
+    """Token perturbation guidance (Rajabi et al. 2025): the weak branch moves each chosen
+    block's update to the image tokens onto other tokens, by a permutation drawn afresh
+    for every step and layer and shared by the batch (``control.shuffle_update``; the
+    authors' SDXL code shuffles the tokens entering its transformer blocks, whose stream
+    returns to the unshuffled convolutional residual).
+
+    Args:
+      scale: w; the authors' tpg_scale gamma is w - 1 (their default 3: w = 4).
+      layers: the perturbed blocks (None = all), ids or block names.
+    """
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        shuffle_layers=layer_ids(layers, "tpg layers"),
+        uses_shuffle=True,
+    )
+    return Guider((term,), name="tpg")
+
+
 def sag(scale=1.75, *, layer=None, sigma=1.0, shape="constant", interval=(0.0, 1.0)) -> Guider:
     """Self-attention guidance (Hong et al. 2023) as a guider of its own: the weak branch
     is D(x_t', c), x_t' = x_t with the strong x0 estimate blurred where the strong

@@ -15,7 +15,8 @@ masks where the job's conditioning uses them.
 
 Models: the shipped demo models (models/demo-dit, models/demo-mmdit) and a sampling job's
 DiT or MMDiT (``configs/dit.py``, ``configs/sd3.py``: random tiny ones or checkpoints).
-FLUX.1 has no probe yet. Writes WORKDIR/entropy.json and, with ``plots``,
+FLUX.1 has no probe yet. Writes WORKDIR/entropy.json, with the ERG target the
+entropies propose (``proposal``, by the stated ``PROPOSAL_RULE``), and, with ``plots``,
 entropy_denoiser.png, entropy_heads.png and (text models) entropy_text.png.
 """
 
@@ -282,6 +283,62 @@ def _summary(ent: np.ndarray, taus: list[float]) -> list[dict]:
     ]
 
 
+PROPOSAL_RULE = (
+    "I-ERG where tempering moves the attention most: each layer's gain is its entropy at "
+    "the lowest probe tau minus at tau = 1 (or the highest), mean over steps, heads and "
+    "samples; the top quarter of the layers by gain (at least one) is proposed. In a "
+    "proposed layer, heads are named only where the gain is concentrated: when the top "
+    "half of its heads by gain hold at least 75% of the layer's total gain, those heads "
+    "alone; else the whole layer. tau: the largest probe temperature below the reference "
+    "whose mean gain over the proposed layers is at least half the lowest tau's."
+)
+
+
+def proposal(result: dict, layout: G.Layout) -> dict:
+    """The ERG target the measured entropies propose (``PROPOSAL_RULE``): a layer spec in
+    the model's own block names ("joint_blocks.2,joint_blocks.3@0-1"), the rule, and the
+    gains it ranked (per layer, and per head of the proposed layers)."""
+    taus = result["taus"]
+    ent = np.asarray(result["denoiser"]["entropy"])  # (T, steps, L, H)
+    lo = int(np.argmin(taus))
+    ref = taus.index(1.0) if 1.0 in taus else int(np.argmax(taus))
+    head_gain = (ent[lo] - ent[ref]).mean(axis=0)  # (L, H)
+    gain = head_gain.mean(axis=1)
+    count = max(1, int(round(len(gain) / 4)))
+    chosen = sorted(np.argsort(-gain, kind="stable")[:count].tolist())
+    names = _global_names(layout)
+    items, heads = [], {}
+    for layer in chosen:
+        g = np.maximum(head_gain[layer], 0.0)
+        top = np.argsort(-g, kind="stable")[: max(1, len(g) // 2)]
+        concentrated = len(g) > 1 and g.sum() > 0 and g[top].sum() >= 0.75 * g.sum()
+        spec = names[layer]
+        if concentrated:
+            picked = sorted(top.tolist())
+            heads[layer] = picked
+            spec += "@" + "+".join(str(h) for h in picked)
+        items.append(spec)
+    per_tau = [(ent[j] - ent[ref])[:, chosen].mean() for j in range(len(taus))]
+    below = [j for j in range(len(taus)) if taus[j] < taus[ref]]
+    enough = [j for j in below if per_tau[j] >= 0.5 * per_tau[lo]]
+    tau = max((taus[j] for j in enough), default=taus[lo])
+    return dict(
+        layers=",".join(items),
+        tau=float(tau),
+        rule=PROPOSAL_RULE,
+        taus=[taus[lo], taus[ref]],
+        gain=[float(v) for v in gain],
+        chosen=chosen,
+        heads={str(k): v for k, v in heads.items()},
+        head_gain={str(k): [float(v) for v in head_gain[k]] for k in chosen},
+    )
+
+
+def _global_names(layout: G.Layout) -> list[str]:
+    """Every global layer's own block name ("double_blocks.3", then "single_blocks.0")."""
+    return [f"{group}.{i}" for group, n in layout.groups for i in range(n)]
+
+
 def probe_guider(config) -> G.Guider:
     """The trajectory's guider: ``config.method`` with the demo's or the job's guidance."""
     section = config.guidance if config.source == "demo" else config.job.guidance
@@ -356,6 +413,7 @@ def run_entropy(config, workdir: str) -> dict:
                 entropy=e.tolist(),
             )
         )
+    result["proposal"] = proposal(result, entry.make_layout(model.config))
     output.atomic_write_json(os.path.join(workdir, "entropy.json"), result)
     if config.plots:
         write_plots(result, workdir, settings["layers"], config.heatmap_step)
@@ -375,6 +433,8 @@ def print_summary(result: dict, workdir: str) -> None:
         print(
             f"{row['layer']:5d}  {row['low']:8.3f}  {row['reference']:7.3f}  {row['change']:+.3f}"
         )
+    prop = result["proposal"]
+    print(f"proposed ERG target: layers {prop['layers']}, tau {prop['tau']:g} ({prop['rule']})")
     print(f"wrote {os.path.join(workdir, 'entropy.json')}")
 
 

@@ -45,6 +45,7 @@ class DemoModel:
     conditions: Callable
     text: bool = False
     embed_conditions: Callable | None = None
+    layout: G.Layout | None = None  # its blocks as named layer targets name them
 
 
 def load_demo(
@@ -92,7 +93,15 @@ def load_demo(
 
     layers = int(cfg["num_layers"])
     return DemoModel(
-        kind, den, layers, shape, cfg["time"], conditions, entry.text, entry.embed_conditions
+        kind,
+        den,
+        layers,
+        shape,
+        cfg["time"],
+        conditions,
+        entry.text,
+        entry.embed_conditions,
+        entry.make_layout(cfg),
     )
 
 
@@ -123,6 +132,7 @@ class _Scorer:
         """fd, kid, precision, recall, density, coverage, consistency (and shape / colour
         accuracy), nfe, seconds."""
         model = self.model
+        guider = G.resolve_targets(guider, model.layout)  # block names, NAG's alpha
         if guider.cads is not None and model.embed_conditions:  # CADS anneals embeddings
             conds = model.embed_conditions(model.denoiser, conds)
         leaves, tree = jax.tree_util.tree_flatten((guider, conds))
@@ -213,10 +223,16 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
     ]
     if model.text:  # C-ERG alone, below and above tau_c = 1
         plans += [(f"c-erg@{tc:g}", config.weights[0], False) for tc in config.tau_c_values]
+    probe = read_proposal(config.proposal) if config.proposal else None
+    if probe:  # the entropy probe's proposed target, beside the searched erg rows
+        plans += [("erg@probe", w, False) for w in config.weights]
     for method, weight, uncond in plans:
         if method.startswith("c-erg@"):
             cerg = dict(guidance["erg"], image_energy=False, tau_c=float(method.split("@")[1]))
             guider = bench_guider("erg", weight, dict(guidance, erg=cerg))
+        elif method == "erg@probe":
+            erg = dict(guidance["erg"], layers=probe["layers"], tau=probe["tau"], tau_c=1.0)
+            guider = bench_guider("erg", weight, dict(guidance, erg=dict(erg, image_energy=True)))
         else:
             guider = bench_guider(method, weight, guidance)
         row = scorer.score(guider, scorer.conditions(guider, unconditional=uncond))
@@ -225,6 +241,15 @@ def run_bench(model, classifier, config, workdir: str) -> list[dict]:
         _print_row(f"{row['method']} w={weight:g}", row)
     write_results(rows, workdir)
     return rows
+
+
+def read_proposal(path: str) -> dict:
+    """The ERG target ``launch.entropy`` proposed (its entropy.json's "proposal")."""
+    with open(path) as f:
+        found = json.load(f).get("proposal")
+    if not found:
+        raise ValueError(f"proposal: {path} holds no proposal (an entropy.json of launch.entropy)")
+    return found
 
 
 SEARCH_COLUMNS = ("stage", "tau", "layers", "kappa", "tau_c", "fd", "density", "coverage")

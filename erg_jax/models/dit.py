@@ -44,9 +44,9 @@ from erg_jax.control import (
     attend,
     capture_received,
     captured_map,
+    image_block_output,
     maybe_blur,
     probed_entropy,
-    skip_block,
     sow_entropy,
 )
 from erg_jax.models.dit_config import (  # noqa: F401  (re-exported)
@@ -168,7 +168,7 @@ class Block(nn.Module):
         h = _modulate(_layer_norm(y, s.mlp_norm_eps), shift2, scale2)
         h = nn.gelu(_dense(s, s.mlp_hidden, ("embed", "mlp"), "fc1")(h), approximate=True)
         y = y + gate2[:, None] * _dense(s, d, ("mlp", "embed"), "fc2")(h)
-        return skip_block(x, y, control), None
+        return image_block_output(x, y, control), None
 
 
 class DiT(nn.Module):
