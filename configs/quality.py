@@ -68,8 +68,8 @@ def get_config(arg=None):
         c.guidance.erg.update(tau=1.0, layers="", kappa=0.0, tau_c=0.7)  # C-ERG alone
     if arg == "dit":  # five blocks
         c.search.layer_sets = ("", "0", "1", "2", "3", "4", "1,2", "2,3", "1,2,3")
-        c.guidance.erg.update(tau=0.8, layers="2,3", tau_c=1.0)  # no text encoder
-        c.guidance.pag.layers = c.guidance.seg.layers = "2,3"
+        c.guidance.erg.update(tau=0.8, layers="blocks.2-3", tau_c=1.0)  # no text encoder
+        c.guidance.pag.layers = c.guidance.seg.layers = "blocks.2-3"
     if arg == "tiny":
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)

@@ -48,6 +48,7 @@ from jax.extend import core as jcore
 from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, sharding
+from erg_jax import guidance as G
 from erg_jax import loading as L
 from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
@@ -407,6 +408,8 @@ def dry_run(
     pretrained = pipe.open_pretrained(mc.pretrained) if mc.pretrained else None
     L.check_distilled(config, L.Sources(pretrained, ""))
     mod, mcfg, source = model_config(config, pretrained)
+    layout = registry.get(mc.kind).make_layout(mcfg)  # block names, as the job resolves them
+    methods = {m: G.resolve_targets(g, layout) for m, g in methods.items()}
     sampler = L.make_sampler(smp, mcfg, L.Sources(pretrained, ""))
     abstract = mod.abstract_params(mcfg)
     shardings = sharding.shardings_from_axes(mod.param_axes(mcfg), abstract, mesh, rules)

@@ -54,6 +54,7 @@ from erg_jax.models.dit_config import (  # noqa: F401  (re-exported)
     Spec,
     check_config,
     dit_config,
+    layout,
 )
 from erg_jax.models.shared_prefix import Layers, branched_layers
 from erg_jax.models.stacking import stack_groups, unstack_groups
@@ -345,7 +346,8 @@ class DiTDenoiser:
     """``denoiser(x, t, cond, attention=None)`` of erg_jax's interface, params bound.
 
     Attributes:
-      config: the config dict; params: the Flax params; num_layers: attention layers.
+      config: the config dict; params: the Flax params; num_layers: attention layers;
+      layout: its blocks as layer targets name them ("blocks.12").
     """
 
     def __init__(self, config: dict, params: Any):
@@ -353,6 +355,7 @@ class DiTDenoiser:
         self.params = params
         self.module = dit_module(self.config)
         self.num_layers = int(self.config["num_layers"])
+        self.layout = layout(self.config)
 
     def __call__(
         self, x: Array, t: Array, cond: Array | None, attention: AttentionControl | None = None

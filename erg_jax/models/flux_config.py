@@ -249,11 +249,12 @@ _FLUX = {
     "guidance.erg.tau": 0.5,
     "guidance.erg.tau_c": 0.5,
     "guidance.erg.kappa": 0.1,
-    "guidance.erg.layers": "34,35,36,37,38,39,40,41",
-    "guidance.pag.layers": "38",
-    "guidance.seg.layers": "38",
+    # layer targets in BFL's block names (guidance.targets); sag.layer is a global index
+    "guidance.erg.layers": "single_blocks.15-22",
+    "guidance.pag.layers": "single_blocks.19",
+    "guidance.seg.layers": "single_blocks.19",
     "guidance.sag.layer": "38",
-    "guidance.slg.layers": "7,8,9",
+    "guidance.slg.layers": "double_blocks.7-9",
     "guidance.slg.interval": (0.92, 0.99),
 }
 RECIPES = {
@@ -278,10 +279,10 @@ RECIPES = {
         "mesh.fsdp": 1,
         "mesh.data": -1,
         "guidance.distilled": 3.5,
-        "guidance.erg.layers": "2,3",  # the two single blocks (layers 0, 1 are double)
-        "guidance.pag.layers": "2",
-        "guidance.seg.layers": "2",
-        "guidance.slg.layers": "2",
+        "guidance.erg.layers": "single_blocks.0-1",
+        "guidance.pag.layers": "single_blocks.0",
+        "guidance.seg.layers": "single_blocks.0",
+        "guidance.slg.layers": "single_blocks.0",
         "guidance.sag.layer": "2",
     },
 }

@@ -248,22 +248,23 @@ _SD3 = {
     "guidance.erg.tau": 0.5,
     "guidance.erg.tau_c": 0.5,
     "guidance.erg.kappa": 0.1,
-    "guidance.pag.layers": "1",
-    "guidance.slg.layers": "7,8,9",
+    # layer targets in SD3's own block names (guidance.targets); SLG: SD3.5's 7-9
+    "guidance.pag.layers": "joint_blocks.1",
+    "guidance.slg.layers": "joint_blocks.7-9",
     "guidance.slg.interval": (0.92, 0.99),
 }
 RECIPES = {
     "medium": {
         **_SD3,
         "model.preset": "sd3.5-medium",
-        "guidance.erg.layers": "8,9,10,11,12",
-        "guidance.seg.layers": "12",
+        "guidance.erg.layers": "joint_blocks.8-12",
+        "guidance.seg.layers": "joint_blocks.12",
     },
     "large": {
         **_SD3,
         "model.preset": "sd3.5-large",
-        "guidance.erg.layers": "16,17,18,19,20,21,22,23",
-        "guidance.seg.layers": "19",
+        "guidance.erg.layers": "joint_blocks.16-23",
+        "guidance.seg.layers": "joint_blocks.19",
         "mesh.fsdp": -1,  # 8B parameters: sharded over every device
         "mesh.data": 1,
     },
@@ -271,9 +272,9 @@ RECIPES = {
         **_SD3,
         **TINY_TEXT_MODEL,
         "guidance.erg.layers": "",
-        "guidance.pag.layers": "1",
-        "guidance.seg.layers": "1",
-        "guidance.slg.layers": "1",
+        "guidance.pag.layers": "joint_blocks.1",
+        "guidance.seg.layers": "joint_blocks.1",
+        "guidance.slg.layers": "joint_blocks.1",
     },
 }
 
