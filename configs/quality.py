@@ -45,7 +45,12 @@ def get_config(arg=None):
     # an entropy.json of launch.entropy on the same model: its proposed ERG target (I-ERG
     # layers / heads and tau, by the stated rule) is benched as "erg@probe" at every weight
     c.proposal = ""
-    c.mode = "bench"  # or "search": ERG's settings against CFG on tuning conditions
+    # "search": ERG's settings against CFG on tuning conditions; "negative" (text model):
+    # captions without their colour, a negative prompt naming one (erg_jax.jobs.negative)
+    c.mode = "bench"
+    c.negative = ml_collections.ConfigDict(
+        dict(colour="red", methods="none,cfg,nag,cfg+nag", weights=(2.0, 4.0))
+    )
     c.search = ml_collections.ConfigDict(
         dict(
             weight=2.0,

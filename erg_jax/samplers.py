@@ -26,7 +26,7 @@ from flax import struct
 from erg_jax import predictions as P
 from erg_jax.branches import map_branches
 from erg_jax.guidance.guider import Guider, check_denoisers, check_layers
-from erg_jax.guidance.targets import resolve_targets
+from erg_jax.targets import resolve_targets
 
 Array = jax.Array
 Denoiser = Callable[..., Array]

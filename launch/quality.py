@@ -19,7 +19,7 @@ def main(argv):
     del argv
     logs.set_up()
     run_config(FLAGS.config, FLAGS.workdir)
-    table = "search.md" if FLAGS.config.mode == "search" else "results.md"
+    table = {"search": "search.md", "negative": "negative.md"}.get(FLAGS.config.mode, "results.md")
     with open(f"{FLAGS.workdir}/{table}") as f:
         print(f.read())
 

@@ -223,12 +223,12 @@ def test_bench_scores_a_perfect_generator_against_held_out_images(tmp_path):
 def test_scores_of_generated_copies_of_the_real_set():
     from erg_jax import data
     from erg_jax import guidance as G
-    from erg_jax.jobs.quality import _Scorer
+    from erg_jax.jobs.quality import Scorer
 
     c = _bench_config()
     c.num_samples = c.num_real
     pool = data.split("heldout", c.num_real)
-    scorer = _Scorer(_perfect_model(), _oracle(pool), c, start=0, seed=0)
+    scorer = Scorer(_perfect_model(), _oracle(pool), c, start=0, seed=0)
     row = scorer.score(G.none(), scorer.conditions(G.none()))
     assert abs(row["fd"]) < 1e-6
     for key in ("precision", "recall", "coverage", "consistency"):

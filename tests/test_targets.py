@@ -1,4 +1,4 @@
-"""Layer targets by block name and head (erg_jax.guidance.targets): each name resolves to
+"""Layer targets by block name and head (erg_jax.targets): each name resolves to
 the global layers it stands for on every model kind, a wrong name is refused with the
 valid ones, and a head subset perturbs exactly those heads."""
 

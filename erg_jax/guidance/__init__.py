@@ -73,9 +73,9 @@ from erg_jax.guidance.methods import (
     with_apg,
     with_cads,
 )
-from erg_jax.guidance.targets import Layout, Target, resolve, resolve_targets
 from erg_jax.rules import APG
 from erg_jax.schedules import schedule
+from erg_jax.targets import Layout, Target, resolve, resolve_targets
 
 __all__ = [
     "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "Layout", "MODIFIERS",

@@ -27,9 +27,10 @@ from flax import struct
 from erg_jax import sag as SAG
 from erg_jax.control import AttentionControl, NAGControl
 from erg_jax.energy import Energy, known_one
-from erg_jax.guidance.targets import LAYER_FIELDS, Target, unresolved
+from erg_jax.guidance.cads import anneal
 from erg_jax.rules import APG, ZeroStar, apg_project, per_sample, rule_delta
 from erg_jax.schedules import WeightSchedule
+from erg_jax.targets import LAYER_FIELDS, Target, unresolved
 
 Array = jax.Array
 SLOTS = ("cond", "null", "tempered", "auto")
@@ -173,7 +174,7 @@ class Guider:
             if keys is None:
                 raise ValueError("CADS needs per-sample keys")
             out = [
-                _cads(c, self.cads, t, keys, step) if s in ("cond", "tempered") else c
+                anneal(c, self.cads, t, keys, step) if s in ("cond", "tempered") else c
                 for s, c in zip(slots, out, strict=True)
             ]
         if self.nag is not None:  # every branch alike, so that branches stack
@@ -476,29 +477,3 @@ def _rescale(out, strong, phi):
     std_strong = jnp.sqrt(per_sample(jnp.var, strong))
     rescaled = out * std_strong / jnp.maximum(std_out, 1e-12)
     return jnp.where(phi > 0, phi * rescaled + (1.0 - phi) * out, out)
-
-
-def _cads(cond, cads: CADS, t, keys, step):
-    """CADS on every floating leaf of a condition (b, ...), noise from each sample's key."""
-    g = jnp.clip((cads.tau2 - t) / jnp.maximum(cads.tau2 - cads.tau1, 1e-12), 0.0, 1.0)
-    g = jnp.where(t <= cads.tau1, 1.0, jnp.where(t >= cads.tau2, 0.0, g))
-    leaves, treedef = jax.tree_util.tree_flatten(cond)
-    if not any(jnp.issubdtype(jnp.asarray(c).dtype, jnp.floating) for c in leaves):
-        raise ValueError("CADS anneals condition embeddings: pass float conditions, not labels")
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
-    out = []
-    for i, c in enumerate(leaves):
-        c = jnp.asarray(c)
-        if not jnp.issubdtype(c.dtype, jnp.floating):
-            out.append(c)
-            continue
-        noise = jax.vmap(
-            lambda k, ci, i=i: jax.random.normal(jax.random.fold_in(k, i), ci.shape, ci.dtype)
-        )(step_keys, c)
-        hat = jnp.sqrt(g) * c + cads.noise_scale * jnp.sqrt(1.0 - g) * noise
-        mean_c, std_c = per_sample(jnp.mean, c), jnp.sqrt(per_sample(jnp.var, c))
-        mean_h, std_h = per_sample(jnp.mean, hat), jnp.sqrt(per_sample(jnp.var, hat))
-        moved = (hat - mean_h) / jnp.maximum(std_h, 1e-12) * std_c + mean_c
-        hat = cads.psi * moved + (1.0 - cads.psi) * hat
-        out.append(jnp.where(g >= 1.0, c, hat).astype(c.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)

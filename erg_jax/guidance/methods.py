@@ -16,8 +16,8 @@ from erg_jax import rules as R
 from erg_jax.control import NAG_NORMS
 from erg_jax.energy import Energy, check_energy, check_positive
 from erg_jax.guidance.guider import CADS, NAG, SLOTS, Cache, Guider, Term
-from erg_jax.guidance.targets import Target, is_named
 from erg_jax.schedules import check_range, schedule
+from erg_jax.targets import Target, is_named
 
 
 def layer_ids(layers, name):
@@ -25,7 +25,7 @@ def layer_ids(layers, name):
     layer), "3,4" (a config string), a sequence or array of ints, or of booleans (a mask
     over the model's layers, or (layers, heads); a Python list of booleans is a mask,
     never ids 0 and 1). Block names and heads ("joint_blocks.0-5", "blocks.12@0-3")
-    stay a ``targets.Target`` until the model is known (``guidance.targets``)."""
+    stay a ``targets.Target`` until the model is known (``erg_jax.targets``)."""
     if layers is None or isinstance(layers, jax.core.Tracer | Target):
         return layers
     if isinstance(layers, str):

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from erg_jax.guidance.targets import Layout
+from erg_jax.targets import Layout
 
 _BASE = dict(
     kind="dit",
@@ -161,7 +161,7 @@ _DIT = {
     "vae.preset": "sd",
     "guidance.methods": "cfg,erg",
     "guidance.scale": 1.5,
-    # layer targets in DiT's own block names (guidance.targets)
+    # layer targets in DiT's own block names (erg_jax.targets)
     "guidance.erg.layers": "blocks.10-17",
     "guidance.pag.layers": "blocks.1",
     "guidance.seg.layers": "blocks.14",

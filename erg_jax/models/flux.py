@@ -14,47 +14,47 @@ adaLN modulation (g: the distilled guidance scale of FLUX.1 [dev]). Then:
         hn = LN(h)*(1+s)+m;  h += g * W_out [attention(hn) ; gelu(W_mlp hn)]
     out: adaLN (no gate) on the image tokens, a linear, unpacked to NHWC.
 
-Positions are 3-axis rotary embeddings (RoFormer, Su et al. 2021) over ids (0, row, col)
-for the image tokens and zeros for the text; axis a rotates its axes_dims_rope[a]
-channels of every head at frequencies theta^(-2i / dim_a), adjacent channel pairs.
-
-Every attention layer, double blocks 0..D-1 then single blocks D..D+S-1, runs through
+Positions: 3-axis rotary embeddings (``flux_rope``). Every attention layer, double blocks 0..D-1 then single blocks D..D+S-1, runs through
 ``erg_jax.control`` with its own control: SEG blurs the image tokens' queries (after the
 QK norm, before the rotation; text queries are never blurred), ``attend`` applies the
-energy (I-ERG) and PAG's identity, and SLG skips the whole block for both streams.
+energy (I-ERG) and PAG's identity, TPG moves the image tokens' update and SLG skips the
+whole block for both streams. NAG (Chen et al. 2025) runs text and y as [positive;
+negative], the image tokens once in the double blocks (positive y) and twice in the
+single blocks, as the authors' code does; image rows become ``nag_blend`` of the halves'.
 
-Blocks are a loop, or with ``scan_blocks`` one ``nn.scan`` per kind (params stacked, see
+Blocks are a loop, or with ``scan_blocks`` one ``nn.scan`` per kind (params stacked,
 ``flux_config``), either rematerialisable. The denoiser's ``branched`` runs the blocks
-before the first one a control perturbs once for all guidance branches
-(``erg_jax.models.shared_prefix``), entering through ``Flux``'s ``blocks`` argument.
+before the first one a control perturbs once for all branches (``shared_prefix``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from erg_jax.control import (
     AttentionControl,
     attend,
     capture_received,
     captured_map,
+    image_block_output,
     maybe_blur,
+    nag_blend,
     skip_block,
 )
 from erg_jax.models.flux_config import (  # noqa: F401  (re-exported)
     PRESETS,
-    ROPE_THETA,
     Run,
     Spec,
     block_name,
     check_sample_size,
     flux_config,
+    layout,
     run_name,
     runs,
     scanned,
@@ -62,61 +62,25 @@ from erg_jax.models.flux_config import (  # noqa: F401  (re-exported)
     stack_blocks,
     unstack_blocks,
 )
-from erg_jax.models.mmdit import MLP, QKNorm, dense, layer_norm, modulate, timestep_features
+from erg_jax.models.flux_rope import (  # noqa: F401  (re-exported)
+    apply_rope,
+    pack,
+    position_ids,
+    rope_tables,
+    unpack,
+)
+from erg_jax.models.mmdit import (
+    MLP,
+    QKNorm,
+    dense,
+    layer_norm,
+    modulate,
+    timestep_features,
+)
+from erg_jax.models.nag import nag_inputs, nag_text
 from erg_jax.models.shared_prefix import Layers, branched_layers
 
 Array = jax.Array
-
-
-def pack(x: Array, p: int) -> Array:
-    """(b, H, W, C) latents -> (b, H/p * W/p, C*p*p) tokens, each patch's channels in
-    (C, dy, dx) order as FluxPipeline packs them, tokens in row-major grid order."""
-    b, hgt, wid, ch = x.shape
-    x = x.reshape(b, hgt // p, p, wid // p, p, ch)
-    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, (hgt // p) * (wid // p), ch * p * p)
-
-
-def unpack(h: Array, grid: tuple[int, int], p: int) -> Array:
-    """(..., N, C*p*p) tokens -> (..., H, W, C) latents; the inverse of ``pack``."""
-    lead, ch = h.shape[:-2], h.shape[-1] // (p * p)
-    h = h.reshape(lead + (grid[0], grid[1], ch, p, p))
-    k = len(lead)
-    h = h.transpose(tuple(range(k)) + tuple(k + a for a in (0, 3, 1, 4, 2)))
-    return h.reshape(lead + (grid[0] * p, grid[1] * p, ch))
-
-
-def position_ids(grid: tuple[int, int], text_len: int) -> np.ndarray:
-    """Token positions (text_len + H*W, 3): zeros for the text, then (0, row, col) for
-    the image tokens in row-major order, as FluxPipeline makes them."""
-    rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
-    img = np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(-1, 3)
-    return np.concatenate([np.zeros((text_len, 3), img.dtype), img]).astype(np.float64)
-
-
-def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = ROPE_THETA):
-    """cos and sin (n, sum(axes_dims) / 2) float32 of every token's rotation angles.
-
-    Axis a spends axes_dims[a] channels, axes_dims[a] / 2 pairs, on the angles
-    pos_a * theta^(-2i / axes_dims[a]). Computed in float64 with numpy: the ids depend
-    only on shapes, so the tables are constants of the traced program.
-    """
-    cols = []
-    for a, dim in enumerate(axes_dims):
-        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-        cols.append(ids[:, a : a + 1] * freqs[None])
-    angles = np.concatenate(cols, axis=1)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
-    """Rotates each channel pair (x0, x1) of x (b, n, h, d) by its token's angle."""
-    cos, sin = (a[None, :, None, :] for a in rope)
-    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    # Per pair, not x * cos + rotate(x) * sin over whole vectors: XLA's CPU fusions then
-    # round the rotation alike in every program, so a neutral control stays bit-exact.
-    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
 
 
 def _rounded(x: Array, dtype: Any) -> Array:
@@ -169,16 +133,24 @@ class Attention(nn.Module):
           rope: (cos, sin), each (L + N, head_dim / 2).
           control: this layer's control or None.
 
+        Under NAG (``control.nag``) the text, and in a single block the whole stream, is
+        2b, [positive; negative] halves, each attending within itself; the image rows
+        become ``nag_blend`` of the two halves': b of them (joint), or the same in both
+        halves (single), as the authors' processor writes them.
+
         Returns:
-          joint: (image output (b, N, D), text output (b, L, D)), both projected;
-          single: (attention output (b, L + N, D) unprojected, None).
+          joint: (image output (b, N, D), text output (b or 2b, L, D)), both projected;
+          single: (attention output (b or 2b, L + N, D) unprojected, None).
         """
         s = self.s
+        nag = None if control is None else control.nag
         q, k, v = self._qkv(x, added=False)
         text_len = x.shape[1] - self.grid[0] * self.grid[1]
         if self.joint:
             cq, ck, cv = self._qkv(c, added=True)
             text_len = c.shape[1]
+            if nag is not None:  # the image tokens (b) attend with both texts' halves (2b)
+                q, k, v = (jnp.concatenate([a, a]) for a in (q, k, v))
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
         q = _blur_image(q, text_len, self.grid, control)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -186,9 +158,14 @@ class Attention(nn.Module):
         capture_received(self, q, k, control, slice(text_len, None))
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
+        img = out[:, text_len:]
+        if nag is not None:
+            img = nag_blend(*jnp.split(img, 2), nag, s.heads)
         if not self.joint:
+            if nag is not None:
+                out = jnp.concatenate([out[:, :text_len], jnp.concatenate([img, img])], axis=1)
             return out, None
-        img = dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, text_len:])
+        img = dense(s, s.dim, ("heads", "embed"), "to_out")(img)
         txt = dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, :text_len])
         return img, txt
 
@@ -198,7 +175,9 @@ class DoubleBlock(nn.Module):
 
     Called as ``((x, c), y, rope, control) -> ((x, c), None)``, the carry / output pair
     of ``nn.scan``: x (b, N, D) image tokens, c (b, L, D) text tokens, y (b, D) the silu'd
-    conditioning, rope the (cos, sin) tables.
+    conditioning, rope the (cos, sin) tables. Under NAG c and y are 2b ([positive;
+    negative]), x stays b and is modulated by the positive half of y, as the authors
+    truncate AdaLayerNormZero's embedding to the image batch.
     """
 
     s: Spec
@@ -208,7 +187,7 @@ class DoubleBlock(nn.Module):
     def __call__(self, carry, y: Array, rope, control: AttentionControl | None):
         s, d = self.s, self.s.dim
         x, c = carry
-        m = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1")(y), 6, axis=-1)
+        m = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1")(y[: x.shape[0]]), 6, axis=-1)
         cm = jnp.split(dense(s, 6 * d, ("embed", "mlp"), "norm1_context")(y), 6, axis=-1)
         xn, cn = modulate(layer_norm(x), m[0], m[1]), modulate(layer_norm(c), cm[0], cm[1])
         a_x, a_c = Attention(s, self.grid, name="attn")(xn, cn, rope, control)
@@ -218,13 +197,15 @@ class DoubleBlock(nn.Module):
         c_out = c + cm[2][:, None] * a_c
         ff_c = MLP(s, 4 * d, d, name="ff_context")(modulate(layer_norm(c_out), cm[3], cm[4]))
         c_out = c_out + cm[5][:, None] * ff_c
-        return (skip_block(x, x_out, control), skip_block(c, c_out, control)), None
+        return (image_block_output(x, x_out, control), skip_block(c, c_out, control)), None
 
 
 class SingleBlock(nn.Module):
     """A single-stream block (FluxSingleTransformerBlock): attention and MLP in parallel
     on [text; image]. Called like ``DoubleBlock``; the carry stays the pair (x, c), so
-    both kinds of block thread one state (through ``nn.scan`` and ``branched``)."""
+    both kinds of block thread one state (through ``nn.scan`` and ``branched``). Under
+    NAG both are 2b, each half modulated by its own y (the authors leave
+    AdaLayerNormZeroSingle whole)."""
 
     s: Spec
     grid: tuple[int, int]
@@ -242,7 +223,7 @@ class SingleBlock(nn.Module):
         u = gate[:, None] * dense(s, d, ("mlp", "embed"), "proj_out")(both)
         n = c.shape[1]
         x_out, c_out = x + u[:, n:], c + u[:, :n]
-        return (skip_block(x, x_out, control), skip_block(c, c_out, control)), None
+        return (image_block_output(x, x_out, control), skip_block(c, c_out, control)), None
 
 
 class Flux(nn.Module):
@@ -251,9 +232,12 @@ class Flux(nn.Module):
     s: Spec
 
     def _blocks(self, carry, y, rope, grid, attention):
-        """Every block, loops or scans of like runs: (x, c) -> image tokens x (b, N, D)."""
+        """Every block, loops or scans of like runs: (x, c) -> image tokens x (b, N, D)
+        (under NAG (2b, N, D) after single blocks: [positive; negative])."""
         s = self.s
         for run in runs(s):
+            if run.kind == "single" and carry[0].shape[0] != carry[1].shape[0]:
+                carry = (jnp.concatenate([carry[0]] * 2), carry[1])  # NAG: both halves' images
             cls = DoubleBlock if run.kind == "double" else SingleBlock
             block = nn.remat(cls, prevent_cse=not s.scan) if s.remat else cls
             if scanned(run, s.scan):
@@ -287,6 +271,7 @@ class Flux(nn.Module):
         guidance: Array | None = None,
         attention: AttentionControl | None = None,
         blocks: Callable | None = None,
+        negative: tuple[Array, Array] | None = None,
     ) -> Array:
         """Velocity prediction.
 
@@ -301,6 +286,8 @@ class Flux(nn.Module):
             from the embedded image tokens x (b, N, D), text tokens c (b, L, D), the
             conditioning y (b, D) and the rotary tables to the image tokens after the
             last block, (..., b, N, D) with leading (branch) axes, which the output keeps.
+          negative: NAG's negative text (context, pooled), shaped as the positive's,
+            exactly when ``attention.nag`` is set: the text stream and y run doubled.
 
         Returns:
           (..., b, H, W, out_channels) in the activation dtype.
@@ -317,6 +304,9 @@ class Flux(nn.Module):
                 f"attention control has {attention.num_layers} layers, the model {s.num_layers}"
             )
         grid = (hgt // p, wid // p)
+        context, pooled, t, guidance = nag_inputs(
+            attention, negative, blocks, context, pooled, t, guidance
+        )
         h = dense(s, d, (None, "embed"), "x_embedder")(pack(x, p).astype(s.dtype))
 
         def embed(values, name):
@@ -336,7 +326,9 @@ class Flux(nn.Module):
             h = self._blocks((h, c), y, rope, grid, attention)
         else:
             h = blocks((h, c), y, rope)
-        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
+        if negative is not None:
+            h = h[:b]  # the positive half
+        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y[:b]), 2, axis=-1)
         h = modulate(layer_norm(h), shift, scale)
         h = dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
         return unpack(h, grid, p)
@@ -376,7 +368,7 @@ def count_params(config: dict) -> int:
     """Number of parameters, from shapes alone (jax.eval_shape of the scanned layout,
     which traces one block of each kind however deep the model)."""
     leaves = jax.tree_util.tree_leaves(abstract_params(dict(config, scan_blocks=True)))
-    return sum(int(np.prod(a.shape)) for a in leaves)
+    return sum(math.prod(a.shape) for a in leaves)
 
 
 def _conditions(s: Spec, x: Array, t: Array, cond: dict):
@@ -410,21 +402,25 @@ def make_denoiser(config: dict, params: Any):
     x (b, H, W, in_channels) NHWC latents; t (b,) or scalar, the flow time in [0, 1];
     cond a dict with 'context' (b, L, joint_attention_dim), 'pooled'
     (b, pooled_projection_dim) and, exactly when the config has guidance_embeds,
-    'guidance' (b,) or scalar, the guidance scale FluxPipeline passes (3.5 for dev);
-    attention an AttentionControl with ``num_layers`` entries or None. The velocity is
-    returned in float32, shaped like x with out_channels channels.
+    'guidance' (b,) or scalar, the guidance scale FluxPipeline passes (3.5 for dev), and
+    under NAG (``attention.nag``) 'negative', a dict of the negative text's 'context' and
+    'pooled' (its guidance is the positive's); attention an AttentionControl with
+    ``num_layers`` entries or None. The velocity is returned in float32, shaped like x
+    with out_channels channels.
     """
     module = flux_module(config)
     s = module.s
 
     def denoiser(x: Array, t: Array, cond: dict, attention: AttentionControl | None = None):
-        out = module.apply({"params": params}, x, *_conditions(s, x, t, cond), attention)
+        args = (x, *_conditions(s, x, t, cond), attention)
+        out = module.apply({"params": params}, *args, negative=nag_text(cond, attention))
         return out.astype(jnp.float32)
 
     def branched(x: Array, t: Array, cond: dict, controls: AttentionControl | None) -> Array:
         """Outputs (B, b, H, W, out) of B branches sharing x, t and cond, differing only in
         their stacked controls (leaves (B, L); None: B = 1); the blocks before the first
         one a control perturbs run once (``erg_jax.models.shared_prefix``)."""
+        nag_text(cond, controls, "branched")
         grid = (x.shape[1] // s.patch_size, x.shape[2] // s.patch_size)
 
         def blocks(state, y, rope):
@@ -449,6 +445,7 @@ def make_denoiser(config: dict, params: Any):
         weights (``erg_jax.sag``), (b, H/2, W/2) on the packed token grid."""
         if attention.capture is None:
             raise ValueError("with_attention_map needs a control whose capture is set")
+        nag_text(cond, attention, "with_attention_map")
         args = (x, *_conditions(s, x, t, cond), attention)
         out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
         grid = (x.shape[0], x.shape[1] // s.patch_size, x.shape[2] // s.patch_size)
@@ -459,6 +456,7 @@ def make_denoiser(config: dict, params: Any):
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])
+    denoiser.layout = layout(config)  # its blocks as layer targets name them
     return denoiser
 
 
@@ -496,5 +494,5 @@ def with_distilled_guidance(denoiser: Callable, scale: float) -> Callable:
             x, t, fill(x, cond), *args, **kw
         )
     guided.config, guided.params = denoiser.config, denoiser.params
-    guided.num_layers = denoiser.num_layers
+    guided.num_layers, guided.layout = denoiser.num_layers, denoiser.layout
     return guided

@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from erg_jax.guidance.targets import Layout
 from erg_jax.models.mmdit_config import TINY_TEXT_MODEL
 from erg_jax.models.stacking import stack_groups, unstack_groups
+from erg_jax.targets import Layout
 
 _DEV = dict(
     kind="flux",
@@ -249,7 +249,7 @@ _FLUX = {
     "guidance.erg.tau": 0.5,
     "guidance.erg.tau_c": 0.5,
     "guidance.erg.kappa": 0.1,
-    # layer targets in BFL's block names (guidance.targets); sag.layer is a global index
+    # layer targets in BFL's block names (erg_jax.targets); sag.layer is a global index
     "guidance.erg.layers": "single_blocks.15-22",
     "guidance.pag.layers": "single_blocks.19",
     "guidance.seg.layers": "single_blocks.19",

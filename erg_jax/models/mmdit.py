@@ -19,7 +19,10 @@ tokens' queries (SEG; text queries are never blurred), drives ``attend`` (energy
 the joint attention and, with the same control, in attn2, and can skip the whole block for
 both streams (SLG). Asked to (``capture``, SAG), the joint attention also reports the
 attention its image tokens receive from the image queries; asked to (``probe``), its
-attention entropy at chosen temperatures (the denoiser's ``with_entropy``).
+attention entropy at chosen temperatures (the denoiser's ``with_entropy``). Under NAG
+(``nag``, Chen et al. 2025) the text stream and y run twice, [positive; negative] (2b),
+the image stream once, modulated by the positive y, and the joint attention's image rows
+are ``nag_blend`` of the two texts' (attn2 is left alone), as the authors' code has it.
 
 Blocks are a Python loop, or with ``scan_blocks`` one ``nn.scan`` per run of blocks
 with the same parameters (``segments``: in SD3.5-medium the dual-attention blocks 0..12,
@@ -35,7 +38,6 @@ the network through ``MMDiT``'s ``blocks`` argument.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +51,9 @@ from erg_jax.control import (
     attend,
     capture_received,
     captured_map,
+    image_block_output,
     maybe_blur,
+    nag_blend,
     probed_entropy,
     skip_block,
     sow_entropy,
@@ -60,6 +64,7 @@ from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     Segment,
     Spec,
     is_scanned,
+    layout,
     mmdit_config,
     scanned_groups,
     segment_name,
@@ -67,45 +72,16 @@ from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     stack_blocks,
     unstack_blocks,
 )
+from erg_jax.models.mmdit_layers import (  # noqa: F401  (re-exported: FLUX.1 uses them)
+    dense,
+    layer_norm,
+    modulate,
+    timestep_features,
+)
+from erg_jax.models.nag import nag_inputs, nag_text
 from erg_jax.models.shared_prefix import Layers, branched_layers
 
 Array = jax.Array
-
-
-def dense(s: Spec, features: int, axes: tuple[str | None, str | None], name: str) -> nn.Dense:
-    """A Dense layer in s's dtypes and precision, its kernel (and bias) sharded over the
-    logical axes (in, out), xavier-uniform initialised like diffusers' linears."""
-    init = nn.initializers.xavier_uniform()
-    return nn.Dense(
-        features,
-        dtype=s.dtype,
-        param_dtype=s.param_dtype,
-        precision=s.precision,
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-        name=name,
-    )
-
-
-def layer_norm(x: Array, eps: float = 1e-6) -> Array:
-    """LayerNorm without affine over the last axis, two-pass statistics in float32."""
-    x32 = x.astype(jnp.float32)
-    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-    """x (b, n, D) * (1 + scale) + shift, with shift, scale (b, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def timestep_features(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
-    """Sinusoidal features [cos, sin] of t (b,) -> (b, dim), float32 (DDPM / diffusers)."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 def pos_table(dim: int, grid: int, base_size: int) -> Array:
@@ -177,21 +153,31 @@ class Attention(nn.Module):
     def __call__(self, x: Array, c: Array | None, control: AttentionControl | None):
         """x (b, N, D) image tokens, c (b, L, D) text tokens or None.
 
+        Under NAG (``control.nag``, joint attention only) c holds both texts (2b, L, D),
+        [positive; negative]: each half attends within itself and the image rows become
+        ``nag_blend`` of the two halves', b of them; the text rows stay 2b.
+
         Returns:
-          (image output (b, N, D), text output (b, L, D) or None).
+          (image output (b, N, D), text output (b or 2b, L, D) or None).
         """
         s, n = self.s, x.shape[1]
+        nag = control.nag if self.joint and control is not None else None
         q, k, v = self._qkv(x, added=False)
         q = maybe_blur(q, self.grid, control)
         if self.joint:
             cq, ck, cv = self._qkv(c, added=True)
+            if nag is not None:  # the image tokens (b) attend with both texts' halves (2b)
+                q, k, v = (jnp.concatenate([a, a]) for a in (q, k, v))
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
             # SAG's map: the image-query / image-key block of the joint attention
             capture_received(self, q, k, control, slice(0, n))
             sow_entropy(self, q, k, control)  # the entropy probe: joint attention only
         out = attend(q, k, v, control, implementation=s.implementation)
         out = out.reshape(out.shape[:2] + (s.dim,))
-        img = dense(s, s.dim, ("heads", "embed"), "to_out")(out[:, :n])
+        img = out[:, :n]
+        if nag is not None:
+            img = nag_blend(*jnp.split(img, 2), nag, s.heads)
+        img = dense(s, s.dim, ("heads", "embed"), "to_out")(img)
         txt = None
         if self.joint and self.context_out:
             txt = dense(s, s.dim, ("heads", "embed"), "to_add_out")(out[:, n:])
@@ -219,7 +205,7 @@ class JointBlock(nn.Module):
     Called as ``((x, c), y, control) -> ((x, c), None)``, the carry / output pair of
     ``nn.scan``: x (b, N, D) image tokens, c (b, L, D) text tokens, y (b, D) the silu'd
     conditioning. In the last block (context_pre_only) c comes back unchanged: nothing
-    reads it.
+    reads it. Under NAG c and y are 2b ([positive; negative]), x stays b.
     """
 
     s: Spec
@@ -232,8 +218,8 @@ class JointBlock(nn.Module):
         s, d = self.s, self.s.dim
         x, c = carry
         pre_only, dual = self.pre_only, self.dual
-        m = jnp.split(
-            dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y),
+        m = jnp.split(  # NAG: the image stream (b) takes the positive y of y (2b)
+            dense(s, (9 if dual else 6) * d, ("embed", "mlp"), "norm1")(y[: x.shape[0]]),
             9 if dual else 6,
             axis=-1,
         )
@@ -260,7 +246,7 @@ class JointBlock(nn.Module):
             c_out = c + cm[2][:, None] * a_c
             ff_c = MLP(s, 4 * d, d, name="ff_context")(modulate(layer_norm(c_out), cm[3], cm[4]))
             c_out = c_out + cm[5][:, None] * ff_c
-        return (skip_block(x, out, control), skip_block(c, c_out, control)), None
+        return (image_block_output(x, out, control), skip_block(c, c_out, control)), None
 
 
 class MMDiT(nn.Module):
@@ -307,6 +293,7 @@ class MMDiT(nn.Module):
         pooled: Array,
         attention: AttentionControl | None = None,
         blocks: Callable | None = None,
+        negative: tuple[Array, Array] | None = None,
     ) -> Array:
         """Velocity prediction.
 
@@ -320,12 +307,15 @@ class MMDiT(nn.Module):
             embedded image tokens x (b, N, D), text tokens c (b, L, D) and conditioning
             y (b, D) to the image tokens after the last block, (..., b, N, D) with any
             leading (branch) axes, which the output keeps.
+          negative: NAG's negative text (context, pooled), shaped as the positive's,
+            exactly when ``attention.nag`` is set: the text stream and y run doubled.
 
         Returns:
           (..., b, H, W, out_channels) in the activation dtype.
         """
         s, p, d = self.s, self.s.patch_size, self.s.dim
         b, hgt, wid, _ = x.shape
+        context, pooled, t = nag_inputs(attention, negative, blocks, context, pooled, t)
         grid = (hgt // p, wid // p)
         if hgt % p or wid % p or max(grid) > s.pos_max:
             raise ValueError(
@@ -367,7 +357,7 @@ class MMDiT(nn.Module):
         c = dense(s, d, (None, "embed"), "context_embedder")(context.astype(s.dtype))
 
         h = self._blocks((h, c), y, grid, attention) if blocks is None else blocks((h, c), y)
-        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y), 2, axis=-1)
+        scale, shift = jnp.split(dense(s, 2 * d, ("embed", "mlp"), "norm_out")(y[:b]), 2, axis=-1)
         h = modulate(layer_norm(h), shift, scale)
         h = dense(s, p * p * s.out_channels, ("embed", None), "proj_out")(h)
         h = h.reshape(h.shape[:-2] + (grid[0], grid[1], p, p, s.out_channels))
@@ -422,21 +412,24 @@ def make_denoiser(config: dict, params: Any):
     """``denoiser(x, t, cond, attention=None) -> velocity`` (docs/INTERFACES.md).
 
     x (b, H, W, C) NHWC latents; t (b,) or scalar, 1000 * sigma; cond a dict with
-    'context' (b, L, joint_attention_dim) and 'pooled' (b, pooled_projection_dim);
-    attention an AttentionControl with ``num_layers`` entries or None. The velocity is
-    returned in float32, shaped like x with out_channels channels.
+    'context' (b, L, joint_attention_dim) and 'pooled' (b, pooled_projection_dim), and
+    under NAG (``attention.nag``) 'negative', a dict of the same two for the negative
+    text; attention an AttentionControl with ``num_layers`` entries or None. The velocity
+    is returned in float32, shaped like x with out_channels channels.
     """
     module = mmdit_module(config)
 
     def denoiser(x: Array, t: Array, cond: dict, attention: AttentionControl | None = None):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], attention)
+        args = (x, t, cond["context"], cond["pooled"], attention)
+        out = module.apply({"params": params}, *args, negative=nag_text(cond, attention))
         return out.astype(jnp.float32)
 
     def branched(x: Array, t: Array, cond: dict, controls: AttentionControl | None) -> Array:
         """Outputs (B, b, H, W, out) of B branches sharing x, t and cond, differing only in
         their stacked controls (leaves (B, L); None: B = 1); the blocks before the first
         one a control perturbs run once (``erg_jax.models.shared_prefix``)."""
+        nag_text(cond, controls, "branched")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         s, p = module.s, module.s.patch_size
         grid = (x.shape[1] // p, x.shape[2] // p)
@@ -461,6 +454,7 @@ def make_denoiser(config: dict, params: Any):
         weights (``erg_jax.sag``), (b, H/p, W/p) on the token grid."""
         if attention.capture is None:
             raise ValueError("with_attention_map needs a control whose capture is set")
+        nag_text(cond, attention, "with_attention_map")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         args = (x, t, cond["context"], cond["pooled"], attention)
         out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
@@ -473,6 +467,7 @@ def make_denoiser(config: dict, params: Any):
         ``attention.probe`` (``control.sow_entropy``), (L, T, b, h)."""
         if attention.probe is None:
             raise ValueError("with_entropy needs a control whose probe is set")
+        nag_text(cond, attention, "with_entropy")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         args = (x, t, cond["context"], cond["pooled"], attention)
         out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
@@ -484,4 +479,5 @@ def make_denoiser(config: dict, params: Any):
     denoiser.config = dict(config)
     denoiser.params = params
     denoiser.num_layers = int(config["num_layers"])
+    denoiser.layout = layout(config)  # its blocks as layer targets name them
     return denoiser

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from erg_jax.guidance.targets import Layout
 from erg_jax.models.stacking import stack_groups, unstack_groups
+from erg_jax.targets import Layout
 
 _SD3 = dict(
     kind="mmdit",
@@ -248,7 +248,7 @@ _SD3 = {
     "guidance.erg.tau": 0.5,
     "guidance.erg.tau_c": 0.5,
     "guidance.erg.kappa": 0.1,
-    # layer targets in SD3's own block names (guidance.targets); SLG: SD3.5's 7-9
+    # layer targets in SD3's own block names (erg_jax.targets); SLG: SD3.5's 7-9
     "guidance.pag.layers": "joint_blocks.1",
     "guidance.slg.layers": "joint_blocks.7-9",
     "guidance.slg.interval": (0.92, 0.99),
