@@ -69,12 +69,21 @@ def get_config(arg=None):
     )
     # ERG's settings found by the search mode (docs/RESULTS.md): the best worst ratio to
     # CFG over density, coverage and consistency, on the tuning conditions
+    # A multi-term recipe ("cfg+erg_mid"): CFG at the row's weight beside ERG with the
+    # searched settings at its own weight 1.5, on the middle noise levels only (untuned).
+    c.guidance.terms = ml_collections.ConfigDict()
     if arg == "mmdit":
         c.guidance.erg.update(tau=1.0, layers="", kappa=0.0, tau_c=0.7)  # C-ERG alone
+        c.guidance.terms.erg_mid = dict(
+            method="erg", scale=1.5, interval=(0.2, 0.9), tau=1.0, tau_c=0.7
+        )
     if arg == "dit":  # five blocks
         c.search.layer_sets = ("", "0", "1", "2", "3", "4", "1,2", "2,3", "1,2,3")
         c.guidance.erg.update(tau=0.8, layers="blocks.2-3", tau_c=1.0)  # no text encoder
         c.guidance.pag.layers = c.guidance.seg.layers = "blocks.2-3"
+        c.guidance.terms.erg_mid = dict(
+            method="erg", scale=1.5, interval=(0.2, 0.9), tau=0.8, layers="blocks.2-3"
+        )
     if arg == "tiny":
         c.num_samples, c.num_real, c.steps = 32, 64, 3
         c.methods, c.uncond_methods, c.weights = "none,cfg,erg", "erg", (3.0,)
