@@ -49,7 +49,7 @@ def get_config(arg=None):
     # captions without their colour, a negative prompt naming one (erg_jax.jobs.negative)
     c.mode = "bench"
     c.negative = ml_collections.ConfigDict(
-        dict(colour="red", methods="none,cfg,nag,cfg+nag", weights=(2.0, 4.0))
+        dict(colour="auto", methods="none,cfg,nag,cfg+nag", weights=(2.0, 4.0))
     )
     c.search = ml_collections.ConfigDict(
         dict(
