@@ -22,6 +22,7 @@ import numpy as np
 
 from erg_jax import data, metrics
 from erg_jax.jobs.scoring import Scorer, bench_guider, forwards
+from erg_jax.models import registry
 
 COLUMNS = ("method", "weight", "negative_share", "shape_accuracy", "fd", "nfe", "seconds")
 
@@ -36,18 +37,22 @@ def _with_colour(caption: str, colour: str) -> str:
     return " ".join(out)
 
 
+def check_config(config) -> None:
+    """The negative mode's fields, named before any model loads."""
+    if not registry.get(config.model).text:
+        raise ValueError("mode 'negative' needs the text model (configs/quality.py:mmdit)")
+    colour = config.negative.colour
+    if colour != "auto" and colour not in data.COLOURS:
+        raise ValueError(f"negative.colour must be 'auto' or one of {data.COLOURS}, got {colour!r}")
+
+
 def run_negative(model, classifier, config, workdir: str) -> list[dict]:
     """Samples every row of ``config.negative`` on held-out captions stripped of their
     colour, the negative prompt naming ``negative.colour`` ("auto": the colour the
     unguided samples show most, found by sampling them first); writes negative.json and
     negative.md to workdir and returns the rows."""
-    if not model.text:
-        raise ValueError("mode 'negative' needs the text model (configs/quality.py:mmdit)")
+    check_config(config)
     neg = config.negative
-    if neg.colour != "auto" and neg.colour not in data.COLOURS:
-        raise ValueError(
-            f"negative.colour must be 'auto' or one of {data.COLOURS}, got {neg.colour!r}"
-        )
     scorer = Scorer(model, classifier, config, start=config.num_real, seed=config.seed)
     captions = list(scorer.cond_set["caption"])
     prompts = [_without_colour(c) for c in captions]

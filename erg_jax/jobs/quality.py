@@ -309,13 +309,15 @@ def pareto_plot(rows: list[dict], path: str) -> None:
 
 def run_config(config, workdir: str) -> list[dict]:
     """Loads the demo model and classifier a bench config names, then runs the bench."""
-    from erg_jax.jobs.negative import run_negative
+    from erg_jax.jobs.negative import check_config, run_negative
     from erg_jax.models.classifier import load_classifier
     from erg_jax.shipped_models import resolve
 
     modes = {"bench": run_bench, "search": run_search, "negative": run_negative}
     if config.mode not in modes:
         raise ValueError(f"mode must be one of {sorted(modes)}, got {config.mode!r}")
+    if config.mode == "negative":
+        check_config(config)  # named before the model loads
     model = load_demo(config.model, config.models_dir)
     run = modes[config.mode]
     return run(model, load_classifier(resolve(config.classifier)), config, workdir)
