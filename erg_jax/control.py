@@ -20,6 +20,9 @@ perturbations the guiders of docs/METHOD.md need, all as traced data:
   output are extrapolated away from those of a negative text and normalised
   (``nag_blend``). Not a weak branch: the negative text stream runs inside the same
   forward (the model doubles its text stream; cond["negative"] holds that text).
+- ``emag``: EMAG-Q (Yadav et al. 2025, ``erg_jax.emag.EMAGControl``): each layer updates
+  an EMA of its image queries, carried across steps, and the selected layer attends with
+  it in place of its image queries (``emag.emag_queries``; the denoiser's ``with_emag``).
 
 A field set to None is compiled out, so a guider pays only for what it uses (CFG's
 controls are all None: plain attention). Layers that a guider leaves alone hold the
@@ -132,6 +135,7 @@ class AttentionControl:
       capture: weight of the layer's received-attention map (SAG; one-hot over layers).
       probe: an EntropyProbe (the layer reports its attention entropy), or None.
       nag: a NAGControl (NAG against cond["negative"]), or None.
+      emag: an ``erg_jax.emag.EMAGControl`` (EMAG-Q's EMA of the image queries), or None.
       max_steps: static bound of ``steps``; the energy loop runs this many times.
       energy_update: static; False when every alpha and gamma is known to be 1 before
         tracing (the paper's I-ERG: a temperature alone), so the layer skips the
@@ -148,6 +152,7 @@ class AttentionControl:
     capture: Any = None
     probe: EntropyProbe | None = None
     nag: NAGControl | None = None
+    emag: Any = None
     max_steps: int = struct.field(pytree_node=False, default=1)
     energy_update: bool = struct.field(pytree_node=False, default=True)
 

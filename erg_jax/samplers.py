@@ -8,7 +8,8 @@ posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15). A
 
 One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
 to an x0 estimate -> ``guider.combine`` -> the solver's update (a staged branch, SAG's:
-a second forward on an input the guider builds from the first). Randomness comes only
+a second forward on an input the guider builds from the first; EMAG's weak branch: a
+forward alone on the guider's carried state). Randomness comes only
 from the per-sample keys (DDPM noise: fold_in(key_i, step)), so a sample does not depend
 on the batch it is in.
 """
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from erg_jax import emag as EMAG
 from erg_jax import predictions as P
 from erg_jax.branches import map_branches
 from erg_jax.guidance.guider import Guider, check_denoisers, check_layers
@@ -209,9 +211,11 @@ def evaluate(
     step,
     num_layers: int,
     progress=None,
+    state=None,
 ):
     """x0 estimates of every branch (strong first) and the strong branch's variance
-    channels (DiT's learned sigma; None otherwise).
+    channels (DiT's learned sigma; None otherwise); given the guider's state, also the
+    new state (EMAG's weak branches run alone on it, after the others: ``erg_jax.emag``).
 
     Branches of one model run together (``map_branches``); when they also share their
     condition and the denoiser offers ``branched(x, t, cond, controls)`` (DiT, MMDiT), it
@@ -225,12 +229,14 @@ def evaluate(
     controls = guider.controls(point.t, num_layers, progress)
     slots = _slots(guider, conds)
     raw = [None] * guider.num_branches
-    staged = guider.staged
+    staged, alone = guider.staged, EMAG.stateful(guider)
+    if alone and state is None:
+        raise ValueError(f"{guider.name}: emag's weak branch needs the guider's state")
     if staged:
         args = (native, branch_conds[0], controls[0], num_layers)
         raw[0], found = guider.strong_pass(denoisers[0], x, *args)
     for m in sorted(set(guider.models)):
-        idx = [i for i, mi in enumerate(guider.models) if mi == m and i not in staged]
+        idx = [i for i, mi in enumerate(guider.models) if mi == m and i not in staged + alone]
         idx = [i for i in idx if raw[i] is None]
         if not idx:
             continue
@@ -252,13 +258,17 @@ def evaluate(
             out = map_branches(lambda c, a, den=den: den(x, native, c, a), cs, ctl)
         for j, i in enumerate(idx):
             raw[i] = out[j]
+    if alone:
+        args = (guider, denoisers, x, native, branch_conds, controls, raw, state, point.t)
+        raw, state = EMAG.weak_passes(*args, num_layers)
     if staged:
         (x0,), _ = _to_x0(raw[:1], x, point, sampler)
         inputs = guider.staged_inputs(x, x0, found, point.a)
         for i, x_i in zip(staged, inputs, strict=True):
             # read at x_t, not x_i: the guided x0 is the reference's sum of raw outputs
             raw[i] = denoisers[guider.models[i]](x_i, native, branch_conds[i], controls[i])
-    return _to_x0(raw, x, point, sampler)
+    x0s, var = _to_x0(raw, x, point, sampler)
+    return (x0s, var) if state is None else (x0s, var, state)
 
 
 def _to_x0(raw: list, x, point: _Point, sampler: Sampler):
@@ -305,9 +315,11 @@ def evaluate_cached(
     return x0s, var, (diffs, jnp.where(inside, count + 1, 0))
 
 
-def initial_carry(guider: Guider, x: Array) -> tuple:
-    """The carry ``make_step`` starts from at x: (x, (guider state, weak-branch cache))."""
-    state = guider.init_state(x.astype(jnp.float32))
+def initial_carry(guider: Guider, x: Array, denoiser=None) -> tuple:
+    """The carry ``make_step`` starts from at x: (x, (guider state, weak-branch cache)).
+    EMAG's state needs the denoiser (the shape of its image queries)."""
+    queries = EMAG.query_shape(guider, denoiser, x)
+    state = guider.init_state(x.astype(jnp.float32), queries)
     if guider.cache is None:
         return x, (state, None)
     diffs = tuple(jnp.zeros(x.shape, jnp.float32) for _ in guider.terms)
@@ -356,7 +368,7 @@ def make_step(
         progress = (index if done is None else done) / sampler.steps
         args = (dens, x, point, guider, conds, sampler, keys, step, num_layers)
         if cache is None:
-            x0s, var = evaluate(*args, progress)
+            x0s, var, state = evaluate(*args, progress, state)
         else:
             x0s, var, cache = evaluate_cached(*args, cache, progress)
         x0, state = guider.combine(x0s, point.t, state, x=x, a=point.a, s=point.s, index=index)
@@ -458,7 +470,7 @@ def sample(
       (b, H, W, C) samples x0, dtype of noise.
     """
     step = make_step(denoiser, conds, guider, sampler, keys, num_layers)
-    carry = initial_carry(guider, noise)
+    carry = initial_carry(guider, noise, denoiser)
     (x, _), _ = jax.lax.scan(step, carry, jnp.arange(sampler.steps))
     return x
 

@@ -140,7 +140,14 @@ def resolve(spec: str, layout: Layout, field: str = "layers"):
     return mask
 
 
-LAYER_FIELDS = ("energy_layers", "identity_layers", "blur_layers", "skip_layers", "shuffle_layers")
+LAYER_FIELDS = (
+    "energy_layers",
+    "identity_layers",
+    "blur_layers",
+    "skip_layers",
+    "shuffle_layers",
+    "emag_layers",
+)
 
 
 def resolve_targets(guider, layout: Layout | None):

@@ -126,12 +126,19 @@ def test_sd3_configs_slg_recipe_covers_steps_one_to_five():
     """Stability's SD3.5 SLG recipe: layers 7-9 over 1-20% of 28 steps (diffusers runs it
     at steps i with 0.28 < i < 5.6), here as a noise-level window on the shift-3 grid."""
     from configs import sd3
+    from erg_jax import guidance as G
     from erg_jax import predictions as P
     from erg_jax.jobs.job_setup import make_methods
+    from erg_jax.models import registry
+    from erg_jax.models.mmdit_config import mmdit_config
 
     config = sd3.get_config("medium")
     config.guidance.methods = "cfg+slg"
     guider = make_methods(config, text=True)["cfg+slg"]
+    assert guider.terms[1].skip_layers.spec == "joint_blocks.7-9"  # by name, until the model
+    guider = G.resolve_targets(
+        guider, registry.get("mmdit").make_layout(mmdit_config("sd3.5-medium"))
+    )
     cfg, slg = guider.terms
     grid = np.asarray(P.flow_grid(config.sampler.steps, config.sampler.shift))[:-1]
     on = [i for i, t in enumerate(grid) if float(slg.weight(t)) != 1.0]

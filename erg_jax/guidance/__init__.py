@@ -13,6 +13,8 @@ a model (0, or 1 for AutoGuidance's weaker parameters) and attention perturbatio
 - PAG: identity attention.           in chosen layers after the kickoff kappa.
 - SEG: query blur (sigma).        - SLG: skipped layers.   - AutoGuidance: model 1.
 - TPG: each chosen block's update moved to other tokens by a random permutation.
+- EMAG-Q: one candidate layer's image queries replaced by their moving average over the
+  steps (a state carried by the sampler; the layer chosen per sample and step).
 - NAG: not a weak branch: the strong branch's attention pushed away from the negative
   prompt inside its own forward (Chen et al. 2025), alone or beside any terms.
 - SAG: the strong branch's x0 blurred where one layer's attention is high, noised back
@@ -61,6 +63,7 @@ from erg_jax.guidance.methods import (
     cache,
     cfg,
     compose,
+    emag,
     erg,
     layer_ids,
     nag,
@@ -80,7 +83,7 @@ from erg_jax.targets import Layout, Target, resolve, resolve_targets
 __all__ = [
     "ALIASES", "APG", "BUILDERS", "CADS", "COMMON", "Cache", "Guider", "Layout", "MODIFIERS",
     "NAG", "SECTION_FIELDS", "SLOTS", "Target", "Term", "apg", "apg_mix", "autoguidance", "cache",
-    "cfg", "cfg_zero_star", "check_text_guiders", "compose", "defaults", "erg", "fdg",
+    "cfg", "cfg_zero_star", "check_text_guiders", "compose", "defaults", "emag", "erg", "fdg",
     "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "nag", "none",
     "pag", "resolve", "resolve_targets", "sag", "schedule", "section_settings", "seg", "slg",
     "tcfg", "tempered_tau_c", "tpg", "with_apg", "with_apg_mix", "with_cads", "with_fdg",

@@ -26,6 +26,7 @@ from erg_jax.guidance.methods import (
     cache,
     cfg,
     compose,
+    emag,
     erg,
     nag,
     none,
@@ -51,6 +52,7 @@ BUILDERS = {
     "autoguidance": autoguidance,
     "nag": nag,
     "tpg": tpg,
+    "emag": emag,
 }
 MODIFIERS = {
     "apg": with_apg,

@@ -11,7 +11,8 @@ TCFG, FDG, MAMBO-G, APG-Mix). Per step it names every branch's condition
 energy after the kickoff, PAG identity, SEG blur, SLG skips), then ``combine``s the
 branches' x0 estimates. SAG's weak branch changes the input instead, from the strong
 branch's output: a staged branch, built through ``strong_pass`` and ``staged_inputs``
-(``erg_jax.sag``). The constructors live in ``erg_jax.guidance``.
+(``erg_jax.sag``). EMAG-Q's weak branch runs alone on the state the guider carries from
+step to step (``erg_jax.emag``). The constructors live in ``erg_jax.guidance``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from erg_jax import emag as EMAG
 from erg_jax import sag as SAG
 from erg_jax.control import AttentionControl, NAGControl
 from erg_jax.energy import Energy, known_one
@@ -112,6 +114,8 @@ class Term:
     sag_layer: Any = None
     sag_sigma: Any = 1.0
     uses_sag: bool = struct.field(pytree_node=False, default=False)
+    emag: Any = None  # an erg_jax.emag.EMAG: EMAG-Q's weak branch, on its carried state
+    emag_layers: Any = None  # EMAG's candidate layers
     rescale: Any = None  # this term's own CFG rescale phi (None: the guider's alone)
 
 
@@ -152,16 +156,15 @@ class Guider:
         the strong x0 estimate, what ``strong_pass`` found and x_t's signal coefficient."""
         return SAG.staged_inputs(self, x, x0, found, a)
 
-    def init_state(self, x: Array) -> tuple:
-        """Per term: its rule's state, APG's momentum buffer (like x), or None."""
-        return tuple(
-            t.rule.init(x)
-            if t.rule is not None
-            else jnp.zeros_like(x)
-            if t.apg is not None
-            else None
-            for t in self.terms
-        )
+    def init_state(self, x: Array, queries: tuple[int, ...] | None = None) -> tuple:
+        """Per term: its rule's state, APG's momentum buffer (like x), or None; an EMAG
+        term's inside its ``emag.EMAGState`` (queries: (layers, N_img, heads, head_dim))."""
+        out = []
+        for t in self.terms:
+            buf = jnp.zeros_like(x) if t.apg is not None else None
+            buf = t.rule.init(x) if t.rule is not None else buf
+            out.append(buf if t.emag is None else EMAG.init_state(x, queries, buf))
+        return tuple(out)
 
     def conditions(self, conds: Mapping[str, Any], t, keys=None, step=0) -> list:
         """The condition of every branch (strong first), CADS-annealed where enabled."""
@@ -255,6 +258,8 @@ class Guider:
         out, zeroed = strong, None
         new_state = []
         for term, weak, buf in zip(self.terms, preds[1:], state, strict=True):
+            held = buf if term.emag is not None else None  # EMAG's state, set by the sampler
+            buf = buf if held is None else held.rule
             weak = weak.astype(jnp.float32)
             if term.rule is not None:
                 args = (strong, weak, term.weight(t), buf, index, x, a, s)
@@ -269,7 +274,7 @@ class Guider:
             out = out + delta
             if isinstance(term.rule, ZeroStar):
                 zeroed = (term.rule.zeroes(index), strong + delta)
-            new_state.append(buf)
+            new_state.append(buf if held is None else held.replace(rule=buf))
         out = _rescale(out, strong, self.rescale)
         if zeroed is not None:  # CFG-Zero*'s zero step: its zero prediction once, not per term
             out = jnp.where(*zeroed, out)
@@ -407,8 +412,9 @@ def check_layers(guider: Guider, num_layers: int) -> None:
 
 
 def check_denoisers(guider: Guider, denoisers: Sequence) -> None:
-    """Refuses denoisers (and guider settings) a staged branch cannot run with."""
+    """Refuses denoisers (and guider settings) a staged or stateful branch cannot run with."""
     SAG.check_sag(guider, denoisers)
+    EMAG.check(guider, denoisers)
 
 
 def _kicked_off(term: Term, t, progress):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erg_jax import emag as EMAG
 from erg_jax import rules as R
 from erg_jax.control import NAG_NORMS
 from erg_jax.energy import Energy, check_energy, check_positive
@@ -250,6 +251,50 @@ def sag(scale=1.75, *, layer=None, sigma=1.0, shape="constant", interval=(0.0, 1
     return Guider((term,), name="sag")
 
 
+def emag(
+    scale=1.5,
+    *,
+    layers=None,
+    beta=0.988,
+    strength=1.0,
+    accumulate=(0.2, 1.0),
+    apply=(0.2, 0.8),
+    shape="constant",
+    interval=(0.0, 1.0),
+) -> Guider:
+    """EMAG-Q, exponential moving average guidance on the queries (Yadav, Ta, Liu 2025,
+    arXiv 2512.17303; ``erg_jax.emag``): the weak branch is the model with, in one
+    candidate layer per sample (the one whose queries moved most from their EMA at the
+    previous step), the image queries replaced by their EMA over the sampling steps.
+
+    D = D_s + (w - 1)(D_s - D_emag), the authors' Eq. 14 with w = w_e. Their Eq. 15 then
+    multiplies EMAG's difference by the CFG weight; with "cfg+emag" here the terms add,
+    so their (w_cfg, w_e) is our cfg scale w_cfg and emag scale 1 + w_cfg (w_e - 1)
+    (their quickstart: 7 and 1.5, so emag scale 4.5). Only the queries variant (their
+    ``use_q_ema``, the quickstart default) is built: the full one would keep an EMA of
+    the attention maps, layers x heads x N x (N + L) values per sample.
+
+    Args:
+      scale: w (the authors' w_e; 1 is no guidance).
+      layers: the candidate layers (None = all), ids or block names; the authors'
+        SD3-Medium "joint_blocks.6-8", DiT-XL/2 "blocks.12-15". No heads.
+      beta: the EMA's decay, E := beta E + (1 - beta) q (0.988).
+      strength: the selected layer's queries become strength E + (1 - strength) q (1:
+        the authors' hard replacement; 0: the plain model).
+      accumulate: the noise levels (lo, hi) where the EMA is updated (the authors'
+        250-index window 50..250 is (0.2, 1.0)).
+      apply: the noise levels where the EMA replaces the queries (50..200: (0.2, 0.8));
+        outside it the term adds nothing.
+    """
+    term = Term(
+        schedule(scale, shape, interval),
+        "cond",
+        emag=EMAG.settings(beta, strength, accumulate, apply),
+        emag_layers=layer_ids(layers, "emag layers"),
+    )
+    return Guider((term,), name="emag")
+
+
 def nag(scale=5.0, *, tau=2.5, alpha=None, norm="l1", layers=None, interval=(0.0, 1.0)) -> Guider:
     """Normalized Attention Guidance (Chen et al. 2025, arXiv 2505.21179) on the strong
     branch: negative prompts without a second forward, usable on distilled models.
@@ -318,6 +363,11 @@ def cache(guider: Guider, *, every=2, window=(0.0, 1.0)) -> Guider:
             f"{guider.name}: sag cannot use the weak-branch cache: its weak input is built "
             "from the current step's strong output"
         )
+    if any(t.emag is not None for t in guider.terms):
+        raise ValueError(
+            f"{guider.name}: emag cannot use the weak-branch cache: its EMA of the queries "
+            "moves with every weak forward"
+        )
     check_range(every, "cache every", 1.0, math.inf)
     if not isinstance(every, jax.core.Tracer) and float(every) % 1:
         raise ValueError(f"cache every must be a whole number >= 1, got {every!r}")
@@ -339,5 +389,10 @@ def compose(*guiders: Guider, rescale=0.0) -> Guider:
     terms = tuple(t for g in guiders for t in g.terms)
     if nags and any(t.uses_sag for t in terms):
         raise ValueError("nag and sag: SAG's attention map is taken without NAG's text")
+    if any(t.uses_sag for t in terms) and any(t.emag is not None for t in terms):
+        raise ValueError(
+            "emag and sag cannot share a guider: each runs a weak branch alone, SAG's on "
+            "the strong output, EMAG's on its carried state"
+        )
     nag = nags[0] if nags else None
     return Guider(terms, rescale, name="+".join(g.name for g in guiders), nag=nag)

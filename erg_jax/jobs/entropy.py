@@ -248,7 +248,9 @@ def probe_trajectory(
         carry, _ = step(carry, i)
         return carry, ent
 
-    (x, _), ents = jax.lax.scan(body, S.initial_carry(guider, noise), jnp.arange(sampler.steps))
+    (x, _), ents = jax.lax.scan(
+        body, S.initial_carry(guider, noise, denoiser), jnp.arange(sampler.steps)
+    )
     return x, ents
 
 

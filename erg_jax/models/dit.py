@@ -25,7 +25,8 @@ Conventions of the two models (config fields ``prediction`` and ``time``):
 Each block's attention runs through ``erg_jax.control`` (SEG blur, energy / PAG in
 ``attend``, SLG skip), so guidance perturbs exactly the layers a control selects;
 ``DiTDenoiser.with_attention_map`` also returns a chosen block's attention map (SAG),
-``with_entropy`` every block's attention entropy at chosen temperatures.
+``with_entropy`` every block's attention entropy at chosen temperatures, ``with_emag``
+EMAG-Q's weak forward and the EMA of every block's queries.
 The presets and their checks are ``erg_jax.models.dit_config``.
 """
 
@@ -49,6 +50,7 @@ from erg_jax.control import (
     probed_entropy,
     sow_entropy,
 )
+from erg_jax.emag import emag_queries, sown_state
 from erg_jax.models.dit_config import (  # noqa: F401  (re-exported)
     SIZES,
     Spec,
@@ -155,6 +157,7 @@ class Block(nn.Module):
         h = _modulate(_layer_norm(x, 1e-6), shift1, scale1)
         qkv = QKV(s, name="qkv")(h)
         q, k, v = (qkv[:, :, i].reshape(b, n, s.heads, d // s.heads) for i in range(3))
+        q = emag_queries(self, q, control)  # EMAG-Q's EMA of the raw queries, where asked
         q = maybe_blur(q, self.grid, control)
         capture_received(self, q, k, control)  # SAG's map, only where the control asks
         sow_entropy(self, q, k, control)  # the entropy probe, likewise
@@ -388,6 +391,24 @@ class DiTDenoiser:
             {"params": self.params}, x, t, cond, attention, mutable=["intermediates"]
         )
         return out, probed_entropy(state)
+
+    def with_emag(
+        self, x: Array, t: Array, cond: Array | None, attention: AttentionControl
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """The output under EMAG-Q (``attention.emag``, ``erg_jax.emag``) and every block's
+        updated EMA of its queries and delta: (b, H, W, out), ((L, b, N, h, d), (L, b));
+        a block that does not accumulate returns its E unchanged and delta 0."""
+        if attention.emag is None:
+            raise ValueError("with_emag needs a control whose emag is set")
+        out, state = self.module.apply(
+            {"params": self.params}, x, t, cond, attention, mutable=["intermediates"]
+        )
+        return out, sown_state(state["intermediates"])
+
+    def query_shape(self, x: Array) -> tuple[int, int, int]:
+        """(N, heads, head_dim) of every block's queries for latents x (b, H, W, C)."""
+        s = self.module.s
+        return (x.shape[1] // s.patch) * (x.shape[2] // s.patch), s.heads, s.hidden // s.heads
 
     def embed_classes(self, labels: Array) -> Array:
         """The (b, D) class embeddings of labels (b,), for annealing them (CADS)."""

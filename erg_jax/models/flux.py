@@ -14,13 +14,13 @@ adaLN modulation (g: the distilled guidance scale of FLUX.1 [dev]). Then:
         hn = LN(h)*(1+s)+m;  h += g * W_out [attention(hn) ; gelu(W_mlp hn)]
     out: adaLN (no gate) on the image tokens, a linear, unpacked to NHWC.
 
-Positions: 3-axis rotary embeddings (``flux_rope``). Every attention layer, double blocks 0..D-1 then single blocks D..D+S-1, runs through
-``erg_jax.control`` with its own control: SEG blurs the image tokens' queries (after the
-QK norm, before the rotation; text queries are never blurred), ``attend`` applies the
-energy (I-ERG) and PAG's identity, TPG moves the image tokens' update and SLG skips the
-whole block for both streams. NAG (Chen et al. 2025) runs text and y as [positive;
-negative], the image tokens once in the double blocks (positive y) and twice in the
-single blocks, as the authors' code does; image rows become ``nag_blend`` of the halves'.
+Positions: 3-axis rotary embeddings (``flux_rope``). Every attention layer (double
+blocks, then single) runs through ``erg_jax.control`` with its own control: SEG blurs the
+image queries (after the QK norm, before the rotation), ``attend`` applies I-ERG's
+energy and PAG's identity, TPG moves the image tokens' update, SLG skips the block. NAG
+(Chen et al. 2025) runs text and y as [positive; negative], the image tokens once in the
+double blocks (positive y), twice in the single blocks, as the authors' code does; the
+image rows become ``nag_blend`` of the halves'.
 
 Blocks are a loop, or with ``scan_blocks`` one ``nn.scan`` per kind (params stacked,
 ``flux_config``), either rematerialisable. The denoiser's ``branched`` runs the blocks

@@ -23,6 +23,8 @@ attention entropy at chosen temperatures (the denoiser's ``with_entropy``). Unde
 (``nag``, Chen et al. 2025) the text stream and y run twice, [positive; negative] (2b),
 the image stream once, modulated by the positive y, and the joint attention's image rows
 are ``nag_blend`` of the two texts' (attn2 is left alone), as the authors' code has it.
+Under EMAG-Q (``emag``) the joint attention's image queries (after the QK norm) update
+their EMA and, in the selected block, are replaced by it (the denoiser's ``with_emag``).
 
 Blocks are a Python loop, or with ``scan_blocks`` one ``nn.scan`` per run of blocks
 with the same parameters (``segments``: in SD3.5-medium the dual-attention blocks 0..12,
@@ -58,6 +60,7 @@ from erg_jax.control import (
     skip_block,
     sow_entropy,
 )
+from erg_jax.emag import emag_queries, sown_state
 from erg_jax.models.mmdit_config import (  # noqa: F401  (re-exported)
     PRESETS,
     QK_NORMS,
@@ -163,6 +166,7 @@ class Attention(nn.Module):
         s, n = self.s, x.shape[1]
         nag = control.nag if self.joint and control is not None else None
         q, k, v = self._qkv(x, added=False)
+        q = emag_queries(self, q, control if self.joint else None)  # EMAG-Q, where asked
         q = maybe_blur(q, self.grid, control)
         if self.joint:
             cq, ck, cv = self._qkv(c, added=True)
@@ -449,35 +453,46 @@ def make_denoiser(config: dict, params: Any):
         out = module.apply({"params": params}, x, t, cond["context"], cond["pooled"], blocks=blocks)
         return out.astype(jnp.float32)
 
+    def sowing(x, t, cond, attention, where: str, field: str, nag: bool = False):
+        """The velocity and the intermediates sown under a control whose ``field`` is set."""
+        if getattr(attention, field) is None:
+            raise ValueError(f"{where} needs a control whose {field} is set")
+        negative = nag_text(cond, attention, None if nag else where)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        args = (x, t, cond["context"], cond["pooled"], attention)
+        kw = dict(negative=negative, mutable=["intermediates"])
+        out, state = module.apply({"params": params}, *args, **kw)
+        return out.astype(jnp.float32), state
+
     def with_attention_map(x: Array, t: Array, cond: dict, attention: AttentionControl):
         """The velocity and the received-attention map of the blocks ``attention.capture``
         weights (``erg_jax.sag``), (b, H/p, W/p) on the token grid."""
-        if attention.capture is None:
-            raise ValueError("with_attention_map needs a control whose capture is set")
-        nag_text(cond, attention, "with_attention_map")
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        args = (x, t, cond["context"], cond["pooled"], attention)
-        out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
+        out, state = sowing(x, t, cond, attention, "with_attention_map", "capture")
         p = module.s.patch_size
         grid = (x.shape[0], x.shape[1] // p, x.shape[2] // p)
-        return out.astype(jnp.float32), captured_map(state, x.shape[0]).reshape(grid)
+        return out, captured_map(state, x.shape[0]).reshape(grid)
 
     def with_entropy(x: Array, t: Array, cond: dict, attention: AttentionControl):
         """The velocity and every block's joint-attention entropy at the temperatures of
         ``attention.probe`` (``control.sow_entropy``), (L, T, b, h)."""
-        if attention.probe is None:
-            raise ValueError("with_entropy needs a control whose probe is set")
-        nag_text(cond, attention, "with_entropy")
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        args = (x, t, cond["context"], cond["pooled"], attention)
-        out, state = module.apply({"params": params}, *args, mutable=["intermediates"])
-        return out.astype(jnp.float32), probed_entropy(state)
+        out, state = sowing(x, t, cond, attention, "with_entropy", "probe")
+        return out, probed_entropy(state)
 
-    denoiser.branched = branched
-    denoiser.with_attention_map = with_attention_map
-    denoiser.with_entropy = with_entropy
-    denoiser.config = dict(config)
-    denoiser.params = params
+    def with_emag(x: Array, t: Array, cond: dict, attention: AttentionControl):
+        """The velocity under EMAG-Q (``attention.emag``, ``erg_jax.emag``; and NAG) and every
+        block's new EMA of its image queries and delta, ((L, b, N, h, d), (L, b)); a block
+        that does not accumulate returns its E unchanged and delta 0."""
+        out, state = sowing(x, t, cond, attention, "with_emag", "emag", nag=True)
+        return out, sown_state(state["intermediates"])
+
+    def query_shape(x: Array) -> tuple[int, int, int]:
+        """(N_img, heads, head_dim) of the joint attention's image queries for x (b, H, W, C)."""
+        p = module.s.patch_size
+        return (x.shape[1] // p) * (x.shape[2] // p), module.s.heads, module.s.head_dim
+
+    for fn in (branched, with_attention_map, with_entropy, with_emag, query_shape):
+        setattr(denoiser, fn.__name__, fn)
+    denoiser.config, denoiser.params = dict(config), params
     denoiser.num_layers = int(config["num_layers"])
     denoiser.layout = layout(config)  # its blocks as layer targets name them
     return denoiser
