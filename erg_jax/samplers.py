@@ -241,6 +241,10 @@ def evaluate(
         if not idx:
             continue
         den = denoisers[m]
+        if guider.nag is not None and idx[0] == 0 and len(idx) > 1:
+            # NAG's strong forward has its own negative stream: it runs apart
+            raw[0] = den(x, native, branch_conds[0], controls[0])
+            idx = idx[1:]
         if len(idx) == 1:
             raw[idx[0]] = den(x, native, branch_conds[idx[0]], controls[idx[0]])
             continue
@@ -248,8 +252,7 @@ def evaluate(
         ctl = controls[idx[0]]
         if ctl is not None:
             ctl = jax.tree_util.tree_map(stack, *[controls[i] for i in idx])
-        nag = ctl is not None and ctl.nag is not None  # NAG doubles the text: no shared prefix
-        if hasattr(den, "branched") and len({slots[i] for i in idx}) == 1 and not nag:
+        if hasattr(den, "branched") and len({slots[i] for i in idx}) == 1:
             # One condition for all: the model runs its shared prefix once.
             out = den.branched(x, native, branch_conds[idx[0]], ctl)
             out = jnp.broadcast_to(out, (len(idx),) + out.shape[1:])

@@ -22,7 +22,8 @@ class Recorder:
 
     def __call__(self, x, t, cond, attention=None):
         self.calls.append((sorted(cond), attention))
-        return x * 0.5 + cond["context"].mean() + cond["negative"]["context"].mean()
+        negative = cond["negative"]["context"].mean() if "negative" in cond else 0.0
+        return x * 0.5 + cond["context"].mean() + negative
 
 
 def _conds(b=2):
@@ -64,15 +65,23 @@ def test_nag_beside_cfg_guides_the_strong_branch_only():
     guider = G.resolve_targets(G.make_guider("cfg+nag", scale=4.0), _layout())
     assert float(guider.nag.scale) == 5.0  # the common scale is CFG's, not NAG's
     assert float(guider.nag.alpha) == 0.125  # SD3's default from the layout
-    conds = guider.conditions(_conds(), jnp.float32(0.5))
+    strong_cond, weak_cond = guider.conditions(_conds(), jnp.float32(0.5))
     null = _conds()["null"]
-    for c in conds:  # every branch carries the negative text, so that branches stack
-        np.testing.assert_array_equal(c["negative"]["context"], null["context"])
+    np.testing.assert_array_equal(strong_cond["negative"]["context"], null["context"])
+    assert "negative" not in weak_cond  # CFG's null branch: the plain model
     strong, weak = guider.controls(jnp.float32(0.5), 4)
     np.testing.assert_array_equal(strong.nag.scale, [5, 5, 5, 5])
-    np.testing.assert_array_equal(weak.nag.scale, [1, 1, 1, 1])
+    assert weak is None
     np.testing.assert_array_equal(strong.nag.alpha, [0.125] * 4)
     np.testing.assert_array_equal(strong.nag.tau, [2.5] * 4)
+
+
+def test_beside_cfg_the_strong_forward_runs_apart_with_nag_and_the_null_one_plain():
+    calls = _run(G.make_guider("cfg+nag", scale=4.0))
+    assert len(calls) == 2
+    (strong_keys, strong_ctl), (weak_keys, weak_ctl) = calls
+    assert strong_keys == ["context", "negative", "pooled"] and strong_ctl.nag is not None
+    assert weak_keys == ["context", "pooled"] and weak_ctl is None
 
 
 def test_nag_layers_heads_and_window():

@@ -180,13 +180,13 @@ class Guider:
                 anneal(c, self.cads, t, keys, step) if s in ("cond", "tempered") else c
                 for s, c in zip(slots, out, strict=True)
             ]
-        if self.nag is not None:  # every branch alike, so that branches stack
+        if self.nag is not None:  # the strong branch's own forward holds the negative
             if "null" not in conds or not isinstance(conds["null"], Mapping):
                 raise ValueError(
                     f"{self.name}: nag needs the negative prompts' text (the 'null' "
                     f"condition of a text model); got {sorted(conds)}"
                 )
-            out = [dict(c, negative=conds["null"]) for c in out]
+            out[0] = dict(out[0], negative=conds["null"])
         return out
 
     def controls(self, t, num_layers: int, progress=None) -> list:
@@ -242,8 +242,11 @@ class Guider:
             )
         strong = neutral if self.nag is None else _nag_control(self.nag, neutral, t, num_layers)
         out = [strong]
+        weak = neutral.replace(nag=None)  # NAG guides the strong branch alone
         for term in self.terms:
-            ctl = _term_control(term, neutral, t, num_layers, progress) if term.model == 0 else None
+            ctl = None
+            if term.model == 0 and any(use.values()):
+                ctl = _term_control(term, weak, t, num_layers, progress)
             out.append(ctl)
         return out
 
