@@ -166,6 +166,7 @@ _DIT = {
     "guidance.pag.layers": "blocks.1",
     "guidance.seg.layers": "blocks.14",
     "guidance.slg.layers": "blocks.14",
+    "guidance.emag.layers": "blocks.12-15",  # EMAG's DiT-XL/2 candidates
     "sampler.solver": "",
     "sampler.steps": 250,
 }
@@ -191,6 +192,7 @@ RECIPES = {
         "guidance.pag.layers": "blocks.1",
         "guidance.seg.layers": "blocks.1",
         "guidance.slg.layers": "blocks.1",
+        "guidance.emag.layers": "",
         "guidance.scale": 3.0,
         "sampler.solver": "ddim",
         "sampler.steps": 6,

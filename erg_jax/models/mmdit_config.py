@@ -251,6 +251,7 @@ _SD3 = {
     # layer targets in SD3's own block names (erg_jax.targets); SLG: SD3.5's 7-9
     "guidance.pag.layers": "joint_blocks.1",
     "guidance.slg.layers": "joint_blocks.7-9",
+    "guidance.emag.layers": "joint_blocks.6-8",  # EMAG's SD3-Medium candidates
     "guidance.slg.interval": (0.92, 0.99),
 }
 RECIPES = {
@@ -275,6 +276,7 @@ RECIPES = {
         "guidance.pag.layers": "joint_blocks.1",
         "guidance.seg.layers": "joint_blocks.1",
         "guidance.slg.layers": "joint_blocks.1",
+        "guidance.emag.layers": "",
     },
 }
 
