@@ -279,7 +279,9 @@ def torch_name(layout: str, collection: str, path: tuple[str, ...]) -> str:
     return ".".join((layer, *path[1:-2], _TORCH_LEAVES[(collection, *path[-2:])]))
 
 
+@functools.cache
 def _abstract_variables() -> dict:
+    """The network's variable shapes (traced once per process; callers do not mutate)."""
     images = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
     return jax.eval_shape(InceptionV3().init, jax.random.key(0), images)
 
