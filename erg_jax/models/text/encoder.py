@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # model_type -> (family module with make_config / convert, Flax module class)
 FAMILIES = {
     "t5": (t5, t5.T5Encoder),
+    "umt5": (t5, t5.T5Encoder),  # Wan's text encoder: T5 with a bias table per layer
     "bert": (bert, bert.Bert),
     "clip": (clip, clip.ClipText),
     "clip_text_model": (clip, clip.ClipText),
@@ -46,7 +47,8 @@ class TextEncoder:
     """A loaded text encoder: tokenizer, Flax module, (possibly sharded) params.
 
     Attributes:
-      module: the Flax encoder (``T5Encoder``, ``ClipText``, ``Bert`` or ``Llama``).
+      module: the Flax encoder (``T5Encoder`` for T5 and umT5, ``ClipText``, ``Bert`` or
+        ``Llama``).
       params: its parameters, placed on ``mesh`` when one was given.
       tokenizer: the transformers fast tokenizer of the folder, or None.
       max_length: token length of ``tokenize``'s output.
@@ -219,7 +221,7 @@ def load_text_encoder(
         transformers' ``hidden_states`` (0 = embeddings, -1 = last, -2 = penultimate).
       norm_hidden: apply the model's final norm to that hidden state.
       max_length: tokens per prompt; default: the tokenizer's model_max_length, capped by
-        the learned positions of CLIP / BERT, or by 512 for T5 and Llama.
+        the learned positions of CLIP / BERT, or by 512 for T5, umT5 and Llama.
       dtype, param_dtype: activation and parameter dtypes (param_dtype defaults to dtype).
       precision: matmul precision "default", "high" or "highest"; None keeps JAX's.
       mesh, rules: shard parameters over this mesh by logical axis rules
