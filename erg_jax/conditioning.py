@@ -55,6 +55,23 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
 
 
+def parse_classes(spec: str, num_classes: int) -> list[int] | None:
+    """'all' (every class in turn), 'none' (unconditional) or comma-separated ids."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(num_classes))
+    if spec in ("none", ""):
+        return None
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"conditioning.classes must be 'all', 'none' or ids, got {spec!r}") from e
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad or not ids:
+        raise ValueError(f"conditioning.classes must be in [0, {num_classes}), got {spec!r}")
+    return ids
+
+
 def check_conditions(items, kind: str, text: bool, num_classes: int) -> list:
     """The call's conditions, checked against the model's kind before anything runs."""
     if isinstance(items, str | int) or not isinstance(items, Sequence) or not items:

@@ -44,6 +44,9 @@ class Converter:
       convert: "module:function", (path, **settings) -> (params, config).
       config: "module:function", (transformer config.json dict, **overrides) -> our
         config dict; None where the checkpoint holds no config (a .pt: the preset stands in).
+      text: the pipeline folder's (text encoder, tokenizer) sub-folders, in the order of
+        its ``text.layout``.
+      optional_text: the text encoders a folder may leave out (SD3's T5).
     """
 
     pipeline: str
@@ -51,6 +54,8 @@ class Converter:
     pipeline_class: str | None
     convert: str
     config: str | None = None
+    text: tuple[tuple[str, str], ...] = ()
+    optional_text: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,9 @@ class ModelKind:
       trainable: ``launch.train``'s flow-matching trainer builds and trains it.
       layout: "module:function", config -> ``guidance.Layout``: its blocks as layer
         targets name them ("joint_blocks.3"), its heads, NAG's default blend.
+      video: "module:function", (config, num_frames, height, width) -> the latent shape
+        (frames, h, w, channels) of a video of that many frames and pixels, each checked
+        (a ValueError naming the ``video.*`` field); "" for an image model.
     """
 
     name: str
@@ -98,6 +106,7 @@ class ModelKind:
     demo: bool = False
     trainable: bool = False
     layout: str = ""
+    video: str = ""
 
     def module(self) -> Any:
         """Its model module, imported now."""
@@ -114,6 +123,12 @@ class ModelKind:
     def make_layout(self, config: dict) -> Any:
         """Its ``guidance.Layout`` of a config dict (None where the kind has none)."""
         return resolve(self.layout)(config) if self.layout else None
+
+    def latent_shape(self, config: dict, num_frames: int, height: int, width: int) -> tuple:
+        """The latents (frames, h, w, c) of a video (``video``); a ValueError for an image model."""
+        if not self.video:
+            raise ValueError(f"{self.name} is an image model: it samples no video")
+        return tuple(resolve(self.video)(config, num_frames, height, width))
 
     def recipe_names(self) -> tuple[str, ...]:
         """Its recipes' names, the default first."""
@@ -137,6 +152,7 @@ class ModelKind:
 
 
 _DIT = "erg_jax.convert.dit"
+_CLIPS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 KINDS: dict[str, ModelKind] = {
     k.name: k
     for k in (
@@ -179,6 +195,8 @@ KINDS: dict[str, ModelKind] = {
                     "StableDiffusion3Pipeline",
                     "erg_jax.convert.sd3:convert_diffusers_sd3",
                     "erg_jax.convert.sd3:config_from_diffusers",
+                    text=_CLIPS + (("text_encoder_3", "tokenizer_3"),),
+                    optional_text=("text_encoder_3",),  # the pipeline feeds zeros for it
                 ),
             ),
             pipeline_layout="sd3",
@@ -202,12 +220,36 @@ KINDS: dict[str, ModelKind] = {
                     "FluxPipeline",
                     "erg_jax.convert.flux:convert_diffusers_flux",
                     "erg_jax.convert.flux:config_from_diffusers",
+                    text=_CLIPS,  # CLIP-L, T5
                 ),
             ),
             pipeline_layout="flux",
             any_latent_side=True,
             distilled_guidance=True,
             pipeline_sigmas=True,
+        ),
+        ModelKind(
+            name="wan",
+            module_path="erg_jax.models.wan",
+            layout="erg_jax.models.wan_config:layout",
+            preset="wan_config",
+            network="wan_module",
+            config_file="wan",
+            recipes="erg_jax.models.wan_config:RECIPES",
+            text=True,
+            converters=(
+                Converter(
+                    "wan",
+                    "diffusers-wan",
+                    "WanPipeline",
+                    "erg_jax.convert.wan:convert_diffusers_wan",
+                    "erg_jax.convert.wan:config_from_diffusers",
+                    text=(("text_encoder", "tokenizer"),),  # umT5
+                ),
+            ),
+            pipeline_layout="wan",
+            any_latent_side=True,
+            video="erg_jax.models.wan_config:latent_shape",
         ),
     )
 }
