@@ -21,51 +21,33 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from erg_jax import fused, splash
+from erg_jax import attention_kernels, context_parallel
+
+# The settings and the path choice, importable from here as before (Energy is the one
+# class); the chunk plan and the chooser also under the private names the tests import.
+from erg_jax.attention_kernels import (  # noqa: F401  (re-exported)
+    CHUNK_BYTES,
+    LOCAL_IMPLEMENTATIONS,
+    Energy,
+    chunk_budget,
+    concrete,
+    cudnn_supports,
+    default_implementation,
+    known_one,
+    per_query,
+)
+from erg_jax.attention_kernels import chunk_size as _chunk_size  # noqa: F401
+from erg_jax.attention_kernels import pick_implementation as _pick_implementation
 
 Array = jax.Array
-Implementation = Literal["einsum", "chunked", "fused", "cudnn", "splash"]
-IMPLEMENTATIONS = ("einsum", "chunked", "fused", "cudnn", "splash")
-# Above this many bytes of float32 logits (b * h * n * m * 4) the default einsum path
-# switches to query chunks, which bound the memory and run faster once the attention
-# matrix no longer fits the caches (``python -m launch.benchmark --only=attention``).
-CHUNK_BYTES = 64 * 2**20
-
-
-@struct.dataclass
-class Energy:
-    """Hopfield energy settings of one attention (or a stack of them).
-
-    Fields are floats or arrays broadcastable to the query's (b, n, h) (for example one
-    value per head, shape (h,)), or carry leading axes that a vmap or scan strips (one
-    value per layer or per guidance branch). ``Energy()`` is standard attention.
-
-    Attributes:
-      tau: logit temperature; < 1 flattens the attention, > 1 sharpens it.
-      alpha: scale of the retrieved pattern.
-      gamma: step size of the update.
-    """
-
-    tau: Any = 1.0
-    alpha: Any = 1.0
-    gamma: Any = 1.0
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """The value of x as numpy when it is known before tracing, else None."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
+Implementation = Literal["einsum", "chunked", "fused", "cudnn", "splash", "ring", "ulysses"]
+IMPLEMENTATIONS = (*LOCAL_IMPLEMENTATIONS, "ring", "ulysses")
 
 
 def check_positive(value: Any, name: str) -> None:
     """Raises ValueError when a concrete value is not a finite number > 0."""
-    v = _concrete(value)
+    v = concrete(value)
     if v is not None and not (np.all(v > 0) and np.all(np.isfinite(v))):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
@@ -76,75 +58,9 @@ def check_energy(energy: Energy, name: str = "energy") -> None:
         raise ValueError(f"{name} must be an erg_jax.Energy, got {type(energy).__name__}")
     check_positive(energy.tau, f"{name}.tau")
     check_positive(energy.gamma, f"{name}.gamma")
-    alpha = _concrete(energy.alpha)
+    alpha = concrete(energy.alpha)
     if alpha is not None and not np.all(np.isfinite(alpha)):
         raise ValueError(f"{name}.alpha must be finite, got {energy.alpha!r}")
-
-
-def default_implementation(backend: str | None = None) -> Implementation:
-    """The faster attention path of a backend (default: jax's) for logits that fit.
-
-    CPU and TPU: the plain einsum path, as fast as jax.nn.dot_product_attention or
-    faster. GPU: jax.nn.dot_product_attention, whose default is XLA's own attention;
-    ``_pick_implementation`` moves half-precision inputs that cuDNN takes to its flash
-    kernel (``python scripts/gpu_check.py``; on an H100 in bfloat16 it ran 1.8x faster
-    than XLA's attention at 1024 tokens and 6.9x at 4096).
-    """
-    return "fused" if (backend or jax.default_backend()) == "gpu" else "einsum"
-
-
-def cudnn_supports(q: Array, k: Array, bias: Array | None, mask: Array | None) -> bool:
-    """Whether jax.nn's cuDNN flash kernel takes these inputs as ``energy_attention``
-    hands them over: float16 or bfloat16, head_dim a multiple of 8 up to 128, no bias
-    and no mask (those stay on the XLA path, which takes any shape)."""
-    d = q.shape[-1]
-    half = q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
-    return half and d % 8 == 0 and d <= 128 and bias is None and mask is None
-
-
-def chunk_budget(backend: str | None = None) -> int:
-    """Bytes of float32 logits above which the default path splits queries into chunks:
-    ``CHUNK_BYTES`` on CPU (the caches), 16x that on accelerators (their memory)."""
-    return CHUNK_BYTES if (backend or jax.default_backend()) == "cpu" else 16 * CHUNK_BYTES
-
-
-def _pick_implementation(
-    q: Array, k: Array, bias: Array | None = None, mask: Array | None = None, backend=None
-) -> Implementation:
-    """The backend's default; cuDNN for half-precision GPU inputs it takes; splash for
-    bfloat16 TPU inputs it takes from ``splash.MIN_KV`` keys on; query chunks when the
-    attention matrix would not fit the backend's budget."""
-    backend = backend or jax.default_backend()
-    impl = default_implementation(backend)
-    if backend == "gpu" and cudnn_supports(q, k, bias, mask):
-        return "cudnn"
-    # Splash by default only in bfloat16, as cuDNN on GPU: the kernel sets its own matmul
-    # precision, where the einsum path follows ``precision`` for float32 inputs. Named,
-    # splash takes float32 too.
-    if (
-        backend == "tpu"
-        and q.dtype == jnp.bfloat16
-        and k.shape[1] >= splash.MIN_KV
-        and splash.problem(q, k, k, bias, mask) is None
-    ):
-        return "splash"
-    b, n, h, _ = q.shape
-    budget = chunk_budget(backend)
-    if 4 * b * h * n * k.shape[1] > budget and _chunk_size(q, k, budget) < n:
-        return "chunked"
-    return impl
-
-
-def _chunk_size(q: Array, k: Array, budget: int | None = None) -> int:
-    """Query rows per chunk: (b, h, chunk, m) float32 logits within the budget, in as few
-    chunks as the budget allows, of even size. Where the chunk does not divide n the last
-    one starts at n - chunk and recomputes fewer rows than there are chunks (n = 4429,
-    SD3's tokens at 1024 px, is 43 x 103: no divisor fits most budgets)."""
-    b, n, h, _ = q.shape
-    budget = chunk_budget() if budget is None else budget
-    target = max(1, budget // (4 * b * h * k.shape[1]))
-    count = -(-n // target)
-    return -(-n // count)
 
 
 def _check_qkv(q: Array, k: Array, v: Array | None) -> None:
@@ -168,117 +84,6 @@ def _check_qkv(q: Array, k: Array, v: Array | None) -> None:
             f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)} (the energy "
             "update maps values back into query space)"
         )
-
-
-def _per_query(x: Any, q: Array) -> Array:
-    """An Energy field broadcast to (b, n, h) in float32."""
-    x = jnp.asarray(x, jnp.float32)
-    return jnp.broadcast_to(x, q.shape[:3])
-
-
-def _bhn(x: Array) -> Array:
-    """(b, n, h) -> (b, h, n, 1), the logit layout of one query row."""
-    return jnp.transpose(x, (0, 2, 1))[..., None]
-
-
-def _heads_first(x: Array) -> Array:
-    """(b, n, h, d) <-> (b, h, n, d)."""
-    return jnp.swapaxes(x, 1, 2)
-
-
-# Both products run head-major, (b, h, n, d) x (b, h, m, d): XLA's CPU backend then uses
-# its fast batched matmul, where the (b, n, h, d) einsums fell to a slower strided one
-# (DiT-S/2 attention with its output projection, batch 8: 53 -> 19 ms; 1.5x faster at
-# 4096 tokens). The transposes are cheap next to either product.
-def _logits(q, k, tau, bias, mask, scale, precision=None):
-    """Tempered, masked logits tau * (beta * q.k + B) in float32, shape (b, h, n, m).
-
-    Masked entries are float32's lowest value rather than -inf, so a row with every key
-    masked is uniform over its m keys after the softmax (as on every other path) instead
-    of 0 / 0.
-    """
-    b, n, h, d = q.shape
-    hk, m = k.shape[2], k.shape[1]
-    # tau * beta scales a float32 query, whose rounding is then float32's own, and costs
-    # (n, d) products instead of (n, m). A narrower query would round it to its own
-    # precision, 8 bits in bfloat16: a logit error that grows with tau (head_dim 72, tau
-    # 100: 0.57 off a float64 reference where jax.nn is 0.013; docs/INTERFACES.md), so
-    # there tau * beta scales the float32 product instead.
-    fold = jnp.finfo(q.dtype).bits >= 32
-    qs = _heads_first(q * (tau * scale)[..., None].astype(q.dtype) if fold else q)
-    kt = _heads_first(k)
-    if hk == h:
-        s = jnp.einsum(
-            "bhnd,bhmd->bhnm", qs, kt, preferred_element_type=jnp.float32, precision=precision
-        )
-    else:  # grouped-query: each kv head serves h // hk query heads
-        qg = qs.reshape(b, hk, h // hk, n, d)
-        s = jnp.einsum(
-            "bkgnd,bkmd->bkgnm", qg, kt, preferred_element_type=jnp.float32, precision=precision
-        )
-        s = s.reshape(b, h, n, m)
-    tau = _bhn(tau)
-    if not fold:
-        s = s * (tau * scale)
-    if bias is not None:
-        s = s + tau * bias.astype(jnp.float32)
-    if mask is not None:
-        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    return s
-
-
-def _attend_einsum(q, k, v, tau, bias, mask, scale, precision=None):
-    p = jax.nn.softmax(_logits(q, k, tau, bias, mask, scale, precision), axis=-1)
-    b, n, h, d = q.shape
-    hk, m = k.shape[2], k.shape[1]
-    p = p.astype(v.dtype)
-    vt = _heads_first(v)
-    if hk == h:
-        out = jnp.einsum(
-            "bhnm,bhmd->bhnd", p, vt, preferred_element_type=jnp.float32, precision=precision
-        )
-    else:
-        out = jnp.einsum(
-            "bkgnm,bkmd->bkgnd",
-            p.reshape(b, hk, h // hk, n, m),
-            vt,
-            preferred_element_type=jnp.float32,
-            precision=precision,
-        )
-    return _heads_first(out.reshape(b, h, n, d))
-
-
-def _attend_chunked(q, k, v, tau, bias, mask, scale, precision=None):
-    """The einsum path over query chunks (lax.scan): every row's softmax is the same, the
-    (b, h, n, m) logits never exist at once. Queries are independent rows, so the last
-    chunk, moved back to end at n, rewrites its overlap with the one before unchanged."""
-    b, n, h, d = q.shape
-    c = _chunk_size(q, k)
-    if c == n:
-        return _attend_einsum(q, k, v, tau, bias, mask, scale, precision)
-    starts = np.minimum(np.arange(0, n, c), n - c)
-
-    def rows(x, axis, start):
-        # x carries the query axis at `axis` (length n) or broadcasts over it (length 1).
-        if x is None or x.shape[axis] == 1:
-            return x
-        return jax.lax.dynamic_slice_in_dim(x, start, c, axis)
-
-    def one(out, start):
-        part = _attend_einsum(
-            rows(q, 1, start),
-            k,
-            v,
-            rows(tau, 1, start),
-            rows(bias, 2, start),
-            rows(mask, 2, start),
-            scale,
-            precision,
-        )
-        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(out.dtype), start, 1), None
-
-    out, _ = jax.lax.scan(one, jnp.zeros((b, n, h, d), jnp.float32), starts)
-    return out
 
 
 def _as4d(x: Array | None, name: str) -> Array | None:
@@ -323,7 +128,9 @@ def energy_attention(
         key padding (b, 1, 1, m); else ValueError); None picks the faster for the
         backend and the sequence length. The last three fold tau into the query
         (``erg_jax.fused``), which in bfloat16 costs accuracy as tau grows; the einsum
-        paths do not (docs/INTERFACES.md, "Attention kernels").
+        paths do not (docs/INTERFACES.md, "Attention kernels"). "ring" and "ulysses"
+        split the sequence over the mesh axis "context" of ``jax.set_mesh``
+        (``erg_jax.context_parallel``).
       precision: matmul precision ("default", "high", "highest" or a lax.Precision);
         None follows jax's default. The splash kernel sets its own.
 
@@ -343,38 +150,12 @@ def energy_attention(
     bias, mask = _as4d(bias, "bias"), _as4d(mask, "mask")
     if mask is not None:
         mask = mask.astype(bool)
-    keep = None
-    if implementation == "splash":
-        splash.check(q, k, v, bias, mask)
-        keep = splash.key_padding(mask, q.shape[0], k.shape[1])
-
-    tau = _per_query(energy.tau, q)
-    alpha = _per_query(energy.alpha, q)[..., None]
-    gamma = _per_query(energy.gamma, q)[..., None]
-    # Known alpha = gamma = 1 (standard attention, or a temperature alone): the update is
-    # the retrieved pattern itself, so skip two passes over (b, n, h, d).
-    plain = known_one(energy.alpha) and known_one(energy.gamma)
-    x = q
-    for _ in range(steps):
-        if implementation == "einsum":
-            retrieved = _attend_einsum(x, k, v, tau, bias, mask, scale, precision)
-        elif implementation == "chunked":
-            retrieved = _attend_chunked(x, k, v, tau, bias, mask, scale, precision)
-        elif implementation == "splash":
-            retrieved = fused.splash_attend(x, k, v, tau, keep, scale)
-        else:
-            retrieved = fused.dot_product(
-                x, k, v, tau, bias, mask, scale, implementation, precision, fallback=chosen
-            )
-        x = retrieved if plain else (1.0 - gamma) * x + gamma * alpha * retrieved
-        x = x.astype(q.dtype)
-    return x
-
-
-def known_one(x: Any) -> bool:
-    """True when x is known before tracing (not a tracer) to be 1 everywhere."""
-    v = _concrete(x)
-    return v is not None and bool(np.all(v == 1.0))
+    kw = dict(steps=steps, bias=bias, mask=mask, scale=scale, precision=precision)
+    if implementation in ("ring", "ulysses"):
+        return context_parallel.attend(implementation, q, k, v, energy, **kw)
+    return attention_kernels.local_energy_attention(
+        q, k, v, energy, implementation=implementation, fallback=chosen, **kw
+    )
 
 
 def attention_weights(
@@ -393,8 +174,8 @@ def attention_weights(
     _check_qkv(q, k, None)
     check_energy(energy)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    logits = _logits(
-        q, k, _per_query(energy.tau, q), _as4d(bias, "bias"), _as4d(mask, "mask"), scale
+    logits = attention_kernels.logits(
+        q, k, per_query(energy.tau, q), _as4d(bias, "bias"), _as4d(mask, "mask"), scale
     )
     return jax.nn.softmax(logits, axis=-1)
 
@@ -428,9 +209,9 @@ def hopfield_energy(
     _check_qkv(q, k, None)
     check_energy(energy)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    tau = _per_query(energy.tau, q)
-    alpha = _per_query(energy.alpha, q)
-    logits = _logits(q, k, tau, _as4d(bias, "bias"), None, scale)
+    tau = per_query(energy.tau, q)
+    alpha = per_query(energy.alpha, q)
+    logits = attention_kernels.logits(q, k, tau, _as4d(bias, "bias"), None, scale)
     mask = _as4d(mask, "mask")
     if mask is None:
         lse = jax.nn.logsumexp(logits, axis=-1)

@@ -15,6 +15,13 @@ order, from the parsed ``scheduler/scheduler_config.json`` (no torch, no I/O):
 - DDIMScheduler: "leading", "trailing" or "linspace" timesteps (Lin et al. 2024, Table 2);
   the step from t lands on the abar of t - T // N, on or off the grid (-1: the final abar).
 - DDPMScheduler: the same timesteps; the step lands on the next grid entry.
+- UniPCMultistepScheduler, DPMSolverMultistepScheduler (our "unipc", "dpmpp_2m"): on
+  DDPM betas, timesteps spaced as DDIM's but over steps + 1 points with the last one
+  dropped ("linspace" 3 steps: 999, 666, 333), each step landing on the next, the last
+  on sigma 0 ("zero") or abar_0 ("sigma_min"). With use_flow_sigmas (Wan: flow_shift 3 or
+  5, prediction_type flow_prediction), shifted flow sigmas (UniPC: from 1 - 1e-6, DPM:
+  from the shifted 1 - 1 / T), and the model is handed int(T sigma), not T sigma: the
+  Sampler carries those as ``model_times``.
 
 Where a config asks for something our solvers cannot reproduce, a ValueError names the
 field rather than sampling on a grid that only looks similar.
@@ -28,13 +35,28 @@ from typing import Any
 
 import numpy as np
 
+from erg_jax import multistep as M
+from erg_jax import predictions as P
 from erg_jax import samplers as S
+from erg_jax import solvers as SV
 
 FLOW = "FlowMatchEulerDiscreteScheduler"
 DDIM = "DDIMScheduler"
 DDPM = "DDPMScheduler"
-SCHEDULERS = (FLOW, DDIM, DDPM)
+UNIPC = "UniPCMultistepScheduler"
+DPM = "DPMSolverMultistepScheduler"
+SCHEDULERS = (FLOW, DDIM, DDPM, UNIPC, DPM)
 SPACINGS = ("leading", "trailing", "linspace")
+# the class whose rules each solver follows, and each class's own solver
+RULES = {
+    "euler": FLOW,
+    "heun": FLOW,
+    "ddim": DDIM,
+    "ddpm": DDPM,
+    "unipc": UNIPC,
+    "dpmpp_2m": DPM,
+}
+_OWN = {FLOW: "euler", DDIM: "ddim", DDPM: "ddpm", UNIPC: "unipc", DPM: "dpmpp_2m"}
 
 # Every field each class reads, with the value its constructor gives a missing one.
 _DIFFUSION_FIELDS = {
@@ -72,6 +94,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     },
     DDIM: {**_DIFFUSION_FIELDS, "set_alpha_to_one": True},
     DDPM: {**_DIFFUSION_FIELDS, "variance_type": "fixed_small"},
+    **{M.CLASSES[k]: v for k, v in M.FIELDS.items()},
 }
 # Flags whose effect our solvers do not have, and why.
 _REFUSED = {
@@ -82,6 +105,9 @@ _REFUSED = {
     "stochastic_sampling": "it re-noises every step with the scheduler's own generator",
     "thresholding": "dynamic thresholding of x0 is not implemented here",
     "rescale_betas_zero_snr": "zero-terminal-SNR betas are not implemented here",
+    "use_lu_lambdas": "Lu lambdas are not implemented here",
+    "euler_at_final": "a first-order last step at any length is not implemented here",
+    "solver_p": "an outside predictor is not implemented here",
 }
 _BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -99,6 +125,11 @@ _FROM_CONFIG = (
     "float32_betas",
     "fixed_variance",
     "clip_x0",
+    "order",
+    "lower_order_final",
+    "solver_type",
+    "disable_corrector",
+    "model_times",
 )
 
 
@@ -217,7 +248,22 @@ def scheduler_grid(
       and the timestep whose abar each step lands on (-1: the final abar).
     """
     rules, _, cfg = _resolve(scheduler_config, overrides, solver)
-    return _grid(rules, cfg, steps, image_seq_len, sigmas)
+    return _grid(rules, cfg, steps, image_seq_len, sigmas)[0]
+
+
+def scheduler_timesteps(
+    scheduler_config: Mapping[str, Any],
+    steps: int,
+    *,
+    image_seq_len: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    solver: str | None = None,
+    sigmas: np.ndarray | None = None,
+) -> np.ndarray:
+    """The scheduler's ``timesteps`` after ``set_timesteps(steps)``: what its pipeline
+    hands the model, (steps,) float32 T sigma (FlowMatchEulerDiscreteScheduler) or int64."""
+    rules, _, cfg = _resolve(scheduler_config, overrides, solver)
+    return _grid(rules, cfg, steps, image_seq_len, sigmas)[1]
 
 
 def sampler_from_scheduler(
@@ -242,30 +288,51 @@ def sampler_from_scheduler(
         schedulers only; FluxPipeline's linspace(1, 1 / steps, steps)); None = the
         scheduler's own.
       **sampler_kw: ``make_sampler`` fields the config does not decide: solver (flow
-        configs: euler or heun; DDIM / DDPM configs: ddim or ddpm, each following its own
-        class's rules, as ``from_config`` would), learned_sigma, time, eta, prediction
-        (flow; for DDIM / DDPM it must agree with prediction_type).
+        configs: euler or heun; DDIM / DDPM / UniPC / DPM-Solver++ configs: ddim, ddpm,
+        unipc or dpmpp_2m, each following its own class's rules, as ``from_config``
+        would), learned_sigma, time, eta, prediction (FlowMatch; otherwise it must agree
+        with prediction_type).
 
     Returns:
-      A checked Sampler with ``grid`` set.
+      A checked Sampler with ``grid`` set, and ``model_times`` where the scheduler hands
+      the model other than ``time`` of the grid (UniPC / DPM-Solver++ on flow sigmas).
     """
     taken = sorted(set(sampler_kw) & set(_FROM_CONFIG))
     if taken:
         raise ValueError(f"{taken} come from the scheduler config; change them with overrides")
     rules, solver, cfg = _resolve(scheduler_config, overrides, sampler_kw.pop("solver", None))
-    grid = _grid(rules, cfg, steps, image_seq_len, sigmas)
+    grid, timesteps = _grid(rules, cfg, steps, image_seq_len, sigmas)
+    multistep = rules in (UNIPC, DPM)
+    flow = rules == FLOW or (multistep and cfg["use_flow_sigmas"])
+    if flow and sampler_kw.get("time") == "sd3" and cfg["num_train_timesteps"] != 1000:
+        raise ValueError(
+            "num_train_timesteps: the scheduler feeds the model sigma * "
+            f"{cfg['num_train_timesteps']}, time 'sd3' feeds 1000 sigma"
+        )
     if rules == FLOW:
-        if sampler_kw.get("time") == "sd3" and cfg["num_train_timesteps"] != 1000:
-            raise ValueError(
-                "num_train_timesteps: the scheduler feeds the model sigma * "
-                f"{cfg['num_train_timesteps']}, time 'sd3' feeds 1000 sigma"
-            )
         return S.make_sampler(solver, steps, grid=grid, **sampler_kw)
-    prediction = PREDICTIONS[cfg["prediction_type"]]
+    fields = M.settings(solver, cfg, PREDICTIONS) if multistep else {}
+    prediction = (M.FLOW_PREDICTIONS if flow else PREDICTIONS)[cfg["prediction_type"]]
     if sampler_kw.pop("prediction", prediction) != prediction:
         raise ValueError(
             f"prediction: the scheduler's prediction_type {cfg['prediction_type']!r} means "
             f"{prediction!r}; change it with overrides={{'prediction_type': ...}}"
+        )
+    fields.update(prediction=prediction, grid=grid)
+    if flow:  # the model reads int(T sigma), in its own units
+        tau = timesteps.astype(np.float64) / cfg["num_train_timesteps"]
+        fields["model_times"] = SV.flow_native(sampler_kw.get("time", "unit"), tau)
+        return S.make_sampler(solver, steps, **fields, **sampler_kw)
+    fields.update(
+        beta_schedule=_BETAS[cfg["beta_schedule"]],
+        beta_start=float(cfg["beta_start"]),
+        beta_end=float(cfg["beta_end"]),
+        num_train_steps=int(cfg["num_train_timesteps"]),
+        float32_betas=True,
+    )
+    if multistep:
+        return S.make_sampler(
+            solver, steps, alpha_to_one=cfg["final_sigmas_type"] == "zero", **fields, **sampler_kw
         )
     learned = bool(sampler_kw.get("learned_sigma", False))
     variance = cfg["variance_type"] if rules == DDPM else None
@@ -277,20 +344,21 @@ def sampler_from_scheduler(
     return S.make_sampler(
         solver,
         steps,
-        prediction=prediction,
-        beta_schedule=_BETAS[cfg["beta_schedule"]],
-        beta_start=float(cfg["beta_start"]),
-        beta_end=float(cfg["beta_end"]),
-        num_train_steps=int(cfg["num_train_timesteps"]),
         # DDPMScheduler always ends on abar = 1.
         alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
-        float32_betas=True,
         # DDPM's fixed variances ignore the channels a learned-sigma model also outputs.
         fixed_variance=variance in ("fixed_small", "fixed_small_log"),
         clip_x0=float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None,
-        grid=grid,
+        **fields,
         **sampler_kw,
     )
+
+
+def is_flow_config(scheduler_config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config steps a flow-matching model (FlowMatchEuler, or a
+    multistep scheduler with use_flow_sigmas)."""
+    name = scheduler_config.get("_class_name")
+    return name == FLOW or (name in (UNIPC, DPM) and bool(scheduler_config.get("use_flow_sigmas")))
 
 
 def _resolve(scheduler_config, overrides, solver) -> tuple[str, str, dict]:
@@ -298,16 +366,16 @@ def _resolve(scheduler_config, overrides, solver) -> tuple[str, str, dict]:
     name = scheduler_config.get("_class_name")
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler _class_name must be one of {SCHEDULERS}, got {name!r}")
+    solver = solver or _OWN[name]
+    # a diffusion config may run any diffusion solver, by that solver's class (from_config)
+    family = S.DIFFUSION_SOLVERS + S.MULTISTEP_SOLVERS
     if name == FLOW:
-        solver = solver or "euler"
-        if solver not in S.FLOW_SOLVERS:
-            raise ValueError(f"solver: {name} takes one of {S.FLOW_SOLVERS}, got {solver!r}")
-        rules = FLOW
-    else:
-        solver = solver or ("ddim" if name == DDIM else "ddpm")
-        if solver not in S.DIFFUSION_SOLVERS:
-            raise ValueError(f"solver: {name} takes one of {S.DIFFUSION_SOLVERS}, got {solver!r}")
-        rules = DDIM if solver == "ddim" else DDPM
+        family = S.FLOW_SOLVERS
+    elif is_flow_config({**scheduler_config, **(overrides or {})}):
+        family = S.MULTISTEP_SOLVERS
+    if solver not in family:
+        raise ValueError(f"solver: {name} takes one of {family}, got {solver!r}")
+    rules = RULES[solver]
     fields = FIELDS[rules]
     unknown = sorted(set(overrides or {}) - set(fields))
     if unknown:
@@ -319,10 +387,27 @@ def _resolve(scheduler_config, overrides, solver) -> tuple[str, str, dict]:
     for field, why in _REFUSED.items():
         if cfg.get(field):
             raise ValueError(f"{field}=true: cannot reproduce {rules} with it ({why})")
+    if rules in (UNIPC, DPM):
+        M.settings(solver, cfg, PREDICTIONS)
     return rules, solver, cfg
 
 
-def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None, sigmas=None) -> np.ndarray:
+def _check_betas(rules: str, cfg: dict) -> None:
+    if cfg["trained_betas"] is not None:
+        raise ValueError(f"trained_betas: cannot reproduce {rules} with its own betas")
+    if cfg["beta_schedule"] not in _BETAS:
+        raise ValueError(
+            f"beta_schedule must be one of {tuple(_BETAS)}, got {cfg['beta_schedule']!r}"
+        )
+    if cfg["beta_schedule"] == "linear" and cfg["num_train_timesteps"] != 1000:
+        # Our "linear" scales its end points by 1000 / T (ADM); diffusers' does not.
+        raise ValueError(
+            f"num_train_timesteps must be 1000 with linear betas, got {cfg['num_train_timesteps']}"
+        )
+
+
+def _grid(rules: str, cfg: dict, steps: int, image_seq_len, sigmas=None) -> tuple:
+    """(the Sampler's grid, the scheduler's timesteps)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if sigmas is not None and rules != FLOW:
@@ -356,16 +441,25 @@ def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None, sigmas=N
             raise ValueError(
                 f"shift_terminal={cfg['shift_terminal']} needs steps >= 2, got {steps}"
             )
-        return sigmas
-    if cfg["trained_betas"] is not None:
-        raise ValueError(f"trained_betas: cannot reproduce {rules} with its own betas")
-    if cfg["beta_schedule"] not in _BETAS:
-        raise ValueError(
-            f"beta_schedule must be one of {tuple(_BETAS)}, got {cfg['beta_schedule']!r}"
-        )
-    if cfg["beta_schedule"] == "linear" and n != 1000:
-        # Our "linear" scales its end points by 1000 / T (ADM); diffusers' does not.
-        raise ValueError(f"num_train_timesteps must be 1000 with linear betas, got {n}")
+        return sigmas, sigmas[:-1] * np.float32(n)
+    if rules in (UNIPC, DPM) and cfg["use_flow_sigmas"]:
+        if float(cfg["flow_shift"]) <= 0:
+            raise ValueError(f"flow_shift must be > 0, got {cfg['flow_shift']!r}")
+        abar_0 = None
+        if rules == DPM and cfg["final_sigmas_type"] == "sigma_min":  # read off the betas
+            _check_betas(rules, cfg)
+            args = (_BETAS[cfg["beta_schedule"]], n, cfg["beta_start"], cfg["beta_end"], True)
+            abar_0 = P.alphas_cumprod(*args)[0]
+        kw = dict(num_train_timesteps=n, flow_shift=float(cfg["flow_shift"]))
+        kw.update(shift_terminal=cfg.get("shift_terminal"), abar_0=abar_0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = M.flow_sigmas(
+                steps, _OWN[rules], final_sigmas_type=cfg["final_sigmas_type"], **kw
+            )
+        if not np.all(np.isfinite(out[0])):
+            raise ValueError(f"shift_terminal={cfg['shift_terminal']} needs steps >= 2")
+        return out
+    _check_betas(rules, cfg)
     if cfg["prediction_type"] not in PREDICTIONS:
         raise ValueError(
             f"prediction_type must be one of {tuple(PREDICTIONS)}, got {cfg['prediction_type']!r}"
@@ -377,14 +471,14 @@ def _grid(rules: str, cfg: dict, steps: int, image_seq_len: int | None, sigmas=N
         )
     if steps > n:
         raise ValueError(f"steps must be in [1, {n}], got {steps}")
-    ks = diffusion_timesteps(
-        steps,
-        num_train_timesteps=n,
-        timestep_spacing=cfg["timestep_spacing"],
-        steps_offset=int(cfg["steps_offset"]),
-    )
+    spacing = dict(timestep_spacing=cfg["timestep_spacing"], steps_offset=int(cfg["steps_offset"]))
+    if rules in (UNIPC, DPM) and cfg["timestep_spacing"] != "trailing":
+        # DDIM's spacing over steps + 1 points, the last one (0) dropped
+        ks = diffusion_timesteps(steps + 1, num_train_timesteps=n, **spacing)[:-1]
+    else:
+        ks = diffusion_timesteps(steps, num_train_timesteps=n, **spacing)
     if rules == DDIM:
         prev = np.maximum(ks - n // steps, -1)
     else:
         prev = np.append(ks[1:], -1)
-    return np.stack([ks, prev]).astype(np.int32)
+    return np.stack([ks, prev]).astype(np.int32), ks

@@ -368,9 +368,9 @@ def check_scheduler(smp, sources: Sources) -> None:
         raise ValueError(f"sampler.steps must be >= 1, got {smp.steps}")
     reference = _scheduler_config(smp, sources)
     if reference is None:
-        flow = smp.solver in ("",) + S.FLOW_SOLVERS
+        flow = smp.solver in ("", "unipc", "dpmpp_2m") + S.FLOW_SOLVERS
     else:
-        flow = reference.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+        flow = grids.is_flow_config(reference)
     stand_in = {"prediction": "velocity", "time": "sd3", "sample_size": 64, "patch_size": 2}
     if not flow:
         pred = (reference or {}).get("prediction_type", "epsilon")
@@ -409,8 +409,10 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
         k: literal.get(str(v).lower(), v)
         for k, v in parse_overrides(smp.scheduler_overrides, "sampler.scheduler_overrides").items()
     }
-    native = float(reference.get("shift", 1.0) or 1.0)
-    own_shift = float(overrides.get("shift", native))
+    # FlowMatchEuler names its shift "shift", the multistep schedulers "flow_shift"
+    key = "shift" if "shift" in reference else "flow_shift"
+    native = float(reference.get(key, 1.0) or 1.0)
+    own_shift = float(overrides.get("shift", overrides.get("flow_shift", native)))
     # sampler.shift may restate the scheduler's own shift (the SD3 configs' 3.0) or the
     # override; any other value would be silently dropped, so it is refused.
     if float(smp.shift) not in (1.0, native, own_shift):
@@ -419,7 +421,9 @@ def make_sampler(smp, mcfg: dict, sources: Sources) -> S.Sampler:
             f"({reference.get('_class_name')}) has shift {own_shift}: set "
             f"sampler.scheduler_overrides=shift={smp.shift}, or sampler.scheduler=even"
         )
-    tokens = (int(mcfg["sample_size"]) // int(mcfg["patch_size"])) ** 2
+    # the image's token count, for a dynamic shift (FLUX.1); a video model has none
+    side = int(mcfg.get("sample_size", 0))
+    tokens = (side // int(mcfg["patch_size"])) ** 2 if side else 0
     kw = dict(learned_sigma=learned, eta=smp.eta)
     entry = registry.KINDS.get(mcfg.get("kind"))  # None: check_scheduler's stand-in
     if entry is not None and entry.pipeline_sigmas:  # FluxPipeline's sigmas of its own

@@ -1,10 +1,9 @@
 """Samplers: a time grid and a solver under one lax.scan, branches in one vmap per step.
 
-Flow matching (x_t = (1 - t) x0 + t eps): Euler and Heun (Karras et al. 2022, Alg. 1,
-the last step Euler), on the SD3-shifted grid. Diffusion (DDPM-trained): DDIM with eta
-(Song et al. 2021, eq. 12) and DDPM ancestral sampling (Ho et al. 2020) with the fixed
-posterior variance or the learned one of DiT (Nichol & Dhariwal 2021, eq. 15). A given
-``grid`` replaces our even grids with a reference scheduler's (``erg_jax.grids``).
+Solvers (``erg_jax.solvers``): Euler and Heun for flow matching, on the SD3-shifted
+grid; DDIM and DDPM for DDPM-trained diffusion; UniPC and DPM-Solver++(2M) for either,
+their multistep history in the scan carry (``erg_jax.multistep``). A given ``grid``
+replaces our even grids with a reference scheduler's (``erg_jax.grids``).
 
 One step: the guider names the branches -> ``vmap(denoiser)`` over them -> every output
 to an x0 estimate -> ``guider.combine`` -> the solver's update (a staged branch, SAG's:
@@ -25,7 +24,9 @@ import numpy as np
 from flax import struct
 
 from erg_jax import emag as EMAG
+from erg_jax import multistep as M
 from erg_jax import predictions as P
+from erg_jax import solvers as SV
 from erg_jax.branches import map_branches
 from erg_jax.guidance.guider import Guider, check_denoisers, check_layers
 from erg_jax.targets import resolve_targets
@@ -34,7 +35,10 @@ Array = jax.Array
 Denoiser = Callable[..., Array]
 FLOW_SOLVERS = ("euler", "heun")
 DIFFUSION_SOLVERS = ("ddim", "ddpm")
+MULTISTEP_SOLVERS = M.SOLVERS  # flow or diffusion, by ``time``
+SOLVERS = FLOW_SOLVERS + DIFFUSION_SOLVERS + MULTISTEP_SOLVERS
 TIMES = ("unit", "sd3", "sit", "ddpm")
+_Point = SV.Point  # the name the tests and notebooks know
 
 
 @struct.dataclass
@@ -42,11 +46,12 @@ class Sampler:
     """How to integrate: solver, grid and the model's parameterisation.
 
     Static (they shape the program): solver, steps, prediction, learned_sigma, time, the
-    diffusion schedule (beta_schedule .. fixed_variance). Traced: shift (even flow grid),
-    eta (DDIM), grid.
+    diffusion schedule (beta_schedule .. fixed_variance), the multistep settings (order ..
+    disable_corrector). Traced: shift (even flow grid), eta (DDIM), grid, model_times.
 
     Attributes:
-      solver: "euler" or "heun" (flow), "ddim" or "ddpm" (diffusion).
+      solver: "euler" or "heun" (flow), "ddim" or "ddpm" (diffusion), "unipc" or
+        "dpmpp_2m" (either: diffusion where time is "ddpm", else flow).
       steps: number of solver steps.
       prediction: what the model outputs: "velocity" (flow), "eps", "v" or "x0".
       learned_sigma: the output has 2C channels, the last C DiT's variance interpolation.
@@ -55,17 +60,29 @@ class Sampler:
       beta_schedule: "linear" (scaled by 1000 / num_train_steps), "scaled_linear", "cosine".
       beta_start, beta_end: the linear schedules' end points.
       alpha_to_one: the abar after the last step is 1; False: abar_0 (DDIM's
-        set_alpha_to_one=False).
+        set_alpha_to_one=False; a multistep solver's final_sigmas_type "sigma_min").
       float32_betas: betas and alphas rounded to float32 before their product (diffusers).
       fixed_variance: DDPM uses the fixed small variance even when the model outputs its
         own (learned_sigma), as diffusers' DiT pipeline with variance_type fixed_small.
-      clip_x0: diffusion only: the guided x0 estimate is clipped to [-clip_x0, clip_x0]
+      clip_x0: DDIM / DDPM only: the guided x0 estimate is clipped to [-clip_x0, clip_x0]
         before the update, its noise estimate left as it was (diffusers' clip_sample /
         clip_sample_range without use_clipped_model_output); None: never.
       grid: None (our grids), or a reference scheduler's. Flow: (steps + 1,) float32 noise
-        levels t_0 > ... > t_steps. Diffusion: (2, steps) int32, row 0 the model's steps
-        k_i, row 1 the step whose abar is "prev" for step i (-1: the final abar); noise
-        (DDPM) wherever k_i > 0. Guiders see t (flow) or k / (T - 1) (diffusion).
+        levels t_0 > ... > t_steps (a multistep run may repeat the last). Diffusion: (2,
+        steps) int32, row 0 the model's steps k_i, row 1 the step whose abar is "prev" for
+        step i (-1: the final abar; multistep: row 0's next step); noise (DDPM) wherever
+        k_i > 0. Guiders see t (flow) or k / (T - 1) (diffusion).
+      order: multistep: the highest order, 1 or 2 (diffusers' solver_order).
+      lower_order_final: multistep: UniPC takes order min(order, steps - i) at step i;
+        DPM-Solver++ ends with a first-order step when the run has fewer than 15 steps
+        (always when it ends on sigma 0).
+      solver_type: UniPC "bh2" (B(h) = e^h - 1) or "bh1" (B(h) = h); DPM-Solver++
+        "midpoint" or "heun"; "" = the first of these.
+      disable_corrector: UniPC: the steps whose result UniC leaves uncorrected.
+      model_times: flow, one model evaluation per step (euler, unipc, dpmpp_2m): None, or
+        (steps,) the model's timestep at each step in its own units (``time``), where a
+        scheduler hands the model other than ``time`` of the grid (UniPC / DPM-Solver++
+        on flow sigmas: the integer int(T t)); guiders still see the grid's t.
     """
 
     solver: str = struct.field(pytree_node=False, default="euler")
@@ -84,10 +101,17 @@ class Sampler:
     fixed_variance: bool = struct.field(pytree_node=False, default=False)
     clip_x0: float | None = struct.field(pytree_node=False, default=None)
     grid: Any = None
+    order: int = struct.field(pytree_node=False, default=2)
+    lower_order_final: bool = struct.field(pytree_node=False, default=True)
+    solver_type: str = struct.field(pytree_node=False, default="")
+    disable_corrector: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    model_times: Any = None
 
     @property
     def is_flow(self) -> bool:
-        return self.solver in FLOW_SOLVERS
+        return self.solver in FLOW_SOLVERS or (
+            self.solver in MULTISTEP_SOLVERS and self.time != "ddpm"
+        )
 
     def diffusion_tables(self) -> dict:
         """Per step: the model's k, abar at k, abar at the step's "prev" (diffusion)."""
@@ -109,13 +133,16 @@ class Sampler:
 
 def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
     """A checked Sampler; every error names the field and its allowed values."""
-    if solver not in FLOW_SOLVERS + DIFFUSION_SOLVERS:
-        raise ValueError(
-            f"solver must be one of {FLOW_SOLVERS + DIFFUSION_SOLVERS}, got {solver!r}"
-        )
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    flow = solver in FLOW_SOLVERS
+    multistep = solver in MULTISTEP_SOLVERS
+    if multistep:
+        default_time = "ddpm" if kw.get("prediction") in ("eps", "v") else "unit"
+        flow = kw.get("time", default_time) != "ddpm"
+    else:
+        flow = solver in FLOW_SOLVERS
     s = Sampler(
         solver,
         steps,
@@ -137,8 +164,6 @@ def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
                 f"prediction eps/v/x0, got {s.prediction}/{s.time}"
             )
         P.beta_schedule(s.beta_schedule, s.num_train_steps)
-        if s.clip_x0 is not None and not float(s.clip_x0) > 0:
-            raise ValueError(f"clip_x0 must be > 0 or None, got {s.clip_x0!r}")
         if steps > s.num_train_steps:
             raise ValueError(f"steps must be in [1, {s.num_train_steps}], got {steps}")
         if not 0.0 < s.beta_start <= s.beta_end < 1.0:
@@ -146,64 +171,74 @@ def make_sampler(solver: str = "euler", steps: int = 28, **kw) -> Sampler:
                 f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
                 f"got {s.beta_start!r}, {s.beta_end!r}"
             )
+    if s.clip_x0 is not None and (flow or multistep or not float(s.clip_x0) > 0):
+        raise ValueError(f"clip_x0 must be > 0 or None, and None unless ddim/ddpm: {s.clip_x0!r}")
     if float(jnp.asarray(s.shift)) <= 0:
         raise ValueError(f"shift must be > 0, got {s.shift!r}")
     if not 0.0 <= float(jnp.asarray(s.eta)) <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {s.eta!r}")
+    s = _checked_multistep(s)
     if s.grid is not None:
-        s = s.replace(grid=_checked_grid(s))
+        s = s.replace(grid=SV.check_grid(s))
+    if s.solver == "unipc":
+        _check_unipc_ends(s)
+    if s.model_times is not None:
+        m = np.asarray(s.model_times, np.float32)
+        if not flow or solver == "heun" or m.shape != (steps,) or not np.all(np.isfinite(m)):
+            raise ValueError(
+                f"model_times must be None or (steps,) = ({steps},) finite times, for a flow "
+                f"solver with one evaluation a step (euler, unipc, dpmpp_2m), got {m.shape} "
+                f"for {solver!r}"
+            )
+        s = s.replace(model_times=jnp.asarray(m))
     return s
 
 
-def _checked_grid(s: Sampler) -> Array:
-    """The grid as the solver reads it; a ValueError names what is wrong with it."""
-    g = np.asarray(s.grid)
+def _checked_multistep(s: Sampler) -> Sampler:
+    """The multistep fields checked, solver_type resolved, disable_corrector a tuple."""
+    types = M.SOLVER_TYPES.get(s.solver, ("",))
+    solver_type = s.solver_type or types[0]
+    if solver_type not in types:
+        raise ValueError(
+            f"solver_type for {s.solver!r} must be one of {types}, got {solver_type!r}"
+        )
+    if s.order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {s.order!r}")
+    off = tuple(int(j) for j in s.disable_corrector)
+    if off and s.solver != "unipc":
+        raise ValueError(f"disable_corrector applies to unipc only, got {off} for {s.solver!r}")
+    return s.replace(solver_type=solver_type, disable_corrector=off)
+
+
+def _check_unipc_ends(s: Sampler) -> None:
+    """UniPC settings whose steps meet an infinite lambda (noise level 0, or a flow grid
+    starting at 1, which diffusers moves to 1 - 1e-6) and turn the samples inf / NaN."""
     if s.is_flow:
-        if g.shape != (s.steps + 1,):
-            raise ValueError(f"grid must have shape (steps + 1,) = ({s.steps + 1},), got {g.shape}")
-        if not (np.all(np.isfinite(g)) and g.min() >= 0.0 and g.max() <= 1.0):
-            raise ValueError(f"grid noise levels must lie in [0, 1], got {g}")
-        if not np.all(np.diff(g) < 0):
-            raise ValueError(f"grid noise levels must strictly decrease, got {g}")
-        return jnp.asarray(g, jnp.float32)
-    last = s.num_train_steps - 1
-    if g.shape != (2, s.steps):
-        raise ValueError(f"grid must have shape (2, steps) = (2, {s.steps}), got {g.shape}")
-    if not np.issubdtype(g.dtype, np.integer):
-        raise ValueError(f"grid must hold integer diffusion steps, got dtype {g.dtype}")
-    ks, prev = g
-    if ks.min() < 0 or ks.max() > last or not np.all(np.diff(ks) < 0):
+        grid = np.asarray(P.flow_grid(s.steps, s.shift) if s.grid is None else s.grid)
+        to_zero, from_one = grid[-1] == 0.0, grid[0] == 1.0
+    else:
+        to_zero = s.alpha_to_one and (s.grid is None or int(s.grid[1][-1]) == -1)
+        from_one = False
+    if to_zero and not s.lower_order_final:
         raise ValueError(
-            f"grid row 0 (model steps) must strictly decrease in [0, {last}], got {ks}"
+            "lower_order_final=False: UniPC's second-order step onto noise level 0 divides "
+            "by an infinite step; keep it True or end above 0 (final_sigmas_type sigma_min)"
         )
-    if prev.min() < -1 or not np.all(prev < ks):
+    if (to_zero or from_one) and s.solver_type == "bh1":
         raise ValueError(
-            f"grid row 1 (previous steps) must lie in [-1, {last}] below row 0, got {prev}"
+            "solver_type='bh1': UniPC's steps from noise level 1 or onto 0 weigh by B(h) = "
+            "-inf; use 'bh2', or a grid inside (0, 1) (final_sigmas_type sigma_min)"
         )
-    return jnp.asarray(g, jnp.int32)
 
 
-@struct.dataclass
-class _Point:
-    """Where a step evaluates the model. Legend: t noise level in [0, 1] (guiders' clock);
-    a, s the signal and noise coefficients of x_t; native the model's timestep; k the
-    diffusion step's index into the tables (flow: unused)."""
-
-    t: Array
-    a: Array
-    s: Array
-    native: Array
-
-
-def _flow_point(sampler: Sampler, t) -> _Point:
-    native = {"unit": t, "sd3": 1000.0 * t, "sit": 1.0 - t}[sampler.time]
-    return _Point(t, 1.0 - t, t, native)
+def _flow_point(sampler: Sampler, t) -> SV.Point:
+    return SV.flow_point(sampler, t)
 
 
 def evaluate(
     denoisers: Sequence[Denoiser],
     x,
-    point: _Point,
+    point: SV.Point,
     guider: Guider,
     conds,
     sampler: Sampler,
@@ -274,7 +309,7 @@ def evaluate(
     return (x0s, var) if state is None else (x0s, var, state)
 
 
-def _to_x0(raw: list, x, point: _Point, sampler: Sampler):
+def _to_x0(raw: list, x, point: SV.Point, sampler: Sampler):
     """The x0 estimates of raw outputs, and the first one's variance channels."""
     c = x.shape[-1]
     var = raw[0][..., c:] if sampler.learned_sigma else None
@@ -318,15 +353,19 @@ def evaluate_cached(
     return x0s, var, (diffs, jnp.where(inside, count + 1, 0))
 
 
-def initial_carry(guider: Guider, x: Array, denoiser=None) -> tuple:
-    """The carry ``make_step`` starts from at x: (x, (guider state, weak-branch cache)).
+def initial_carry(guider: Guider, x: Array, denoiser=None, sampler: Sampler | None = None):
+    """The carry ``make_step`` starts from at x: (x, (guider state, weak-branch cache)),
+    and a multistep sampler's (UniPC, DPM-Solver++) empty history third in the state.
     EMAG's state needs the denoiser (the shape of its image queries)."""
     queries = EMAG.query_shape(guider, denoiser, x)
     state = guider.init_state(x.astype(jnp.float32), queries)
-    if guider.cache is None:
-        return x, (state, None)
-    diffs = tuple(jnp.zeros(x.shape, jnp.float32) for _ in guider.terms)
-    return x, (state, (diffs, jnp.zeros((), jnp.int32)))
+    cache = None
+    if guider.cache is not None:
+        diffs = tuple(jnp.zeros(x.shape, jnp.float32) for _ in guider.terms)
+        cache = (diffs, jnp.zeros((), jnp.int32))
+    if sampler is not None and sampler.solver in MULTISTEP_SOLVERS:
+        return x, (state, cache, M.init_history(x))
+    return x, (state, cache)
 
 
 def _slots(guider: Guider, conds) -> list[str]:
@@ -352,7 +391,7 @@ def make_step(
     num_layers: int,
 ):
     """The solver step ``(carry, i) -> (carry, None)``; carry = (x, (guider state,
-    weak-branch cache)), from ``initial_carry``."""
+    weak-branch cache[, multistep history])), from ``initial_carry``."""
     dens = _denoisers(denoiser)
     layout = getattr(dens[0], "layout", None)  # a denoiser that names its blocks
     if layout is not None:
@@ -377,73 +416,11 @@ def make_step(
         x0, state = guider.combine(x0s, point.t, state, x=x, a=point.a, s=point.s, index=index)
         return x0, var, (state, cache)
 
+    if sampler.solver in MULTISTEP_SOLVERS:
+        return SV.multistep_step(sampler, guided)
     if sampler.is_flow:
-        grid = (
-            sampler.grid if sampler.grid is not None else P.flow_grid(sampler.steps, sampler.shift)
-        )
-
-        def step(carry, i):
-            x, state = carry
-            t, t_next = grid[i], grid[i + 1]
-            x0, _, state = guided(x, _flow_point(sampler, t), state, 2 * i, i)
-            u = P.velocity_from_x0(x0, x, t)
-            x_euler = x + (t_next - t) * u
-            if sampler.solver == "euler":
-                return (x_euler.astype(x.dtype), state), None
-
-            def heun(state):
-                x0b, _, state = guided(
-                    x_euler, _flow_point(sampler, t_next), state, 2 * i + 1, i, i + 1
-                )
-                u2 = P.velocity_from_x0(x0b, x_euler, t_next)
-                return x + (t_next - t) * 0.5 * (u + u2), state
-
-            x_new, state = jax.lax.cond(t_next > 0, heun, lambda s: (x_euler, s), state)
-            return (x_new.astype(x.dtype), state), None
-
-        return step
-
-    tables = sampler.diffusion_tables()
-    t_max = sampler.num_train_steps - 1
-
-    def step(carry, i):
-        x, state = carry
-        k, abar, abar_prev = tables["k"][i], tables["abar"][i], tables["abar_prev"][i]
-        a, s = jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-        point = _Point(k.astype(jnp.float32) / max(t_max, 1), a, s, k)
-        x0, var, state = guided(x, point, state, i, i)
-        eps = P.eps_from_x0(x0, x, a, s)
-        if sampler.clip_x0 is not None:  # x0 only: DDIM keeps the unclipped noise estimate
-            x0 = jnp.clip(x0, -sampler.clip_x0, sampler.clip_x0)
-        beta = 1.0 - abar / abar_prev
-        post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
-        noise = jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, i), x.shape[1:]))(
-            keys
-        ).astype(jnp.float32)
-        if sampler.solver == "ddim":
-            sigma2 = jnp.square(sampler.eta) * post_var
-            x_new = (
-                jnp.sqrt(abar_prev) * x0
-                + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma2, 0.0)) * eps
-                + jnp.sqrt(sigma2) * noise
-            )
-        else:
-            mean = (jnp.sqrt(abar_prev) * beta / (1.0 - abar)) * x0 + (
-                jnp.sqrt(1.0 - beta) * (1.0 - abar_prev) / (1.0 - abar)
-            ) * x
-            # A step into the final abar = 1 has zero posterior variance: floored (as
-            # diffusers does) for the log; it adds noise only where a grid has k > 0 there.
-            small = jnp.maximum(post_var, 1e-20)
-            if var is not None and not sampler.fixed_variance:
-                frac = (var.astype(jnp.float32) + 1.0) / 2.0
-                log_var = frac * jnp.log(beta) + (1.0 - frac) * jnp.log(small)
-                std = jnp.exp(0.5 * log_var)
-            else:
-                std = jnp.sqrt(small)
-            x_new = mean + jnp.where(tables["noisy"][i], std, 0.0) * noise
-        return (x_new.astype(x.dtype), state), None
-
-    return step
+        return SV.flow_step(sampler, guided)
+    return SV.diffusion_step(sampler, guided, keys)
 
 
 def sample(
@@ -473,7 +450,7 @@ def sample(
       (b, H, W, C) samples x0, dtype of noise.
     """
     step = make_step(denoiser, conds, guider, sampler, keys, num_layers)
-    carry = initial_carry(guider, noise, denoiser)
+    carry = initial_carry(guider, noise, denoiser, sampler)
     (x, _), _ = jax.lax.scan(step, carry, jnp.arange(sampler.steps))
     return x
 

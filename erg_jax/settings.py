@@ -118,10 +118,12 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
         )
     )
     # Devices per mesh axis within a slice (one size may be -1: the devices left over) and
-    # across slices over the data-centre network (dcn_*: slices per axis, multi-slice TPU).
-    c.mesh = ml_collections.ConfigDict(
-        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-    )
+    # across slices over the data-centre network (dcn_*: slices per axis, multi-slice TPU),
+    # outermost first (erg_jax.sharding.MESH_AXES). The batch splits over data x fsdp;
+    # context > 1 splits a video's token sequence (model.attention_implementation ""
+    # picks ulysses or ring, erg_jax.sharding.sequence_attention); keep it within a slice.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+        dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1))  # fmt: skip
     # Overrides of the logical -> mesh axis rules, "logical=mesh+mesh,...", e.g.
     # "embed=,mlp=fsdp" ("" after = replicates); the rest keep erg_jax.sharding.DEFAULT_RULES
     c.logical_axis_rules = ""
@@ -189,6 +191,7 @@ def checked_layout(config):
         )
     rules = sharding.parse_rules(config.logical_axis_rules)
     mesh = sharding.mesh_from_config(dict(config.mesh))
+    sharding.check_attention(impl, mesh)  # a split sequence needs ring or ulysses
     data = sharding.data_parallel_size(mesh)
     batch = config.sampler.batch_size
     if batch < 1:

@@ -10,7 +10,14 @@ Multi-slice TPU jobs give each mesh axis a size within a slice (ICI) and a numbe
 slices (DCN, ``dcn_<axis>``); ``mesh_from_config`` builds the hybrid mesh with
 ``jax.experimental.mesh_utils.create_hybrid_device_mesh``, so that only the axes given
 DCN sizes communicate across slices. Keep DCN on 'data' (or 'fsdp'): 'tensor' moves
-activations every layer.
+activations every layer, 'context' every attention.
+
+Context parallelism: a mesh axis "context" splits the token sequence of a long input (a
+video's space-time tokens) over its devices. The logical axis "length" of activations
+maps to it (``constrain``), and the denoiser's self-attention runs as ring or Ulysses
+attention over it (``erg_jax.context_parallel``; ``sequence_attention`` picks which,
+``check_attention`` refuses settings that cannot run). The batch still splits over
+'data' and 'fsdp' only (``data_parallel_size``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = Sequence[tuple[str, Any]]
 
 DEFAULT_AXES = {"data": -1, "fsdp": 1, "tensor": 1}
+# The mesh axes a config may name, outermost first: the innermost axes get the nearest
+# devices, so the more an axis communicates the later it comes (data: never in a
+# sampling step; fsdp: parameter gathers; context: every attention; tensor: every matmul).
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+CONTEXT = "context"
+# Attention implementations that split the sequence over CONTEXT (erg_jax.context_parallel).
+CONTEXT_IMPLEMENTATIONS = ("ring", "ulysses")
 DCN_PREFIX = "dcn_"
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", CONTEXT),  # token activations (b, n, ...): the sequence over the context axis
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
@@ -78,8 +92,9 @@ def parse_rules(spec: str, field: str = "logical_axis_rules") -> tuple[tuple[str
     """``DEFAULT_RULES`` with the overrides of "logical=mesh+mesh,...".
 
     "embed=" replicates the embedding dimension, "batch=data+fsdp" splits the batch over
-    both axes, "mlp=fsdp" moves the MLP width to fsdp. A logical name that no model uses
-    is refused, as is a mesh axis other than data / fsdp / tensor.
+    both axes, "mlp=fsdp" moves the MLP width to fsdp, "length=" keeps token activations
+    whole on every device. A logical name that no model uses is refused, as is a mesh axis
+    other than those of ``MESH_AXES``.
     """
     table = dict(DEFAULT_RULES)
     for item in [x.strip() for x in str(spec).split(",") if x.strip()]:
@@ -91,17 +106,18 @@ def parse_rules(spec: str, field: str = "logical_axis_rules") -> tuple[tuple[str
                 f"{sorted(table)}, got {item!r}"
             )
         axes = tuple(a.strip() for a in value.split("+") if a.strip())
-        bad = [a for a in axes if a not in DEFAULT_AXES]
+        bad = [a for a in axes if a not in MESH_AXES]
         if bad:
             raise ValueError(
-                f"{field}: {name}={value!r} names mesh axes {bad}; allowed: {sorted(DEFAULT_AXES)}"
+                f"{field}: {name}={value!r} names mesh axes {bad}; allowed: {list(MESH_AXES)}"
             )
         table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return tuple(table.items())
 
 
 def mesh_from_config(mesh_config: Mapping[str, int], devices: Sequence | None = None) -> Mesh:
-    """The job's mesh from its config section: ICI sizes per axis plus ``dcn_<axis>``.
+    """The job's mesh from its config section: ICI sizes per axis plus ``dcn_<axis>``,
+    the axes in ``MESH_AXES``' order (others after them, in the config's).
 
     Without DCN sizes (all 1) this is ``make_mesh``. With them, the devices fall into
     slices (TPU ``slice_index``; with none, processes; in one process without slices,
@@ -116,6 +132,9 @@ def mesh_from_config(mesh_config: Mapping[str, int], devices: Sequence | None = 
     items = dict(mesh_config)
     dcn = {k[len(DCN_PREFIX) :]: int(v) for k, v in items.items() if k.startswith(DCN_PREFIX)}
     ici = {k: int(v) for k, v in items.items() if not k.startswith(DCN_PREFIX)}
+    # MESH_AXES' order whatever the config's (a ConfigDict iterates its keys sorted)
+    rank = {a: i for i, a in enumerate(MESH_AXES)}
+    ici = dict(sorted(ici.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     for name, size in dcn.items():
         if name not in ici:
             raise ValueError(f"mesh.{DCN_PREFIX}{name}: no mesh axis {name!r} (have {list(ici)})")
@@ -299,3 +318,77 @@ def shardings_from_axes(axes: Any, abstract: Any, mesh: Mesh, rules: Rules | Non
     return jax.tree_util.tree_map(
         one, axes, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
+
+
+def context_size(mesh: Any) -> int:
+    """Devices the sequence is split over: the mesh's "context" axis (1 without one, or
+    inside a shard_map that already made it manual). ``mesh``: a Mesh or AbstractMesh."""
+    if mesh is None or mesh.empty or CONTEXT not in mesh.shape:
+        return 1
+    return 1 if CONTEXT in getattr(mesh, "manual_axes", ()) else int(mesh.shape[CONTEXT])
+
+
+def check_attention(implementation: str, mesh: Mesh) -> None:
+    """Settings errors of the denoiser's attention on a mesh, naming both fields: a
+    context axis of more than one device needs ``model.attention_implementation`` "" (the
+    choice of ``sequence_attention``), "ring" or "ulysses"; one device has no sequence to
+    split, so "ring" and "ulysses" there are refused."""
+    size, impl = context_size(mesh), str(implementation or "")
+    if size > 1 and impl and impl not in CONTEXT_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_implementation={impl!r} keeps the whole sequence on every "
+            f"device, but mesh.{CONTEXT}={size} splits it: use '' (picks ulysses or ring), "
+            f"'ring' or 'ulysses', or set mesh.{CONTEXT}=1"
+        )
+    if size == 1 and impl in CONTEXT_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_implementation={impl!r} splits the sequence over the mesh "
+            f"axis {CONTEXT!r}, but mesh.{CONTEXT}=1: set mesh.{CONTEXT} > 1, or another "
+            "implementation"
+        )
+
+
+def sequence_attention(implementation: str | None, heads: int) -> str | None:
+    """The implementation of a denoiser's self-attention of ``heads`` heads, read while
+    it is traced under ``jax.set_mesh``.
+
+    On a mesh whose "context" axis has P > 1 devices, None or "" is "ulysses" where the
+    heads each device keeps after the "tensor" split (all of them where "tensor" does not
+    divide them, as ``erg_jax.context_parallel`` splits them) divide by P, else "ring";
+    a given implementation is kept. Elsewhere (one device, or a model initialised outside
+    the job's mesh) "ring" and "ulysses" have no sequence to split and give None, as None
+    and "" do: ``energy_attention``'s own pick for the backend. Ulysses costs two
+    all-to-alls per attention and runs any local kernel on the whole sequence; ring
+    holds one (n/P, m/P) block of logits at a time and takes any number of heads.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    size = context_size(mesh)
+    if size == 1:
+        return None if implementation in CONTEXT_IMPLEMENTATIONS else implementation or None
+    if implementation:
+        return implementation
+    tensor = 1 if "tensor" in mesh.manual_axes else int(mesh.shape.get("tensor", 1))
+    per_device = heads // tensor if heads % tensor == 0 else heads
+    return "ulysses" if per_device % size == 0 else "ring"
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """x kept laid out as its logical axis names say, on the mesh of ``jax.set_mesh`` and
+    the rules of ``use_rules`` (``logical_spec``: a dimension its mesh axes do not divide
+    stays whole), e.g. ("batch", "length", None) for token activations (b, n, D).
+
+    A no-op without a mesh, and where no dimension would be split: replicating an
+    activation is never asked for here, only splits, so GSPMD keeps its own choice there.
+    Axes a surrounding shard_map made manual are left out.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    table = [
+        (name, tuple(a for a in _mesh_axes(mesh, entry) if a not in mesh.manual_axes))
+        for name, entry in dict(current_rules() if rules is None else rules).items()
+    ]
+    spec = logical_spec(names, x.shape, mesh, tuple((n, a or None) for n, a in table))
+    if all(entry is None for entry in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)

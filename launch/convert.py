@@ -13,11 +13,15 @@
     python -m launch.convert --source=diffusers-flux --input=FLUX.1-dev/transformer \\
         --output=ckpt/flux-dev
     python -m launch.convert --source=diffusers-vae --input=sd-vae-ft-ema --output=ckpt/vae
+    python -m launch.convert --source=diffusers-wan --input=wan-1.3b/transformer \
+        --output=ckpt/wan-1.3b --scan_blocks
+    python -m launch.convert --source=diffusers-wan-vae --input=wan-1.3b/vae --output=ckpt/wan-vae
 
 Sources: dit-pt (original DiT / SiT .pt: the architecture, 256px or 512px included, is
 read off the tensors; --model only names the family, a name starting with "SiT" meaning
 SiT, and any size in it such as XL/2 must be the file's, as must --sample_size),
-diffusers-dit, diffusers-sd3, diffusers-flux, diffusers-vae. The output directory is what
+every model kind's diffusers transformer (diffusers-dit, diffusers-sd3, diffusers-flux,
+diffusers-wan) and the VAEs (diffusers-vae, diffusers-wan-vae). The output directory is what
 ``erg_jax.models.load_denoiser`` and ``erg_jax.checkpoint.restore`` read.
 """
 
@@ -27,9 +31,13 @@ import json
 
 from absl import app, flags
 
+from erg_jax.models import registry
+
 from . import logs
 
-SOURCES = ("dit-pt", "diffusers-dit", "diffusers-sd3", "diffusers-flux", "diffusers-vae")
+VAE_SOURCES = ("diffusers-vae", "diffusers-wan-vae")
+# every model kind's converters (erg_jax/models/registry.py), then the VAEs
+SOURCES = tuple(c.source for c in registry.converters().values()) + VAE_SOURCES
 
 
 def convert(
@@ -64,31 +72,18 @@ def convert(
         --sample_size that disagrees with the file (naming the field and both values).
     """
     from erg_jax import checkpoint
+    from erg_jax.convert.pipeline import convert_component
 
-    layout_kw = dict(scan_blocks=scan_blocks, param_dtype=param_dtype)
-    if source == "dit-pt":
-        from erg_jax.convert.dit import load_dit_pt
-
-        checked = {"sample_size": int(sample_size)} if sample_size else {}
-        params, config = load_dit_pt(input_path, family=model or "DiT", **layout_kw, **checked)
-    elif source == "diffusers-dit":
-        from erg_jax.convert.dit import convert_diffusers_dit
-
-        params, config = convert_diffusers_dit(input_path, **layout_kw)
-    elif source == "diffusers-sd3":
-        from erg_jax.convert.sd3 import convert_diffusers_sd3
-
-        params, config = convert_diffusers_sd3(input_path, **layout_kw)
-    elif source == "diffusers-flux":
-        from erg_jax.convert.flux import convert_diffusers_flux
-
-        params, config = convert_diffusers_flux(input_path, **layout_kw)
-    elif source == "diffusers-vae":
-        from erg_jax.convert.vae import convert_diffusers_vae
-
-        params, config = convert_diffusers_vae(input_path, param_dtype=param_dtype)
-    else:
+    if source not in SOURCES:
         raise ValueError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
+    settings = dict(param_dtype=param_dtype)
+    if source not in VAE_SOURCES:
+        settings["scan_blocks"] = scan_blocks
+    if source == "dit-pt":
+        settings["family"] = model or "DiT"
+        if sample_size:
+            settings["sample_size"] = int(sample_size)
+    params, config = convert_component(source, input_path, settings)
     checkpoint.save(output, checkpoint.to_host_device(params), config)
     return config
 

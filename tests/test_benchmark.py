@@ -16,7 +16,7 @@ from flax import traverse_util
 from metric_models import dinov2_state_dict, tiny_dinov2_config, write_dinov2_folder
 from safetensors.numpy import save_file
 
-from erg_jax import Energy, energy_attention
+from erg_jax import Energy, attention_kernels, energy_attention
 from erg_jax import energy as energy_module
 from erg_jax.jobs.speed import features, setups
 from erg_jax.metrics import dinov2, inception
@@ -201,7 +201,7 @@ def test_chunked_attention_over_several_chunks_equals_numpy(steps, monkeypatch):
     # so a chunk stitched back in the wrong place, or paired with another chunk's rows
     # of them, gives wrong rows.
     b, n, m, h, hk, d = 2, 195, 80, 4, 2, 8
-    monkeypatch.setattr(energy_module, "CHUNK_BYTES", 70 * 4 * b * h * m)
+    monkeypatch.setattr(attention_kernels, "CHUNK_BYTES", 70 * 4 * b * h * m)
     rng = np.random.default_rng(1)
     q, k, v = (
         jnp.asarray(rng.standard_normal(shape), jnp.float32)

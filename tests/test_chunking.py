@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from erg_jax import Energy, energy_attention
-from erg_jax import energy as energy_module
+from erg_jax import Energy, attention_kernels, energy_attention
 from erg_jax.energy import _chunk_size, _pick_implementation, chunk_budget
 
 
@@ -37,7 +36,7 @@ def test_the_compiled_chunks_hold_less_than_the_full_logits(monkeypatch):
     # the chunked loop (XLA on CPU may fuse the full path too, so compare with the
     # logits' byte count rather than with that path's own temp memory).
     b, n, m, h, d = 1, 1021, 509, 4, 16
-    monkeypatch.setattr(energy_module, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(attention_kernels, "CHUNK_BYTES", 2**20)
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (b, n, h, d))
     k = jax.random.normal(ks[1], (b, m, h, d))
@@ -77,7 +76,7 @@ def test_uneven_chunks_equal_the_einsum_path(per_query, monkeypatch):
     # queries (or broadcast over them), so a row paired with another row's settings, or
     # an overlap written from the wrong place, shows; with two energy steps too.
     b, n, m, h, hk, d = 2, 61, 23, 4, 2, 8
-    monkeypatch.setattr(energy_module, "CHUNK_BYTES", 16 * 4 * b * h * m)
+    monkeypatch.setattr(attention_kernels, "CHUNK_BYTES", 16 * 4 * b * h * m)
     q, k, v, bias, mask, tau = _inputs(b, n, m, h, hk, d)
     if not per_query:  # broadcast over the queries: a bias per key, key padding
         bias, mask, tau = bias[:, :, :1], mask[:, :, :1].at[..., -3:].set(False), 0.8

@@ -8,9 +8,9 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = {"energy", "fused", "splash", "control", "guidance", "rules", "schedules", "targets", "emag",
-        "samplers", "predictions", "sag", "grids", "branches", "context_parallel", "multistep",
-        "solvers"}  # fmt: skip
+CORE = {"energy", "attention_kernels", "fused", "splash", "control", "guidance", "rules",
+        "schedules", "targets", "emag", "samplers", "predictions", "sag", "grids", "branches",
+        "context_parallel", "multistep", "solvers"}  # fmt: skip
 # The Pipeline's room: settings, loaders and the Pipeline, above models and convert,
 # below the jobs (the job is the Pipeline plus files, resume, hosts and reports).
 PIPELINE = {"settings", "loading", "vae_loading", "pipeline"}

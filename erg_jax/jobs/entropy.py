@@ -249,7 +249,7 @@ def probe_trajectory(
         return carry, ent
 
     (x, _), ents = jax.lax.scan(
-        body, S.initial_carry(guider, noise, denoiser), jnp.arange(sampler.steps)
+        body, S.initial_carry(guider, noise, denoiser, sampler), jnp.arange(sampler.steps)
     )
     return x, ents
 

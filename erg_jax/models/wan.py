@@ -58,6 +58,7 @@ from erg_jax.models.wan_layers import (  # noqa: F401  (re-exported)
     Grid,
     blur_queries_3d,
     maybe_blur_3d,
+    tokens,
     wan_rope,
 )
 
@@ -178,13 +179,14 @@ class Wan(nn.Module):
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         )(x.astype(s.dtype))
-        h = h.reshape(b, -1, d)
+        h = tokens(h.reshape(b, -1, d))
         temb, temb6, c = ConditionEmbedder(s, name="condition_embedder")(t, context)
         rope = wan_rope(grid, s.rope_axes)
         if blocks is None:
             h = self._blocks(h, c, temb6, rope, grid, attention)
         else:
             h = blocks(h, c, temb6, rope)
+        h = tokens(h)
 
         init = nn.initializers.normal(d**-0.5)  # diffusers' randn / sqrt(dim)
         table = self.param(
@@ -213,6 +215,13 @@ def wan_module(config: dict) -> Wan:
     return Wan(Spec.from_config(config))
 
 
+def _init_module(config: dict) -> Wan:
+    """The module its params are made with: one token through plain attention, whatever
+    the config's (ring or Ulysses attention under a job's mesh would compile a sharded
+    program for the same shapes; an attention implementation holds no params)."""
+    return wan_module(dict(config, attention_implementation="einsum"))
+
+
 def _dummy_inputs(config: dict):
     x = jnp.zeros((1, *config["patch_size"], int(config["in_channels"])), jnp.float32)
     context = jnp.zeros((1, 1, int(config["text_dim"])), jnp.float32)
@@ -221,7 +230,7 @@ def _dummy_inputs(config: dict):
 
 def init_params(config: dict, rng: Array) -> dict:
     """Random params (for tests), unboxed."""
-    return nn.meta.unbox(wan_module(config).init(rng, *_dummy_inputs(config))["params"])
+    return nn.meta.unbox(_init_module(config).init(rng, *_dummy_inputs(config))["params"])
 
 
 def abstract_params(config: dict) -> dict:
@@ -231,7 +240,7 @@ def abstract_params(config: dict) -> dict:
 
 def param_axes(config: dict) -> dict:
     """The logical axis names (jax.sharding.PartitionSpec) of every param."""
-    boxed = jax.eval_shape(wan_module(config).init, jax.random.key(0), *_dummy_inputs(config))
+    boxed = jax.eval_shape(_init_module(config).init, jax.random.key(0), *_dummy_inputs(config))
     return nn.get_partition_spec(boxed)["params"]
 
 

@@ -290,8 +290,8 @@ def layout(config: dict) -> Layout:
 # I-ERG runs in ten middle blocks (the blocks before them run once for both branches),
 # SEG blurs the queries of the middle block. Two choices come from published settings:
 # - SLG skips block 9, Wan2GP's default for its "skip layer guidance" (deepbeepmeep/Wan2GP,
-#   settings slg_layers [9] between 10% and 90% of the steps). On our shifted grid those
-#   steps are the noise levels ~0.36-0.98 at shift 5 and ~0.57-0.99 at shift 12.
+#   settings slg_layers [9] between 10% and 90% of the steps). On the folders' grid (flow
+#   shift 3) those steps are the noise levels ~0.25-0.96.
 # - STG (Hyun et al. 2024, "Spatiotemporal Skip Guidance"; their LTX-Video example: weight
 #   1 on block 19 of 28 with the output rescaled by 0.7, as LTX-Video's and maxdiffusion's
 #   STG code): STG-R skips a block (our SLG, the term "stg") and STG-A replaces its
@@ -299,6 +299,15 @@ def layout(config: dict) -> Layout:
 #   the one at the same relative depth (about two thirds) in Wan. STG-R is a labelled term
 #   (``STG_TERMS``: guidance.terms.stg, used as "cfg+stg"), its weight 2 being STG's 1 in
 #   our w - 1 convention; recipes hold only flat fields, so a config adds the term.
+# The negative prompt Wan's own sampling scripts use when none is given (its shared
+# config's sample_neg_prompt; diffusers' WanPipeline defaults to "" and shows the English
+# rendering in its example): over-saturated, over-exposed, static, blurred, subtitles,
+# worst quality, extra fingers, deformed limbs, cluttered background, walking backwards...
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+    "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+    "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 _WAN = {
     "model.scan_blocks": True,  # 30-40 blocks: one scanned body compiles far faster
     "model.dtype": "bfloat16",
@@ -307,9 +316,14 @@ _WAN = {
     "text.layout": "wan",
     "text.max_sequence_length": 512,
     "text.dtype": "bfloat16",
+    "text.negative_prompts": NEGATIVE_PROMPT,
     "video.num_frames": 81,  # 5 s at 16 frames per second, the pipelines' default
     "video.fps": 16,
-    "sampler.solver": "euler",
+    "sampler.solver": "unipc",  # Wan's scheduler: UniPC on the flow sigmas
+    # The published folders' flow_shift (diffusers' Wan default); the Wan team's own
+    # scripts shift more at 720p (5) and for Wan 2.2 A14B (12): with a folder, set
+    # sampler.scheduler_overrides=flow_shift=5.0, without one sampler.shift=5.0.
+    "sampler.shift": 3.0,
     "guidance.methods": "cfg,erg",
     "guidance.erg.tau": 0.5,
     "guidance.erg.tau_c": 0.5,
@@ -331,12 +345,11 @@ RECIPES = {
         "video.height": 480,
         "video.width": 832,
         "sampler.steps": 50,
-        "sampler.shift": 5.0,
         "guidance.scale": 5.0,
         "guidance.erg.layers": "blocks.10-19",
         "guidance.pag.layers": "blocks.20",
         "guidance.seg.layers": "blocks.15",
-        "guidance.slg.interval": (0.36, 0.98),
+        "guidance.slg.interval": (0.25, 0.96),
     },
     "t2v_14b": {
         **_WAN,
@@ -344,12 +357,11 @@ RECIPES = {
         "video.height": 720,
         "video.width": 1280,
         "sampler.steps": 50,
-        "sampler.shift": 5.0,
         "guidance.scale": 5.0,
         "guidance.erg.layers": "blocks.15-24",
         "guidance.pag.layers": "blocks.27",
         "guidance.seg.layers": "blocks.20",
-        "guidance.slg.interval": (0.36, 0.98),
+        "guidance.slg.interval": (0.25, 0.96),
         "mesh.fsdp": -1,  # 14B parameters: sharded over every device
         "mesh.data": 1,
     },
@@ -359,12 +371,11 @@ RECIPES = {
         "video.height": 720,
         "video.width": 1280,
         "sampler.steps": 40,
-        "sampler.shift": 12.0,
         "guidance.scale": 4.0,
         "guidance.erg.layers": "blocks.15-24",
         "guidance.pag.layers": "blocks.27",
         "guidance.seg.layers": "blocks.20",
-        "guidance.slg.interval": (0.57, 0.99),
+        "guidance.slg.interval": (0.25, 0.96),
         "mesh.fsdp": -1,
         "mesh.data": 1,
     },

@@ -15,6 +15,13 @@ whose pair convention is Wan's). The block's control (``erg_jax.control``) acts 
 self-attention only: SEG blurs its queries over the (frames, rows, columns) token grid
 (``blur_queries_3d``), ``attend`` applies I-ERG's energy and PAG's identity (STG-A), TPG
 moves the block's update, SLG skips the block (STG-R). The cross-attention is plain.
+
+Context parallelism: under a mesh with a "context" axis the video tokens stay split along
+their sequence between the attentions (``tokens``: logical axes ("batch", "length", -),
+"length" -> "context"), the self-attention runs as ring or Ulysses attention
+(``erg_jax.sharding.sequence_attention``) and the cross-attention as ring attention: the
+queries stay where they are and only the text's keys and values, a few hundred rows
+copied on every device, go round the ring.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erg_jax import sharding
 from erg_jax.control import (
     AttentionControl,
     attend,
@@ -38,6 +46,12 @@ from erg_jax.models.wan_config import Spec
 
 Array = jax.Array
 Grid = tuple[int, int, int]  # token grid (frames, rows, columns) after patching
+
+
+def tokens(x: Array) -> Array:
+    """Video tokens (..., b, N, D) kept split over the batch and the context axis (a
+    no-op without a mesh, ``erg_jax.sharding.constrain``)."""
+    return sharding.constrain(x, (None,) * (x.ndim - 3) + ("batch", "length", None))
 
 
 def wan_rope(grid: Grid, axes: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,8 +143,11 @@ class Attention(nn.Module):
         q = self._project(x, "to_q", True)
         k = self._project(kv, "to_k", True)
         v = self._project(kv, "to_v", False)
-        kw = dict(implementation=s.implementation, precision=s.precision)
+        impl = sharding.sequence_attention(s.implementation, s.heads)
+        kw = dict(implementation=impl, precision=s.precision)
         if self.cross:
+            if impl in sharding.CONTEXT_IMPLEMENTATIONS:  # split queries, whole text
+                kw["implementation"] = "ring"
             out = energy_attention(q, k, v, **kw)
         else:
             q = maybe_blur_3d(q, self.grid, control)
@@ -184,19 +201,21 @@ class Block(nn.Module):
         m = table.astype(jnp.float32)[None] + temb6.astype(jnp.float32)
         shift, scale, gate, c_shift, c_scale, c_gate = (m[:, i : i + 1] for i in range(6))
 
+        x = tokens(x)
         h = _modulated(x, shift, scale, s.eps, s.dtype)
         a = Attention(s, self.grid, name="attn1")(h, None, rope, control)
-        y = (x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(s.dtype)
+        y = tokens((x.astype(jnp.float32) + a.astype(jnp.float32) * gate).astype(s.dtype))
 
         h = y  # no norm before the cross-attention unless cross_attn_norm (every Wan has it)
         if s.cross_attn_norm:
             h = NormAffine(s, name="norm2")(layer_norm(y.astype(jnp.float32), s.eps))
+        c = sharding.constrain(c, ("batch", None, None))  # the text whole on every device
         y = y + Attention(s, self.grid, cross=True, name="attn2")(h.astype(s.dtype), c, None, None)
 
-        h = _modulated(y, c_shift, c_scale, s.eps, s.dtype)
+        h = _modulated(tokens(y), c_shift, c_scale, s.eps, s.dtype)
         ff = FeedForward(s, s.ffn_dim, name="ffn")(h)
         y = (y.astype(jnp.float32) + ff.astype(jnp.float32) * c_gate).astype(s.dtype)
-        return image_block_output(x, y, control), None
+        return tokens(image_block_output(x, y, control)), None
 
 
 class NormAffine(nn.Module):

@@ -136,7 +136,7 @@ def jitted_step(setup: Setup, guider: G.Guider, den: Callable | None = None, dty
         x = x.astype(dtype)
     step = S.make_step(den or setup.den, setup.conds, guider, setup.sampler, keys, setup.num_layers)
     fn = jax.jit(lambda carry, i: step(carry, i)[0], donate_argnums=0)
-    carry = S.initial_carry(guider, x, den or setup.den)
+    carry = S.initial_carry(guider, x, den or setup.den, setup.sampler)
     return fn, carry
 
 
