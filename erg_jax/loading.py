@@ -144,7 +144,15 @@ def check_distilled(config, sources: Sources) -> None:
 
 def denoiser_maker(mod, mcfg: dict, config):
     """params -> the job's denoiser, built inside the jitted program; FLUX.1 [dev]'s
-    with guidance.distilled in every branch's condition (checked by check_distilled)."""
+    with guidance.distilled in every branch's condition (checked by check_distilled);
+    two experts (params {"high", "low"}) switched at the config's boundary ratio."""
+    if mcfg.get("boundary_ratio") is not None:
+        from erg_jax.models.experts import switched
+
+        boundary = float(mcfg["boundary_ratio"]) * 1000.0  # in the model's own timesteps
+        return lambda p: switched(
+            mod.make_denoiser(mcfg, p["high"]), mod.make_denoiser(mcfg, p["low"]), boundary
+        )
     if registry.get(mcfg["kind"]).distilled_guidance and mcfg.get("guidance_embeds"):
         scale = float(config.guidance.distilled)
         return lambda p: mod.with_distilled_guidance(mod.make_denoiser(mcfg, p), scale)
@@ -176,8 +184,9 @@ def parse_overrides(spec: str, field: str = "model.overrides") -> dict:
     return out
 
 
-def _model_checkpoint(mc, sources: Sources) -> str:
-    """The erg_jax checkpoint of the denoiser: converted from model.pretrained or given."""
+def _model_checkpoint(mc, sources: Sources, expert: int = 1) -> str:
+    """The erg_jax checkpoint of the denoiser: converted from model.pretrained or given;
+    ``expert`` 2: the pipeline's second transformer (Wan 2.2's low-noise expert)."""
     src = sources.pretrained
     if src is None:
         return mc.checkpoint
@@ -186,8 +195,11 @@ def _model_checkpoint(mc, sources: Sources) -> str:
     if src.kind == "dit-pt":  # one file for both families: the preset names which
         settings["family"] = "SiT" if str(mc.preset).startswith("SiT") else "DiT"
     kind = registry.converter(src.kind).source  # dit-pt, diffusers-sd3, diffusers-flux, ...
-    path, fresh = pipe.converted(kind, src.transformer, sources.cache_dir, **settings)
-    sources.conversions["transformer"] = "converted" if fresh else "reused"
+    folder, name = (src.transformer, "transformer") if expert == 1 else (
+        src.transformer_2, "transformer_2"
+    )  # fmt: skip
+    path, fresh = pipe.converted(kind, folder, sources.cache_dir, **settings)
+    sources.conversions[name] = "converted" if fresh else "reused"
     return path
 
 
@@ -229,6 +241,16 @@ def load_model(mc, mesh, seed_key, sources: Sources):
         from erg_jax.models import relayout
 
         params = jax.device_put(relayout(params, stored, mcfg), shardings(mcfg))
+    src = sources.pretrained
+    if src is not None and src.transformer_2:  # Wan 2.2: the low-noise expert beside it
+        second = _model_checkpoint(mc, sources, expert=2)
+        if checkpoint.read_config(second) != stored:
+            raise ValueError(f"{src.path}: transformer_2 differs from transformer in its config")
+        low, _ = checkpoint.restore(second, shardings(as_stored), dtype=runtime.get("param_dtype"))
+        if bool(stored.get("scan_blocks")) != runtime["scan_blocks"]:
+            low = jax.device_put(relayout(low, stored, mcfg), shardings(mcfg))
+        params = {"high": params, "low": low}
+        mcfg["boundary_ratio"] = float(src.boundary_ratio)
     return mod, mcfg, params
 
 

@@ -131,3 +131,42 @@ def test_bad_video_sizes_are_named_before_anything_loads(wan, tmp_path):
         with pytest.raises(ValueError, match=message):
             build_plan(_wan(wan["folder"], **fields), str(tmp_path / name))
         assert not (tmp_path / name / "converted").exists(), name
+
+
+def test_two_experts_switch_at_the_folders_boundary(tmp_path):
+    """A Wan 2.2-style folder (transformer_2, boundary_ratio 0.875): the high-noise expert
+    runs while the timestep is >= 875, the low-noise one after, as in WanPipeline; with
+    flow shift 3 the first of 3 UniPC steps (timestep 999) is the first expert's, the
+    others (t 857, 600) the second's, so a swapped or single expert would differ."""
+    folder = tmp_path / "pipeline"
+    pipe = wan_pipelines.make_wan_pipeline(str(folder), seed=1, two_experts=True)
+    latents = _noise()
+    ref = wan_pipelines.run_wan(pipe, PROMPTS, latents, guidance_scale=4.0)
+    assert pipe.scheduler.timesteps.numpy().tolist() == [999, 857, 600]
+    c = _wan(folder, guidance__methods="cfg", guidance__scale=4.0)
+    plan, (ours,) = _ours(c, tmp_path / "job", "cfg")
+    assert plan.conversions == {
+        "transformer": "converted",
+        "transformer_2": "converted",
+        "vae": "converted",
+    }
+    assert rel_err(ours, ref) < 1e-4
+    pipe.transformer_2 = pipe.transformer  # one expert throughout: a visibly other video
+    assert rel_err(wan_pipelines.run_wan(pipe, PROMPTS, latents, guidance_scale=4.0), ref) > 1e-3
+
+
+def test_the_pipeline_object_returns_the_same_videos(wan):
+    """erg_jax.Pipeline.load(folder)(prompts, num_frames=...) gives (n, frames, H, W, 3)
+    uint8, sample i from fold_in(seed, i): the reference's frames rounded."""
+    from erg_jax import Pipeline
+
+    fields = {"model.dtype": "", "model.param_dtype": "", "text.dtype": "", "video.height": 32,
+              "video.width": 48, "video.num_frames": 5, "text.negative_prompts": "",
+              "model.scan_blocks": False, "mesh.fsdp": 1, "mesh.data": -1}  # fmt: skip
+    pipe = Pipeline.load(str(wan["folder"]), fields=fields, cache_dir=str(wan["folder"].parent))
+    out = pipe(PROMPTS, methods="none", seed=0, steps=3, num_frames=9)
+    video = out.images["none"]
+    assert video.shape == (N, 9, 32, 48, 3) and video.dtype == np.uint8
+    exact = np.clip(np.rint(wan["ref"] * 255.0), 0, 255)
+    assert np.max(np.abs(video.astype(np.float64) - exact)) <= 1
+    assert pipe.settings.video.num_frames == 5  # the call's frames were the call's alone
