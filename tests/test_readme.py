@@ -140,9 +140,10 @@ def _check_sample(cmd: str, argv: list[str]) -> None:
     assert sorted(summary["methods"]) == sorted(methods)
     for name in ("manifest.json", "index.html"):
         assert os.path.isfile(os.path.join(workdir, name)), name
+    ext = ".mp4" if config["video"]["num_frames"] else ".png"  # a video model's samples
     for m in methods:
         for i in range(2):
-            assert os.path.isfile(os.path.join(workdir, m, f"{i:08d}.png")), (m, i)
+            assert os.path.isfile(os.path.join(workdir, m, f"{i:08d}{ext}")), (m, i)
         lines = open(os.path.join(workdir, m, "samples.jsonl")).read().splitlines()
         assert [json.loads(line)["index"] for line in lines] == [0, 1]
         assert os.path.isfile(os.path.join(workdir, f"{m}_grid.png"))

@@ -389,7 +389,7 @@ RECIPES = {
         "video.num_frames": 5,
         "video.height": 32,
         "video.width": 48,
-        "sampler.batch_size": 4,
+        "sampler.batch_size": 8,  # one batch over up to 8 devices
         "guidance.erg.layers": "blocks.1-2",
         "guidance.pag.layers": "blocks.1",
         "guidance.seg.layers": "blocks.1",
