@@ -18,12 +18,16 @@ from safetensors.numpy import save_file
 
 from erg_jax import Energy, attention_kernels, energy_attention
 from erg_jax import energy as energy_module
-from erg_jax.jobs.speed import features, setups
+from erg_jax import guidance as G
+from erg_jax import samplers as S
+from erg_jax.jobs.speed import features, setups, wan
 from erg_jax.metrics import dinov2, inception
+from erg_jax.models import wan as wan_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDERS = ("none", "cfg", "erg", "erg_k3", "erg_all_layers", "erg+apg", "pag", "seg")
 GUIDERS += ("cfg_cache2", "erg_cache2")
+WAN_STEPS = (*wan.METHODS, "ierg_plain_vmap")
 TARGETS = (
     "erg_over_cfg",
     "erg_all_layers_over_cfg",
@@ -78,7 +82,7 @@ def test_only_runs_the_sections_it_names_and_refuses_others(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
-    others = {"guidance", "sampler", "peer", "floor", "bf16", "features", "nag"}
+    others = {"guidance", "sampler", "peer", "floor", "bf16", "features", "nag", "wan"}
     assert "attention" in got and not others & set(got)
     assert [row["tokens"] for row in got["attention"]] == [16]
     bad = subprocess.run(
@@ -117,6 +121,14 @@ def test_every_section_has_every_figure(result):
         assert all(_number(v) and v > 0 for k, v in row.items() if k != "network")
         rate = row["bf16_images_per_s"] / row["f32_images_per_s"]
         assert row["bf16_over_f32"] == pytest.approx(rate)
+    w = result["wan"]
+    assert set(w["step_ms"]) == set(w["ratio_to_cfg"]) == set(w["ratio_to_none"]) == set(WAN_STEPS)
+    for name in WAN_STEPS:
+        assert _number(w["step_ms"][name]) and w["step_ms"][name] > 0
+        ratio = w["step_ms"][name] / w["step_ms"]["cfg"]
+        assert w["ratio_to_cfg"][name] == pytest.approx(ratio)
+    plain = w["step_ms"]["ierg_plain_vmap"]
+    assert w["shared_prefix_saving"]["ierg"] == pytest.approx(1 - w["step_ms"]["ierg"] / plain)
     assert set(result["targets"]) == set(TARGETS)
     assert all(isinstance(t["met"], bool) for t in result["targets"].values())
 
@@ -128,9 +140,54 @@ def test_figures_that_are_not_times_hold(result):
     assert result["sampler"]["scan_vs_loop"]["max_abs_difference"] < 1e-3
     assert result["peer"]["output_relative_difference"] < 1e-4  # same weights, same network
     assert 0 < result["bf16"]["relative_error"] < 0.1
+    wan_shape = {k: result["wan"][k] for k in ("layers", "tokens", "text_tokens", "solver")}
+    assert wan_shape == {"layers": 4, "tokens": 8, "text_tokens": 8, "solver": "unipc"}
     # Twice the branches of an unguided step cost twice its FLOPs.
     flops = result["floor"]
     assert flops["cfg"]["gflop"] == pytest.approx(2 * flops["none"]["gflop"], rel=0.05)
+
+
+def test_wan_section_times_the_paths_its_rows_name():
+    """The Wan rows differ where their names say: ERG and I-ERG perturb the middle half
+    (blocks 1-2 of 4), SLG skips block 2; the recipe's ERG reads the tempered text, so its
+    branches run whole, while I-ERG alone goes through ``branched`` (the shared prefix)
+    and its ``_plain_vmap`` twin does not. Traced abstractly: nothing compiled or timed."""
+    layout = wan_model.layout(wan_model.wan_config("tiny", num_layers=4))
+    gs = {k: G.resolve_targets(g, layout) for k, g in wan.guiders(4).items()}
+    assert G.tempered_tau_c(gs["erg"]) == 0.5 and G.tempered_tau_c(gs["ierg"]) == 1.0
+    assert float(gs["erg_cache2"].cache.every) == 2 and gs["cfg+slg"].num_branches == 3
+    for name, on in (("erg", [0, 1, 1, 0]), ("ierg", [0, 1, 1, 0]), ("cfg+slg", [0, 0, 1, 0])):
+        weak = gs[name].controls(jnp.float32(0.5), 4, 0.1)[-1]
+        perturbed = weak.skip if name == "cfg+slg" else 1.0 - weak.energy.tau
+        np.testing.assert_array_equal(np.asarray(perturbed) > 0, np.asarray(on, bool))
+
+    cfg = wan.sizes(small=True)[0]
+    st = wan.wan_setup(small=True, params=wan_model.abstract_params(cfg))
+
+    def branched_calls(name, plain=False):
+        calls = []
+
+        def step(params):
+            model = wan_model.make_denoiser(cfg, params)
+
+            def den(x, t, c, a=None):
+                return model(x, t, c, a)
+
+            def branched(*args):
+                calls.append(name)
+                return model.branched(*args)
+
+            if not plain:
+                den.branched = branched
+            keys, x = st.noise()
+            fn = S.make_step(den, st.conds, gs[name], st.sampler, keys, st.num_layers)
+            return fn(S.initial_carry(gs[name], x, den, st.sampler), jnp.int32(0))
+
+        jax.eval_shape(step, wan_model.abstract_params(cfg))
+        return len(calls)
+
+    assert branched_calls("ierg") == 1 and branched_calls("ierg", plain=True) == 0
+    assert branched_calls("erg") == 0 and branched_calls("cfg") == 0
 
 
 def test_chunked_attention_equals_the_einsum_path():

@@ -18,7 +18,7 @@ from erg_jax.energy import Energy, energy_attention
 from erg_jax.jobs.speed.timing import compiled_bytes, interleaved_medians
 
 __all__ = ["attention_table", "compiled_bytes", "interleaved_medians", "run", "targets"]
-SECTIONS = ("attention", "guidance", "sampler", "peer", "floor", "bf16", "features", "nag")
+SECTIONS = ("attention", "guidance", "sampler", "peer", "floor", "bf16", "features", "nag", "wan")
 
 
 def reference_einsum_attention(q, k, v):
@@ -76,7 +76,7 @@ def attention_table(
 
 def run(only=SECTIONS, *, small: bool = False, repeats: int = 5, lengths=None) -> dict:
     """Every requested section's figures (see docs/BENCHMARKS.md) and the targets met."""
-    from erg_jax.jobs.speed import features, guidance, nag, peer, sampler, setups
+    from erg_jax.jobs.speed import features, guidance, nag, peer, sampler, setups, wan
 
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -116,6 +116,8 @@ def run(only=SECTIONS, *, small: bool = False, repeats: int = 5, lengths=None) -
         result["features"] = features.feature_rates(small, 2 if small else 32, repeats)
     if "nag" in only:
         result["nag"] = nag.nag_table(small, batch, repeats)
+    if "wan" in only:
+        result["wan"] = wan.wan_costs(wan.wan_setup(small, 2), repeats)
     result["targets"] = targets(result)
     return result
 
