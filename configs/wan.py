@@ -41,7 +41,6 @@ except ModuleNotFoundError:  # a checkout without erg-jax installed: configs/ on
     from configs.common import base_config
 
 from erg_jax.models import registry
-from erg_jax.models.wan_config import STG_TERMS
 
 # one variant per recipe of the model kind (erg_jax/models/wan_config.py's RECIPES: the
 # size, frames, text layout, dtypes, mesh and each method's layers of a published size)
@@ -53,9 +52,6 @@ def get_config(arg=None):
     if arg not in VARIANTS:
         raise ValueError(f"configs/wan.py variant must be one of {VARIANTS}, got {arg!r}")
     c = base_config("wan", arg)
-    # STG (spatio-temporal skip guidance, its STG-R form: the block skipped) as a labelled
-    # term beside CFG: methods="cfg+stg"
-    c.guidance.terms.stg = STG_TERMS[arg]
     # a video costs what a few hundred images do; the tiny model's test job: one batch
     c.output.num_samples = c.output.grid_size = 8 if arg == "tiny" else 4
     return c

@@ -12,8 +12,8 @@ from erg_jax.models import registry
 
 def test_every_section_and_the_guidance_factories_defaults():
     c = settings.sections()
-    assert set(c.keys()) == {"seed", "model", "vae", "conditioning", "text", "sampler",
-                             "guidance", "mesh", "logical_axis_rules"}  # fmt: skip
+    assert set(c.keys()) == {"seed", "model", "vae", "conditioning", "text", "video",
+                             "sampler", "guidance", "mesh", "logical_axis_rules"}  # fmt: skip
     for name, section in G.defaults().items():
         assert c.guidance[name].to_dict() == section, name
     assert set(G.SECTION_FIELDS) <= set(c.guidance.keys())
@@ -34,6 +34,7 @@ def test_a_kinds_recipes_are_its_config_files_variants(kind):
             node = c
             for part in field.split("."):
                 node = node[part]
+            node = node.to_dict() if hasattr(node, "to_dict") else node  # guidance.terms
             assert node == value, (recipe, field)
     assert (
         settings.sections(kind).to_dict()

@@ -298,7 +298,7 @@ def layout(config: dict) -> Layout:
 #   self-attention by the values (our PAG, so PAG sits in the same block). The block is
 #   the one at the same relative depth (about two thirds) in Wan. STG-R is a labelled term
 #   (``STG_TERMS``: guidance.terms.stg, used as "cfg+stg"), its weight 2 being STG's 1 in
-#   our w - 1 convention; recipes hold only flat fields, so a config adds the term.
+#   our w - 1 convention.
 # The negative prompt Wan's own sampling scripts use when none is given (its shared
 # config's sample_neg_prompt; diffusers' WanPipeline defaults to "" and shows the English
 # rendering in its example): over-saturated, over-exposed, static, blurred, subtitles,
@@ -336,7 +336,7 @@ def _stg(block: int) -> dict:
     return {"method": "slg", "layers": f"blocks.{block}", "scale": 2.0, "rescale": 0.7}
 
 
-# STG-R per recipe, as ``guidance.terms.stg`` (configs: c.guidance.terms.stg = STG_TERMS[r]).
+# STG-R per recipe, the recipes' ``guidance.terms.stg`` (methods="cfg+stg").
 STG_TERMS = {"t2v_1_3b": _stg(20), "t2v_14b": _stg(27), "t2v_a14b": _stg(27), "tiny": _stg(2)}
 RECIPES = {
     "t2v_1_3b": {
@@ -396,3 +396,5 @@ RECIPES = {
         "guidance.slg.layers": "blocks.1",
     },
 }
+for _name, _recipe in RECIPES.items():  # STG-R beside CFG as the labelled term "stg"
+    _recipe["guidance.terms"] = {"stg": STG_TERMS[_name]}
