@@ -472,7 +472,12 @@ class Pipeline:
 def check_video(config, entry) -> None:
     """settings.video's errors, named before any weights are read: a video model's size
     (its kind's ``latent_shape`` on its preset, whose patch and channels a published
-    folder shares), an image model's zeros."""
+    folder shares), an image model's zeros; a context axis on a kind that cannot use it."""
+    if int(config.mesh.get("context", 1)) > 1 and not entry.context_parallel:
+        raise ValueError(
+            f"mesh.context={config.mesh.context}: {entry.name} does not split its sequence "
+            "over devices (the video models do); leave mesh.context 1"
+        )
     v = config.video
     if entry.video:
         stand_in = entry.make_config(config.model.preset or entry.recipe()["model.preset"])

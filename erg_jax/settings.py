@@ -48,7 +48,8 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
             param_dtype="",
             precision="",  # matmul precision: default / high / highest
             scan_blocks=False,  # nn.scan over like blocks: compile time flat in depth
-            # "" picks per backend and length; einsum / chunked / fused / cudnn / splash
+            # "" picks per backend and length; einsum / chunked / fused / cudnn / splash;
+            # ring / ulysses split the sequence over mesh.context > 1 (video models)
             attention_implementation="",
         )
     )

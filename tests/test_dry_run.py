@@ -15,10 +15,11 @@ import pytest
 
 from configs import dit as dit_configs
 from configs import sd3 as sd3_configs
+from configs import wan as wan_configs
 from erg_jax import sharding
 from erg_jax.jobs import dry_run as D
 from erg_jax.jobs.job_setup import make_methods
-from erg_jax.models import dit
+from erg_jax.models import dit, wan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(name: str, **fields):
     """configs/<module>.py:<variant> with fields set, "mesh.fsdp" written mesh__fsdp."""
     module, variant = name.split(":")
-    c = {"dit": dit_configs, "sd3": sd3_configs}[module].get_config(variant)
+    c = {"dit": dit_configs, "sd3": sd3_configs, "wan": wan_configs}[module].get_config(variant)
     for key, value in fields.items():
         node = c
         *parents, leaf = key.split("__")
@@ -98,7 +99,7 @@ def test_sd35_large_and_dit_xl2_on_8_devices_are_abstract():
         assert report["params_bytes_total"] == count * itemsize
         rep = report["params_replicated_bytes_per_device"]
         assert report["params_bytes_per_device"] == rep + (count * itemsize - rep) // 8
-        assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+        assert report["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
         assert report["fits"] is None and report["compiled"] == []
     assert large["model"]["param_dtype"] == "bfloat16" and large["model"]["scan_blocks"]
     assert large["params_bytes_per_device"] < 2.0 * 2**30 < large["params_bytes_total"] / 7
@@ -460,3 +461,29 @@ def test_a_flux_variant_mismatch_names_the_variant_that_sets_its_settings(tmp_pa
         assert f"({want.sampler.steps} steps," in message
         assert f"text.max_sequence_length={want.text.max_sequence_length}," in message
         assert f"guidance.distilled={want.guidance.distilled:g})" in message
+
+
+def test_a_video_job_split_over_context_devices_holds_a_share_of_each_sample():
+    """The tiny Wan at 9 frames of 128 x 128 (192 tokens), one sample per data-parallel
+    group, without its VAE (decoded whole on every device): each of 4 context devices
+    holds a quarter of the sample's attention and, kept split between the attentions by
+    the "length" rule, of its token activations."""
+    frames = dict(video__num_frames=9, video__height=128, video__width=128, vae__enabled=False)
+    temp = {}
+    for name, fields in {
+        "whole": dict(mesh__data=8, sampler__batch_size=8),  # a sample on each device
+        "split": dict(mesh__data=2, mesh__context=4, sampler__batch_size=2),
+        "attention only": dict(
+            mesh__data=2, mesh__context=4, sampler__batch_size=2, logical_axis_rules="length="
+        ),
+    }.items():
+        config = _config("wan:tiny", guidance__methods="none", **frames, **fields)
+        report = D.dry_run(config, checks=0, flops=False)
+        temp[name] = report["compiled"][0]["temp"]
+        _, mcfg, _ = D.model_config(config)
+        abstract = jax.tree_util.tree_leaves(wan.abstract_params(mcfg))
+        assert report["params_bytes_total"] == sum(a.size * a.dtype.itemsize for a in abstract)
+        assert report["model"]["latent_shape"] == [3, 16, 16, 4]
+    # measured: 737, 233 and 302 KiB
+    assert temp["split"] < temp["attention only"] < temp["whole"] / 1.5
+    assert temp["split"] < temp["whole"] / 2.5

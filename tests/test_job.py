@@ -235,7 +235,7 @@ def test_a_multi_slice_mesh_and_custom_axis_rules_give_the_same_images(tmp_path)
     _sample(tmp_path / "rep", **base)
     hybrid = {"mesh.data": -1, "mesh.fsdp": 2, "mesh.dcn_data": 2}
     s = _sample(tmp_path / "dcn", **base, **hybrid, **{"logical_axis_rules": "embed=,mlp=fsdp"})
-    assert s["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert s["mesh"] == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
     a = _images(str(tmp_path / "rep"), "cfg").astype(int)
     b = _images(str(tmp_path / "dcn"), "cfg").astype(int)
     assert np.max(np.abs(a - b)) <= 1

@@ -18,16 +18,15 @@ largest batch (a multiple of the data-parallel size) is compiled to check it, an
 bisected down while it does not fit: XLA's need is not linear in b. The text encoders
 run, and are freed, before sampling: their parameters make a separate, earlier peak.
 
-Time: FLOPs per sample of each method's program, from XLA's cost analysis ("flops") of
-the lowered, unpartitioned program (all devices' FLOPs; a compiled SPMD program counts
-one device's), its attention on the einsum path. XLA counts a while loop's body once,
-whatever its trip count (a scan of 28 steps counts as one step), so ``loop_correction``
-walks the jaxpr and adds, for each scan, (n - 1) times its body lowered alone,
-recursively for the scans inside (branches under ``lax.map`` on CPU, scanned blocks); a
-cond counts as its costliest branch, as XLA counts it (an upper bound where a method
-skips work at run time). Per sample is (F(2b) - F(b)) / b; the text encoders, run once
-per prompt, are not counted. ``dry_run_table.estimate`` turns it into seconds and hours
-per chip kind at an assumed MFU: an estimate, not a measurement.
+A video model (Wan) is sized at its ``video`` section's frames and pixels, with the
+video VAE; a mesh axis "context" splits its token sequence, the attention running as the
+job runs it (ring or Ulysses, ``sharding.sequence_attention``).
+
+Time: FLOPs per sample of each method's program, from XLA's cost analysis of the
+lowered, unpartitioned program with every loop trip counted (``dry_run_flops``), its
+attention on the einsum path. Per sample is (F(2b) - F(b)) / b; the text encoders, run
+once per prompt, are not counted. ``dry_run_table.estimate`` turns it into seconds and
+hours per chip kind at an assumed MFU: an estimate, not a measurement.
 
 The compiler is the one of the machine the dry run runs on: on a CPU host its layouts,
 fusions and attention paths differ from a TPU's (docs/BENCHMARKS.md, "Dry run").
@@ -44,7 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 from jax.sharding import NamedSharding, PartitionSpec
 
 from erg_jax import checkpoint, sharding
@@ -54,6 +52,7 @@ from erg_jax import samplers as S
 from erg_jax.convert import pipeline as pipe
 from erg_jax.energy import Energy
 from erg_jax.jobs import output
+from erg_jax.jobs.dry_run_flops import abstract_guider, program_flops
 from erg_jax.jobs.dry_run_table import GIB, estimate, verdict
 from erg_jax.jobs.dry_run_table import format_table as format_table  # launch.sample's name
 from erg_jax.jobs.job_setup import make_methods
@@ -145,37 +144,59 @@ def param_bytes(tree: Any) -> dict:
 def _vae(config, latent_channels: int, pretrained, attention=None) -> tuple[Any, Any, str]:
     """The VAE's abstract params (in the dtype the job restores them in), its decode as
     ``loading.load_vae`` builds it (with ``attention`` its attention implementation), and
-    where its config came from; Nones if disabled."""
+    where its config came from; Nones if disabled. A video model's is the Wan VAE."""
     vc = config.vae
     if not vc.enabled:
         return None, None, "disabled"
-    from erg_jax.models import vae
-
-    folder = vc.pretrained or (pretrained.vae if pretrained is not None else None)
-    if vc.checkpoint and not vc.random_init:
-        vcfg, source = checkpoint.read_config(vc.checkpoint), vc.checkpoint
-    elif folder and not vc.random_init:
-        from erg_jax.convert.vae import config_from_diffusers
-
-        source = os.path.join(folder, "config.json")
-        vcfg = config_from_diffusers(pipe.read_json(source, "VAE config"))
-    else:
-        vcfg = vae.vae_config(vc.preset, latent_channels=latent_channels)
-        source = f"preset {vc.preset!r}"
+    video = bool(registry.get(config.model.kind).video)
+    vcfg, source = _vae_config(vc, latent_channels, pretrained, video)
     if vc.dtype:
         vcfg = dict(vcfg, dtype=vc.dtype, param_dtype=vc.dtype)
     if attention:
         vcfg = dict(vcfg, attention_implementation=attention)
+    if video:
+        from erg_jax.models import wan_vae as W
+
+        module, init = W.WanAutoencoder(vcfg), W.init_params
+
+        def decode(p, z):
+            return W.decode_raw(module, p, W.denormalize_latents(z.astype(jnp.float32), vcfg))
+
+    else:
+        from erg_jax.models import vae
+
+        module, init = vae.vae_module(vcfg), vae.init_params
+
+        def decode(p, z):
+            z = vae.unscale_latents(z.astype(jnp.float32), vcfg)
+            return module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
+
     dtype = jnp.dtype(vcfg.get("param_dtype", "float32"))
-    shapes = jax.eval_shape(lambda k: vae.init_params(vcfg, k), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: init(vcfg, k), jax.random.key(0))
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)
-    module = vae.vae_module(vcfg)
-
-    def decode(p, z):
-        z = vae.unscale_latents(z.astype(jnp.float32), vcfg)
-        return module.apply({"params": p}, z, method=vae.AutoencoderKL.decode)
-
     return abstract, decode, source
+
+
+def _vae_config(vc, latent_channels: int, pretrained, video: bool) -> tuple[dict, str]:
+    """The VAE's config and where it came from: vae.checkpoint's config file, a published
+    folder's (vae.pretrained, or the pipeline's vae/), else vae.preset."""
+    folder = vc.pretrained or (pretrained.vae if pretrained is not None else None)
+    if vc.checkpoint and not vc.random_init:
+        return checkpoint.read_config(vc.checkpoint), vc.checkpoint
+    if folder and not vc.random_init:
+        if video:
+            from erg_jax.convert.wan_vae import config_from_diffusers
+        else:
+            from erg_jax.convert.vae import config_from_diffusers
+        source = os.path.join(folder, "config.json")
+        return config_from_diffusers(pipe.read_json(source, "VAE config")), source
+    if video:
+        from erg_jax.models.wan_vae import wan_vae_config
+
+        return wan_vae_config(vc.preset), f"preset {vc.preset!r}"
+    from erg_jax.models.vae import vae_config
+
+    return vae_config(vc.preset, latent_channels=latent_channels), f"preset {vc.preset!r}"
 
 
 def _text_encoders(config, mesh, rules, pretrained) -> list[dict] | None:
@@ -212,10 +233,10 @@ def _text_encoders(config, mesh, rules, pretrained) -> list[dict] | None:
 
 def text_tokens(config) -> int:
     """Tokens of the denoiser's text context: the sd3 layout's CLIP tokens (text.max_length
-    or CLIP's 77) and T5's max_sequence_length; "flux": T5's max_sequence_length alone;
-    "single": text.max_length, else 77."""
+    or CLIP's 77) and T5's max_sequence_length; "flux" and "wan": T5's (umT5's)
+    max_sequence_length alone; "single": text.max_length, else 77."""
     t = config.text
-    if t.layout == "flux":
+    if t.layout in ("flux", "wan"):
         return int(t.max_sequence_length)
     clip = int(t.max_length) or CLIP_TOKENS
     return clip + int(t.max_sequence_length) if t.layout == "sd3" else clip
@@ -228,22 +249,32 @@ def batch_inputs(config, mcfg: dict, batch: int, mesh, rules) -> tuple:
         where = sharding.batch_sharding(mesh, shape, rules)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-    side, channels = int(mcfg["sample_size"]), int(mcfg["in_channels"])
     keys = jax.eval_shape(lambda: S.sample_keys(0, jnp.arange(batch)))
     if not registry.get(mcfg["kind"]).text:  # class ids
         conds = {slot: spec((batch,), jnp.int32) for slot in ("cond", "null")}
     else:
         dtype, tokens = jnp.dtype(config.text.dtype or "float32"), text_tokens(config)
-        width, pooled = int(mcfg["joint_attention_dim"]), int(mcfg["pooled_projection_dim"])
-        conds = {
-            slot: {
-                "context": spec((batch, tokens, width), dtype),
-                "pooled": spec((batch, pooled), dtype),
-            }
-            for slot in ("cond", "tempered", "null")
-        }
-    noise = spec((batch, side, side, channels), jnp.dtype(jnp.float32))
-    return noise, conds, spec(keys.shape, keys.dtype)
+        # MMDiT / FLUX.1 name the context's width joint_attention_dim, Wan text_dim
+        width = int(mcfg.get("joint_attention_dim") or mcfg["text_dim"])
+        slot = {"context": spec((batch, tokens, width), dtype)}
+        if config.text.layout != "wan":  # umT5 alone pools nothing (conditioning._combine)
+            # "single" pools the context's own rows
+            pooled = int(mcfg.get("pooled_projection_dim") or width)
+            slot["pooled"] = spec((batch, pooled), dtype)
+        conds = {name: dict(slot) for name in ("cond", "tempered", "null")}
+    shape = (batch, *latent_shape(config, mcfg))
+    return spec(shape, jnp.dtype(jnp.float32)), conds, spec(keys.shape, keys.dtype)
+
+
+def latent_shape(config, mcfg: dict) -> tuple[int, ...]:
+    """One sample's latents: (h, w, c) of an image model, (frames, h, w, c) of a video
+    model at the config's ``video`` frames and pixels (``Pipeline.latent_shape``)."""
+    entry = registry.get(mcfg["kind"])
+    if entry.video:
+        v = config.video
+        return tuple(entry.latent_shape(mcfg, int(v.num_frames), int(v.height), int(v.width)))
+    side = int(mcfg["sample_size"])
+    return side, side, int(mcfg["in_channels"])
 
 
 def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
@@ -255,21 +286,10 @@ def job_program(mod, mcfg: dict, sampler: S.Sampler, decode, config=None):
     return generate_fn(make, sampler, int(mcfg["num_layers"]), decode, embed)
 
 
-def _abstract_guider(guider, mesh):
-    """The guider's leaves as replicated ShapeDtypeStructs: data of the program, as the
-    job's guider is (its scalars vary between calls without a recompile)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def abstract(v):
-        return jax.ShapeDtypeStruct(np.shape(v), np.result_type(v), sharding=replicated)
-
-    return jax.tree_util.tree_map(abstract, guider)
-
-
 def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
     """Lowers and compiles ``program(*args, guider)`` for the mesh, every argument kept
     (the job holds them all on the devices); XLA's per-device bytes and the seconds."""
-    guider = _abstract_guider(guider, mesh)
+    guider = abstract_guider(guider, mesh)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         compiled = jax.jit(program, keep_unused=True).lower(*args, guider).compile()
@@ -285,52 +305,6 @@ def compile_program(program, args: tuple, guider, mesh, rules) -> dict:
     }
     out["need"] = out["temp"] + out["arguments"] + out["outputs"] - out["aliased"]
     return dict(out, compile_seconds=seconds)
-
-
-def _xla_flops(lowered) -> float:
-    """XLA's cost analysis of a lowered, not yet partitioned program: global FLOPs, each
-    loop body counted once."""
-    return float((lowered.cost_analysis() or {}).get("flops", 0.0))
-
-
-def _once(closed, cache: dict) -> float:
-    """XLA's count of a loop body or cond branch lowered alone (its own loops once)."""
-    if id(closed) not in cache:  # the jaxpr is kept: its id stays its own
-        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in closed.in_avals]
-        cache[id(closed)] = closed, _xla_flops(jax.jit(jcore.jaxpr_as_fun(closed)).lower(*avals))
-    return cache[id(closed)][1]
-
-
-def loop_correction(jaxpr, cache: dict) -> float:
-    """FLOPs XLA's count of ``jaxpr`` leaves out: a scan of length n whose lowering holds
-    c copies of its body (c = 1, its unroll, or n) runs it n times; a cond counts as its
-    costliest branch, as XLA counts it, loops inside included. A while loop of unknown
-    trip count stays counted once."""
-    extra = 0.0
-    for eqn in jaxpr.eqns:
-        p = eqn.params
-        if eqn.primitive.name == "scan":
-            n, unroll, body = int(p["length"]), int(p["unroll"]), p["jaxpr"]
-            copies = n if unroll >= n else unroll + n % unroll  # lax.scan's remainder
-            inner = loop_correction(body.jaxpr, cache)
-            if inner or copies != n:
-                extra += (n - copies) * _once(body, cache) + n * inner
-        elif eqn.primitive.name == "cond":
-            inner = [loop_correction(b.jaxpr, cache) for b in p["branches"]]
-            if any(inner):
-                once = [_once(b, cache) for b in p["branches"]]
-                extra += max(o + i for o, i in zip(once, inner, strict=True)) - max(once)
-        else:  # pjit, remat, custom_jvp/vjp: their loops
-            extra += sum(loop_correction(j, cache) for j in jcore.jaxprs_in_params(p))
-    return extra
-
-
-def program_flops(program, args: tuple, guider, mesh, rules) -> float:
-    """FLOPs of ``program(*args, guider)``, all devices together: XLA's count of the
-    lowered program plus ``loop_correction``. Lowered, not compiled: seconds, not minutes."""
-    with jax.set_mesh(mesh), sharding.use_rules(rules):
-        traced = jax.jit(program, keep_unused=True).trace(*args, _abstract_guider(guider, mesh))
-        return _xla_flops(traced.lower()) + loop_correction(traced.jaxpr.jaxpr, {})
 
 
 def flops_per_sample(config, parts: tuple, methods: dict, mesh, rules, pretrained) -> dict:
@@ -435,7 +409,7 @@ def dry_run(
             "param_dtype": str(jnp.dtype(mcfg["param_dtype"])),
             "scan_blocks": bool(mcfg.get("scan_blocks")),
             "num_params": int(sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(params))),
-            "latent_shape": [int(mcfg["sample_size"])] * 2 + [int(mcfg["in_channels"])],
+            "latent_shape": list(latent_shape(config, mcfg)),
         },
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "devices": f"{mesh.size} {jax.default_backend()}",

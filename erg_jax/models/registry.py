@@ -85,6 +85,8 @@ class ModelKind:
       trainable: ``launch.train``'s flow-matching trainer builds and trains it.
       layout: "module:function", config -> ``guidance.Layout``: its blocks as layer
         targets name them ("joint_blocks.3"), its heads, NAG's default blend.
+      context_parallel: its attention splits the sequence over ``mesh.context``
+        (``sharding.sequence_attention``); other kinds refuse a context axis.
       video: "module:function", (config, num_frames, height, width) -> the latent shape
         (frames, h, w, channels) of a video of that many frames and pixels, each checked
         (a ValueError naming the ``video.*`` field); "" for an image model.
@@ -106,6 +108,7 @@ class ModelKind:
     demo: bool = False
     trainable: bool = False
     layout: str = ""
+    context_parallel: bool = False
     video: str = ""
 
     def module(self) -> Any:
@@ -249,6 +252,7 @@ KINDS: dict[str, ModelKind] = {
             ),
             pipeline_layout="wan",
             any_latent_side=True,
+            context_parallel=True,
             video="erg_jax.models.wan_config:latent_shape",
         ),
     )
