@@ -14,7 +14,8 @@ from erg_jax.models import registry
 
 MODEL_API = ("make_denoiser", "init_params", "abstract_params", "param_axes")
 # diffusers pipeline class -> the model.kind it converts into, as the README's models
-PUBLISHED = {"StableDiffusion3Pipeline": "mmdit", "FluxPipeline": "flux", "DiTPipeline": "dit"}
+PUBLISHED = {"StableDiffusion3Pipeline": "mmdit", "FluxPipeline": "flux", "DiTPipeline": "dit",
+             "WanPipeline": "wan"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(registry.KINDS))
@@ -62,10 +63,10 @@ def test_for_pipeline_maps_every_published_checkpoint_convert_opens(tmp_path):
 
 
 def test_converters_are_launch_converts_sources_and_resolve():
-    from launch.convert import SOURCES
+    from launch.convert import SOURCES, VAE_SOURCES
 
     found = registry.converters()
-    assert sorted(c.source for c in found.values()) == sorted(set(SOURCES) - {"diffusers-vae"})
+    assert sorted(c.source for c in found.values()) == sorted(set(SOURCES) - set(VAE_SOURCES))
     for c in found.values():
         assert callable(registry.resolve(c.convert)), c
         assert c.config is None or callable(registry.resolve(c.config)), c
@@ -74,17 +75,18 @@ def test_converters_are_launch_converts_sources_and_resolve():
 
 def test_unknown_kinds_are_refused_by_name():
     with pytest.raises(
-        ValueError, match=r"model.kind must be one of \('dit', 'mmdit', 'flux'\), got 'wan'"
+        ValueError,
+        match=r"model.kind must be one of \('dit', 'mmdit', 'flux', 'wan'\), got 'ltx'",
     ):
-        registry.get("wan")
-    with pytest.raises(ValueError, match=r"no model kind converts a 'wan' checkpoint; known: \["):
-        registry.for_pipeline("wan")
-    with pytest.raises(ValueError, match="unknown conversion source 'diffusers-wan'"):
-        pipe.convert_component("diffusers-wan", "x", {})
+        registry.get("ltx")
+    with pytest.raises(ValueError, match=r"no model kind converts a 'ltx' checkpoint; known: \["):
+        registry.for_pipeline("ltx")
+    with pytest.raises(ValueError, match="unknown conversion source 'diffusers-ltx'"):
+        pipe.convert_component("diffusers-ltx", "x", {})
 
 
 def test_text_kinds_and_class_embedding():
-    assert registry.names(text=True) == ("mmdit", "flux")
+    assert registry.names(text=True) == ("mmdit", "flux", "wan")
     for entry in registry.KINDS.values():  # CADS embeds class ids; text is embedded already
         assert (entry.embed_conditions is None) == entry.text
 
