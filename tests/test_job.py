@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # the session's other XLA flags (conftest.py) kept, the device count replaced
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}"] + kept)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
     return env
