@@ -339,7 +339,8 @@ def test_config_errors_are_named_before_anything_compiles(fields, match, monkeyp
 
 def test_the_launcher_makes_the_mesh_devices_and_prints_the_report(tmp_path):
     env = dict(os.environ)  # one CPU device: the session's other XLA flags kept
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if "device_count" not in f)
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     res = subprocess.run(
         [
