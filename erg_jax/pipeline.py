@@ -69,12 +69,17 @@ class Samples:
     conditions: list
 
 
-def generate_fn(make_denoiser, sampler, num_layers: int, decode=None, embed_conditions=None):
+def generate_fn(
+    make_denoiser, sampler, num_layers: int, decode=None, embed_conditions=None, experts=None
+):
     """(params, vae_params, noise, conds, keys, guider) -> images in [-1, 1]: noise, a
     scan of guided steps, the VAE's decoder; class ids embedded first where CADS anneals
-    them (``ModelKind.embed_conditions``)."""
+    them (``ModelKind.embed_conditions``); ``experts`` (noise level, weight): every
+    term's weight below that level (two experts, each with its own)."""
 
     def generate(params, vae_params, noise, conds, keys, guider):
+        if experts is not None:
+            guider = G.with_low_noise_weight(guider, *experts)
         den = make_denoiser(params)
         if guider.cads is not None and embed_conditions is not None:
             conds = embed_conditions(den, conds)
@@ -198,8 +203,11 @@ class Pipeline:
         before any weights are read. Published checkpoints convert into
         ``model.cache_dir`` (""= WORKDIR/converted)."""
         entry = registry.get(config.model.kind)
-        check_video(config, entry)
+        settings_lib.check_video(config, entry)
         sources = L.resolve_sources(config, workdir)
+        settings_lib.check_experts(
+            config, bool(sources.pretrained and sources.pretrained.transformer_2)
+        )
         L.check_scheduler(config.sampler, sources)
         if entry.text:
             L.text_folders(config.text, sources)  # missing folders are named before loading
@@ -299,7 +307,13 @@ class Pipeline:
                 L.check_scheduler(section, self.sources)
                 sampler = L.make_sampler(section, self.model_config, self.sources)
             embed = registry.get(self.kind).embed_conditions
-            fn = generate_fn(self.make_denoiser, sampler, self.num_layers, self.decode, embed)
+            low, ratio = float(self.settings.guidance.low_noise_scale), self.model_config.get(
+                "boundary_ratio"
+            )  # fmt: skip
+            experts = (float(ratio), low) if low and ratio is not None else None
+            fn = generate_fn(
+                self.make_denoiser, sampler, self.num_layers, self.decode, embed, experts
+            )
             self._programs[steps] = (sampler, jax.jit(fn))
         return self._programs[steps]
 
@@ -467,27 +481,6 @@ class Pipeline:
         flags += [f"--config.{k}={v}" for k, v in new.items() if old.get(k) != v]
         flags += [f"--config.output.{k}={v}" for k, v in output.items()]
         return flags
-
-
-def check_video(config, entry) -> None:
-    """settings.video's errors, named before any weights are read: a video model's size
-    (its kind's ``latent_shape`` on its preset, whose patch and channels a published
-    folder shares), an image model's zeros; a context axis on a kind that cannot use it."""
-    if int(config.mesh.get("context", 1)) > 1 and not entry.context_parallel:
-        raise ValueError(
-            f"mesh.context={config.mesh.context}: {entry.name} does not split its sequence "
-            "over devices (the video models do); leave mesh.context 1"
-        )
-    v = config.video
-    if entry.video:
-        stand_in = entry.make_config(config.model.preset or entry.recipe()["model.preset"])
-        entry.latent_shape(stand_in, v.num_frames, v.height, v.width)
-    elif v.num_frames or v.height or v.width:
-        raise ValueError(
-            f"video.num_frames / height / width apply to video models "
-            f"({', '.join(k.name for k in registry.KINDS.values() if k.video)}); "
-            f"{entry.name} samples images: leave them 0"
-        )
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -37,13 +37,17 @@ class WeightSchedule:
     ``w(t) = 1 + (scale - 1) * shape(t)`` inside [t_min, t_max] and 1 outside (the
     guidance interval of Kynkaanniemi et al. 2024). Shapes, each averaging 1 over t
     (Wang et al. 2024): constant 1; linear 2 (1 - t); cosine 1 + cos(pi t); or a
-    function of t (a static, hashable callable).
+    function of t (a static, hashable callable). With ``low`` set, ``low`` takes the
+    place of ``scale`` below the noise level ``switch`` (a second expert's own weight,
+    Wan 2.2's guidance_scale_2).
     """
 
     scale: Any = 1.0
     t_min: Any = 0.0
     t_max: Any = 1.0
     shape: str | Callable = struct.field(pytree_node=False, default="constant")
+    low: Any = None
+    switch: Any = None
 
     def __call__(self, t: Array) -> Array:
         t = jnp.asarray(t, jnp.float32)
@@ -56,7 +60,10 @@ class WeightSchedule:
         else:
             s = 1.0 + jnp.cos(jnp.pi * t)
         inside = (t >= self.t_min) & (t <= self.t_max)
-        return jnp.where(inside, 1.0 + (self.scale - 1.0) * s, 1.0)
+        scale = self.scale
+        if self.low is not None:
+            scale = jnp.where(t >= self.switch, self.scale, self.low)
+        return jnp.where(inside, 1.0 + (scale - 1.0) * s, 1.0)
 
 
 def schedule(

@@ -110,6 +110,9 @@ def sections(kind: str = "", recipe: str = "") -> ml_collections.ConfigDict:
             # FLUX.1 [dev]'s guidance embedding (FluxPipeline's guidance_scale), the same in
             # every branch; 0 for models without one (schnell, SD3, DiT)
             distilled=0.0,
+            # Wan 2.2 A14B's two experts: every term's weight while the low-noise expert
+            # runs (WanPipeline's guidance_scale_2); 0 = the same weight as the high-noise one
+            low_noise_scale=0.0,
             sweep="",  # "scale=2,3,4" or "erg.tau=0.3,0.5": every method at each value
             # labelled terms, each a method with its own settings, weight, window, layers
             # and rescale: terms.late_slg = dict(method="slg", layers="joint_blocks.7-9",
@@ -263,3 +266,33 @@ def describe_path(path: str, vae: str) -> tuple[str, str, dict]:
 
     entry = registry.for_pipeline(pipe.open_pretrained(path).kind)  # names a bad file
     return entry.name, "", {"model.pretrained": path, "model.sample_size": 0}
+
+
+def check_video(config, entry) -> None:
+    """settings.video's errors, named before any weights are read: a video model's size
+    (its kind's ``latent_shape`` on its preset, whose patch and channels a published
+    folder shares), an image model's zeros; a context axis on a kind that cannot use it."""
+    if int(config.mesh.get("context", 1)) > 1 and not entry.context_parallel:
+        raise ValueError(
+            f"mesh.context={config.mesh.context}: {entry.name} does not split its sequence "
+            "over devices (the video models do); leave mesh.context 1"
+        )
+    v = config.video
+    if entry.video:
+        stand_in = entry.make_config(config.model.preset or entry.recipe()["model.preset"])
+        entry.latent_shape(stand_in, v.num_frames, v.height, v.width)
+    elif v.num_frames or v.height or v.width:
+        raise ValueError(
+            f"video.num_frames / height / width apply to video models "
+            f"({', '.join(k.name for k in registry.KINDS.values() if k.video)}); "
+            f"{entry.name} samples images: leave them 0"
+        )
+
+
+def check_experts(config, two: bool) -> None:
+    """guidance.low_noise_scale needs a model of two experts (``two``)."""
+    if config.guidance.low_noise_scale and not two:
+        raise ValueError(
+            f"guidance.low_noise_scale={config.guidance.low_noise_scale}: the model has one "
+            "expert (a Wan 2.2 A14B pipeline folder has two); leave it 0"
+        )

@@ -126,6 +126,7 @@ def test_bad_video_sizes_are_named_before_anything_loads(wan, tmp_path):
     cases = {
         "frames": ({"video__num_frames": 10}, r"video.num_frames=10 must be 4k \+ 1"),
         "height": ({"video__height": 40}, r"video.height=40 must be a multiple of 16"),
+        "experts": ({"guidance__low_noise_scale": 3.0}, r"low_noise_scale=3.0: the model has one"),
     }
     for name, (fields, message) in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -151,6 +152,12 @@ def test_two_experts_switch_at_the_folders_boundary(tmp_path):
         "vae": "converted",
     }
     assert rel_err(ours, ref) < 1e-4
+    # each expert with its own weight: WanPipeline's guidance_scale_2
+    ref_2 = wan_pipelines.run_wan(pipe, PROMPTS, latents, guidance_scale=4.0, guidance_scale_2=2.0)
+    c.guidance.low_noise_scale = 2.0
+    _, (ours_2,) = _ours(c, tmp_path / "job2", "cfg")
+    assert rel_err(ours_2, ref_2) < 1e-4
+    assert rel_err(ref_2, ref) > 1e-3
     pipe.transformer_2 = pipe.transformer  # one expert throughout: a visibly other video
     assert rel_err(wan_pipelines.run_wan(pipe, PROMPTS, latents, guidance_scale=4.0), ref) > 1e-3
 

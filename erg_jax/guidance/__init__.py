@@ -56,7 +56,7 @@ from erg_jax.guidance.factory import (
     section_settings,
     tempered_tau_c,
 )
-from erg_jax.guidance.guider import CADS, NAG, SLOTS, Cache, Guider, Term
+from erg_jax.guidance.guider import CADS, NAG, SLOTS, Cache, Guider, Term, with_low_noise_weight
 from erg_jax.guidance.methods import (
     apg,
     autoguidance,
@@ -87,5 +87,5 @@ __all__ = [
     "guiders_from_section", "layer_ids", "make_guider", "make_guiders", "mambo", "nag", "none",
     "pag", "resolve", "resolve_targets", "sag", "schedule", "section_settings", "seg", "slg",
     "tcfg", "tempered_tau_c", "tpg", "with_apg", "with_apg_mix", "with_cads", "with_fdg",
-    "with_mambo", "with_tcfg", "with_zero_star",
+    "with_low_noise_weight", "with_mambo", "with_tcfg", "with_zero_star",
 ]  # fmt: skip

@@ -322,9 +322,9 @@ def make_guiders(methods, *, sweep: str = "", **settings) -> dict[str, Guider]:
 
 
 # Fields of a settings guidance section (erg_jax.settings) that are not a guider's own:
-# the methods' names, the sweep over them, and FLUX.1 [dev]'s distilled embedding scale
-# (a model input, fixed in the compiled program).
-SECTION_FIELDS = ("methods", "sweep", "distilled")
+# the methods' names, the sweep over them, FLUX.1 [dev]'s distilled embedding scale (a
+# model input) and a two-expert model's low-noise weight, both fixed in the program.
+SECTION_FIELDS = ("methods", "sweep", "distilled", "low_noise_scale")
 
 
 def section_settings(section) -> dict:

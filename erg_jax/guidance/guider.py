@@ -486,3 +486,10 @@ def _rescale(out, strong, phi):
     std_strong = jnp.sqrt(per_sample(jnp.var, strong))
     rescaled = out * std_strong / jnp.maximum(std_out, 1e-12)
     return jnp.where(phi > 0, phi * rescaled + (1.0 - phi) * out, out)
+
+
+def with_low_noise_weight(guider: Guider, switch: Any, low: Any) -> Guider:
+    """The guider with every term's weight ``low`` below the noise level ``switch`` (two
+    experts, each with its own guidance weight: Wan 2.2's guidance_scale_2)."""
+    terms = tuple(t.replace(weight=t.weight.replace(low=low, switch=switch)) for t in guider.terms)
+    return guider.replace(terms=terms)

@@ -371,7 +371,8 @@ RECIPES = {
         "video.height": 720,
         "video.width": 1280,
         "sampler.steps": 40,
-        "guidance.scale": 4.0,
+        "guidance.scale": 4.0,  # the high-noise expert's (Wan 2.2's published example)
+        "guidance.low_noise_scale": 3.0,  # the low-noise expert's (its guidance_scale_2)
         "guidance.erg.layers": "blocks.15-24",
         "guidance.pag.layers": "blocks.27",
         "guidance.seg.layers": "blocks.20",
