@@ -39,10 +39,20 @@ setup(
         "safetensors",
         "pillow",
         "scipy",
+        "imageio-ffmpeg",  # H.264 MP4s of video samples, with its own ffmpeg binary
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff==0.17.6"],
-        "parity": ["torch==2.13.0", "diffusers", "transformers", "prdc", "kornia", "torchmetrics"],
+        # accelerate: diffusers' WanPipeline.from_pretrained needs it
+        "parity": [
+            "torch==2.13.0",
+            "diffusers",
+            "transformers",
+            "accelerate",
+            "prdc",
+            "kornia",
+            "torchmetrics",
+        ],  # fmt: skip
         "notebook": ["nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )
