@@ -374,7 +374,10 @@ def _resolve(scheduler_config, overrides, solver) -> tuple[str, str, dict]:
     elif is_flow_config({**scheduler_config, **(overrides or {})}):
         family = S.MULTISTEP_SOLVERS
     if solver not in family:
-        raise ValueError(f"solver: {name} takes one of {family}, got {solver!r}")
+        raise ValueError(
+            f"solver: {name} takes one of {family}, got {solver!r} (any solver runs on our "
+            "even grid: sampler.scheduler=even with sampler.shift)"
+        )
     rules = RULES[solver]
     fields = FIELDS[rules]
     unknown = sorted(set(overrides or {}) - set(fields))
