@@ -25,8 +25,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # started after JAX has read its own (the first backend call, here).
 import jax  # noqa: E402
 
+UNOPTIMISED = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# pytest-xdist's workers inherit the flags the controlling process added: not for them
+os.environ["XLA_FLAGS"] = " ".join(os.environ["XLA_FLAGS"].replace(UNOPTIMISED, "").split())
 jax.devices()
-os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] += " " + UNOPTIMISED
 
 # scripts/test.sh gives two workers whole files in collection order: the longest files
 # go first, so that no worker is left running a long one after the other has finished.
